@@ -1,0 +1,493 @@
+"""P4Inv: an invertible linear layer trained through rank-one perturbations (paper §3, App. A/B).
+
+The effective weight is ``W = A + u vᵀ``. ``A`` is frozen between merges and kept in float64
+together with its inverse ``Ainv``, ``log|det A|`` and ``sign(det A)``; only the perturbation
+``(u, v)`` (and the bias) are trained. Sherman–Morrison and the matrix determinant lemma give
+``W⁻¹`` and ``det W`` from these in O(n²), so neither the forward nor the inverse pass ever
+inverts or factorises a matrix. Every ``N`` optimizer steps :class:`P4Merger` folds ``u vᵀ`` into
+``A`` (a *merge*) and restarts the perturbation, which is how the layer travels through GL(n).
+
+Numerics that matter (DESIGN.md §3):
+
+* the determinant is never stored raw (it under/overflows); ``log|det|`` and its sign are;
+* merges that would make the stored inverse ill-conditioned are skipped, except every
+  ``force_every``-th attempt, which lets the matrix cross ``det = 0``; a merge with a zero or
+  non-finite ``G = 1 + vᵀ Ainv u`` is never made;
+* rounding errors that merges accumulate in ``Ainv`` are removed every ``correct_every`` merges
+  by one residual-checked hyperpower step, with an exact float64 LU fallback.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, fields
+
+import torch
+from torch import Tensor, nn
+
+from p4bg.nn.base import Bijection, check_input
+
+__all__ = [
+    "MergeResult",
+    "MergeStats",
+    "P4Inv",
+    "P4Merger",
+    "p4inv_penalty",
+    "reset_optimizer_state",
+]
+
+# Buffers that stay float64 whatever the model dtype: precision here is what keeps the inverse
+# exact over thousands of merges.
+_FLOAT64_BUFFERS = ("A", "Ainv", "log_abs_det_A", "sign_A")
+
+# Hyperpower coefficients of X⁰..X⁸ in V(120I − 393X + 735X² − 861X³ + 651X⁴ − 315X⁵ + 93X⁶
+# − 15X⁷ + X⁸)/16 (Soleymani 2014): residual I − A V_new = E⁷ (3I + E)² / 16 with E = I − A V.
+_HYPERPOWER = (120.0, -393.0, 735.0, -861.0, 651.0, -315.0, 93.0, -15.0, 1.0)
+
+
+class MergeResult(str, enum.Enum):
+    """What one merge attempt of one layer did."""
+
+    ACCEPTED = "accepted"  # within the sanity bounds: merged
+    FORCED = "forced"  # outside the bounds but forced: merged
+    SKIPPED = "skipped"  # outside the bounds, not forced: perturbation kept, nothing merged
+    REFUSED = "refused"  # G zero or non-finite: never merged, even when forced
+    RESET_NONFINITE = "reset_nonfinite"  # u or v non-finite: perturbation reset, nothing merged
+
+    @property
+    def merged(self) -> bool:
+        return self in (MergeResult.ACCEPTED, MergeResult.FORCED)
+
+
+class P4Inv(Bijection):
+    """Invertible affine layer ``y = (A + u vᵀ) x + b`` with O(n²) inverse and log-determinant.
+
+    Args:
+        dim: n, the number of features.
+        bias: learn a bias ``b`` (trained directly, never perturbed).
+        init: ``"identity"`` (A = I) or ``"reverse"`` (A_ij = δ_{i, n−1−j}, the reverse
+            permutation that replaces a coordinate swap in the paper's Boltzmann generator).
+        c_min, c_max: the penalty's bounds on ``ln|G|`` and ``ln|det W|`` (paper: −2, 15).
+            Merges are accepted when ``ln|G| ≥ c_min − 4`` and
+            ``c_min − 0.5 ≤ ln|det W| ≤ c_max + 0.5`` (App. A).
+        dtype, device: of the parameters u, v, b — the model dtype. Inputs must have it;
+            the float64 buffers keep their precision under ``.to()``, ``.float()`` etc.
+
+    Shapes: ``forward(x)`` takes ``x`` of shape ``[batch, dim]`` and returns
+    ``(y [batch, dim], ladj [batch])``; ``inverse`` likewise.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        bias: bool = True,
+        init: str = "identity",
+        *,
+        c_min: float = -2.0,
+        c_max: float = 15.0,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"P4Inv: dim must be a positive int, got {dim!r}")
+        if init not in ("identity", "reverse"):
+            raise ValueError(f"P4Inv: init must be 'identity' or 'reverse', got {init!r}")
+        if not c_min < c_max:
+            raise ValueError(f"P4Inv: need c_min < c_max, got c_min={c_min}, c_max={c_max}")
+        self.dim = dim
+        self.init = init
+        self.c_min = float(c_min)
+        self.c_max = float(c_max)
+        dtype = dtype or torch.get_default_dtype()
+
+        eye = torch.eye(dim, dtype=torch.float64, device=device)
+        A = eye if init == "identity" else eye.flip(1)
+        # A permutation's inverse is its transpose (exact); reversing n items takes n//2 swaps.
+        sign = 1.0 if init == "identity" or (dim // 2) % 2 == 0 else -1.0
+        self.register_buffer("A", A.clone())
+        self.register_buffer("Ainv", A.T.clone())
+        self.register_buffer("log_abs_det_A", torch.zeros((), dtype=torch.float64, device=device))
+        self.register_buffer("sign_A", torch.tensor(sign, dtype=torch.float64, device=device))
+        self.register_buffer("n_merges", torch.zeros((), dtype=torch.int64, device=device))
+
+        self.u = nn.Parameter(torch.zeros(dim, dtype=dtype, device=device))
+        self.v = nn.Parameter(torch.randn(dim, dtype=dtype, device=device))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(dim, dtype=dtype, device=device))
+        else:
+            self.register_parameter("bias", None)
+        # Model-dtype views of the float64 state, keyed by what they were computed from.
+        self._cache: dict[tuple, tuple[tuple, object]] = {}
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, bias={self.bias is not None}, init={self.init!r}"
+
+    # ------------------------------------------------------------------ dtype/device handling
+    def _apply(self, fn, recurse=True):
+        """Move the float64 buffers with the module but never change their dtype."""
+        kept = {}
+        for name in _FLOAT64_BUFFERS:
+            kept[name] = self._buffers[name]
+            self._buffers[name] = None  # nn.Module._apply skips None buffers
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, buf in kept.items():
+                device = fn(buf.new_empty(0)).device
+                self._buffers[name] = buf.to(device=device, dtype=torch.float64)
+            self._cache.clear()
+        return self
+
+    def _cached(self, key: tuple, sources: Iterable[Tensor], compute):
+        """Return ``compute()``, recomputed only when a source tensor changed.
+
+        In-place updates (optimizer steps, merges, ``load_state_dict``) bump a tensor's version
+        counter; ``.to()`` gives a new storage. Both invalidate the entry. Writing through
+        ``.data`` bypasses the version counter: use ``with torch.no_grad(): t.copy_(...)``.
+        """
+        stamp = tuple((t._version, t.data_ptr()) for t in sources)
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+        value = compute()
+        self._cache[key] = (stamp, value)
+        return value
+
+    def _buffer_as(self, name: str, like: Tensor) -> Tensor:
+        """A float64 buffer in the model dtype, cast once per change rather than per call."""
+        buf = self._buffers[name]
+        if buf.dtype == like.dtype and buf.device == like.device:
+            return buf
+        return self._cached(
+            (name, like.dtype, like.device), (buf,), lambda: buf.to(like.device, like.dtype)
+        )
+
+    def _det_terms(self, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(Ainv u, G, ln|det W|)`` in the model dtype, differentiable in u and v.
+
+        Under ``torch.no_grad`` (or with frozen u, v) they are cached until u, v or the
+        stored inverse change, so inference costs one matrix–vector product per call.
+        """
+
+        def compute() -> tuple[Tensor, Tensor, Tensor]:
+            Ainv = self._buffer_as("Ainv", like)
+            Ainv_u = torch.mv(Ainv, self.u)
+            G = 1.0 + torch.dot(self.v, Ainv_u)
+            ladj = torch.log(torch.abs(G)) + self._buffer_as("log_abs_det_A", like)
+            return Ainv_u, G, ladj
+
+        grad = torch.is_grad_enabled() and (self.u.requires_grad or self.v.requires_grad)
+        if grad or like.device.type != "cpu":
+            return compute()  # on accelerators a value check would cost a host sync
+        # Fused optimizers update u and v without bumping their version counters, so the cache
+        # is validated by value: an O(n) comparison saves an O(n²) product.
+        key = ("det_terms", like.dtype)
+        hit = self._cache.get(key)
+        stamp = (self.Ainv._version, self.Ainv.data_ptr(), self.log_abs_det_A._version)
+        if (
+            hit is not None
+            and hit[0][0] == stamp
+            and torch.equal(hit[0][1], self.u)
+            and torch.equal(hit[0][2], self.v)
+        ):
+            return hit[1]
+        with torch.no_grad():
+            value = compute()
+            self._cache[key] = ((stamp, self.u.detach().clone(), self.v.detach().clone()), value)
+        return value
+
+    def _check(self, x: Tensor, who: str) -> None:
+        check_input(x, self.dim, who)
+        if x.dtype != self.v.dtype:
+            raise TypeError(
+                f"{who}: input dtype {x.dtype} differs from the layer's {self.v.dtype}; "
+                f"cast the input or the model (model.to({x.dtype}))"
+            )
+
+    # ---------------------------------------------------------------------------- the bijection
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``y = A x + u (vᵀx) + b``; ``ladj = ln|G| + ln|det A|`` (the same for every sample)."""
+        self._check(x, "P4Inv.forward")
+        At = self._buffer_as("A", x).T
+        y = torch.mm(x, At) if self.bias is None else torch.addmm(self.bias, x, At)
+        y = torch.addr(y, torch.mv(x, self.v), self.u)
+        _, _, ladj = self._det_terms(x)
+        return y, ladj.expand(x.shape[0])
+
+    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Sherman–Morrison: ``w = Ainv (y − b)``, ``x = w − (Ainv u)(vᵀw)/G``."""
+        self._check(y, "P4Inv.inverse")
+        if self.bias is not None:
+            y = y - self.bias
+        w = torch.mm(y, self._buffer_as("Ainv", y).T)
+        Ainv_u, G, ladj = self._det_terms(y)
+        x = torch.addr(w, torch.mv(w, self.v) / G, Ainv_u, alpha=-1.0)
+        return x, (-ladj).expand(y.shape[0])
+
+    # ------------------------------------------------------------------------- float64 views
+    @torch.no_grad()
+    def weight(self) -> Tensor:
+        """The effective weight ``W = A + u vᵀ`` (float64, shape [n, n])."""
+        return self.A + torch.outer(self.u.double(), self.v.double())
+
+    @torch.no_grad()
+    def weight_inverse(self) -> Tensor:
+        """``W⁻¹`` by Sherman–Morrison from the stored inverse (float64, shape [n, n])."""
+        u, v = self.u.double(), self.v.double()
+        Ainv_u = self.Ainv @ u
+        G = 1.0 + v @ Ainv_u
+        return self.Ainv - torch.outer(Ainv_u, v @ self.Ainv) / G
+
+    @torch.no_grad()
+    def log_abs_det(self) -> float:
+        """``ln|det W|`` from the determinant lemma (no factorisation)."""
+        G = 1.0 + self.v.double() @ (self.Ainv @ self.u.double())
+        return float(self.log_abs_det_A + torch.log(torch.abs(G)))
+
+    @torch.no_grad()
+    def det_sign(self) -> float:
+        """``sign(det W)`` (±1, or 0 when G is exactly 0)."""
+        G = 1.0 + self.v.double() @ (self.Ainv @ self.u.double())
+        return float(self.sign_A * torch.sign(G))
+
+    @torch.no_grad()
+    def inverse_residual(self) -> float:
+        """``max |I − A·Ainv|``: how far the stored inverse has drifted (O(n³), for logging)."""
+        eye = torch.eye(self.dim, dtype=torch.float64, device=self.A.device)
+        return float((eye - self.A @ self.Ainv).abs().max())
+
+    # ------------------------------------------------------------------------------- penalty
+    def penalty(self) -> Tensor:
+        """``φ(ln|G|) + φ(ln|det W|)`` with ``φ(t) = ReLU(c_min − t)² + ReLU(t − c_max)²``.
+
+        Added to the loss (times a weight Cp) it keeps the perturbation away from
+        ``det W = 0``, where merges would be skipped (App. A). Scalar, model dtype.
+        """
+        _, G, ladj = self._det_terms(self.v)
+        log_g = torch.log(torch.abs(G))
+        return _barrier(log_g, self.c_min, self.c_max) + _barrier(ladj, self.c_min, self.c_max)
+
+    # --------------------------------------------------------------------------------- merge
+    @torch.no_grad()
+    def reset_perturbation(self) -> None:
+        """``u = 0``, ``v ~ N(0, I)``: W becomes A again (paper §3.2)."""
+        self.u.zero_()
+        self.v.normal_()
+
+    @torch.no_grad()
+    def merge_step(self, force: bool = False) -> MergeResult:
+        """Try to fold ``u vᵀ`` into ``A``, and say what happened (see :class:`MergeResult`)."""
+        u, v = self.u.double(), self.v.double()
+        if not (torch.isfinite(u).all() and torch.isfinite(v).all()):
+            self.reset_perturbation()
+            return MergeResult.RESET_NONFINITE
+        Ainv_u = self.Ainv @ u
+        vT_Ainv = v @ self.Ainv
+        G = float(1.0 + v @ Ainv_u)
+        if not math.isfinite(G) or G == 0.0:
+            return MergeResult.REFUSED
+        log_g = math.log(abs(G))
+        log_det = float(self.log_abs_det_A) + log_g
+        sane = log_g >= self.c_min - 4.0 and self.c_min - 0.5 <= log_det <= self.c_max + 0.5
+        if not (sane or force):
+            return MergeResult.SKIPPED
+        self.A.addr_(u, v)
+        self.Ainv.addr_(Ainv_u, vT_Ainv, alpha=-1.0 / G)
+        self.log_abs_det_A.fill_(log_det)
+        self.sign_A.mul_(math.copysign(1.0, G))
+        self.n_merges.add_(1)
+        self.reset_perturbation()
+        return MergeResult.ACCEPTED if sane else MergeResult.FORCED
+
+    def merge(self, force: bool = False) -> bool:
+        """Merge if the update is sane (or ``force``); return whether it merged (contract)."""
+        return self.merge_step(force).merged
+
+    @torch.no_grad()
+    def correct_inverse(self, threshold: float = 1e-6) -> tuple[bool, float]:
+        """One 7th-order hyperpower step on ``Ainv``, checked; exact LU recompute if it fails.
+
+        The iteration only contracts while ``E = I − A Ainv`` is small, so the residual is
+        measured before and after; if it did not shrink (beyond rounding) or stays above
+        ``threshold``, ``Ainv``, ``ln|det A|`` and the sign are recomputed exactly by float64 LU.
+        Returns ``(fell_back, residual_after)``.
+        """
+        A, V = self.A, self.Ainv
+        eye = torch.eye(self.dim, dtype=A.dtype, device=A.device)
+        X = A @ V
+        before = float((eye - X).abs().max())
+        P = _HYPERPOWER[-1] * X + _HYPERPOWER[-2] * eye
+        for c in reversed(_HYPERPOWER[:-2]):
+            P = torch.addmm(eye, X, P, beta=c)  # X @ P + c I
+        V_new = V @ P / 16.0
+        after = float((eye - A @ V_new).abs().max())
+        rounding = 100.0 * self.dim * torch.finfo(torch.float64).eps
+        if math.isfinite(after) and after <= threshold and after <= max(before, rounding):
+            self.Ainv.copy_(V_new)
+            return False, after
+        inv, info = torch.linalg.inv_ex(A)
+        if int(info) != 0:  # A itself is singular: nothing exact to fall back to
+            return True, float("inf")
+        sign, logabsdet = torch.linalg.slogdet(A)
+        self.Ainv.copy_(inv)
+        self.log_abs_det_A.copy_(logabsdet)
+        self.sign_A.copy_(sign)
+        return True, float((eye - A @ inv).abs().max())
+
+
+def _barrier(t: Tensor, lo: float, hi: float) -> Tensor:
+    return torch.relu(lo - t).square() + torch.relu(t - hi).square()
+
+
+def p4inv_penalty(model: nn.Module) -> Tensor:
+    """Sum of :meth:`P4Inv.penalty` over every P4Inv layer of ``model`` (0 if none)."""
+    terms = [m.penalty() for m in model.modules() if isinstance(m, P4Inv)]
+    if not terms:
+        return torch.zeros(())
+    return torch.stack(terms).sum()
+
+
+# ------------------------------------------------------------------------ the merge schedule
+@dataclass
+class MergeStats:
+    """Counts over P4Inv layers for one merge event (or, summed, for a whole run)."""
+
+    attempts: int = 0
+    accepted: int = 0
+    forced: int = 0
+    skipped: int = 0
+    refused: int = 0
+    nonfinite_resets: int = 0
+    corrections: int = 0
+    fallbacks: int = 0
+    max_residual: float = float("nan")
+
+    def add(self, other: MergeStats) -> None:
+        for f in fields(self):
+            if f.name == "max_residual":
+                mine, theirs = self.max_residual, other.max_residual
+                self.max_residual = theirs if math.isnan(mine) else max(mine, theirs)
+            else:
+                setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def reset_optimizer_state(optimizer: torch.optim.Optimizer, params: Iterable[Tensor]) -> None:
+    """Return the optimizer state of ``params`` (only them) to what a fresh optimizer has.
+
+    Optimizers that create state lazily at their first step (Adam, AdamW, SGD, RMSprop, …)
+    simply forget it. Adagrad creates its state at construction; it is reset in place.
+    """
+    for p in params:
+        state = optimizer.state.get(p)
+        if not state:
+            continue
+        if isinstance(optimizer, torch.optim.Adagrad):
+            group = next(g for g in optimizer.param_groups if any(q is p for q in g["params"]))
+            state["step"].zero_()
+            state["sum"].fill_(group["initial_accumulator_value"])
+        else:
+            del optimizer.state[p]
+
+
+class P4Merger:
+    """Merges every P4Inv layer of a model on schedule (call :meth:`step` after each
+    ``optimizer.step()``).
+
+    Every ``every`` steps each layer attempts a merge; every ``force_every``-th attempt is forced
+    (0: never). A layer's optimizer state for u and v is reset when it merged or was reset for
+    non-finite values (``reset_optimizer``), leaving other parameters' state untouched. After
+    every ``correct_every``-th merge of a layer (0: never) its inverse is corrected.
+    ``track_residual`` measures max |I − A·Ainv| at each merge event (O(n³) per layer).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        every: int = 100,
+        force_every: int = 10,
+        correct_every: int = 50,
+        reset_optimizer: bool = True,
+        correction_threshold: float = 1e-6,
+        track_residual: bool = True,
+    ) -> None:
+        for name, value, low in (
+            ("every", every, 1),
+            ("force_every", force_every, 0),
+            ("correct_every", correct_every, 0),
+        ):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"P4Merger: {name} must be an int >= {low}, got {value!r}")
+        if reset_optimizer and isinstance(optimizer, torch.optim.LBFGS):
+            raise TypeError(
+                "P4Merger: LBFGS keeps one state for all parameters, so a layer's state cannot be "
+                "reset alone; use reset_optimizer=False or another optimizer"
+            )
+        self.layers = [m for m in model.modules() if isinstance(m, P4Inv)]
+        self.optimizer = optimizer
+        self.every = every
+        self.force_every = force_every
+        self.correct_every = correct_every
+        self.reset_optimizer = reset_optimizer
+        self.correction_threshold = correction_threshold
+        self.track_residual = track_residual
+        self.steps = 0
+        self.events = 0
+        self.totals = MergeStats()
+
+    def step(self) -> MergeStats | None:
+        """Count one optimizer step; merge when the schedule says so and return the stats."""
+        self.steps += 1
+        if self.steps % self.every:
+            return None
+        return self.merge_all()
+
+    def merge_all(self, force: bool | None = None) -> MergeStats:
+        """One merge event over all layers, now (``force=None``: by the force schedule)."""
+        self.events += 1
+        if force is None:
+            force = self.force_every > 0 and self.events % self.force_every == 0
+        stats = MergeStats()
+        for layer in self.layers:
+            result = layer.merge_step(force)
+            stats.attempts += 1
+            counter = {
+                MergeResult.ACCEPTED: "accepted",
+                MergeResult.FORCED: "forced",
+                MergeResult.SKIPPED: "skipped",
+                MergeResult.REFUSED: "refused",
+                MergeResult.RESET_NONFINITE: "nonfinite_resets",
+            }[result]
+            setattr(stats, counter, getattr(stats, counter) + 1)
+            touched = result.merged or result is MergeResult.RESET_NONFINITE
+            if touched and self.reset_optimizer and self.optimizer is not None:
+                reset_optimizer_state(self.optimizer, (layer.u, layer.v))
+            if (
+                result.merged
+                and self.correct_every
+                and int(layer.n_merges) % self.correct_every == 0
+            ):
+                fell_back, _ = layer.correct_inverse(self.correction_threshold)
+                stats.corrections += 1
+                stats.fallbacks += int(fell_back)
+        if self.track_residual and self.layers:
+            stats.max_residual = max(layer.inverse_residual() for layer in self.layers)
+        self.totals.add(stats)
+        return stats
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps, "events": self.events, "totals": self.totals.as_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = {"steps", "events", "totals"} - set(state)
+        if missing:
+            raise KeyError(f"P4Merger.load_state_dict: missing keys {sorted(missing)}")
+        self.steps = int(state["steps"])
+        self.events = int(state["events"])
+        self.totals = MergeStats(**state["totals"])
