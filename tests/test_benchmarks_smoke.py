@@ -1,0 +1,44 @@
+"""Smoke runs of the benchmark command lines: they must run end to end on tiny sizes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_linear_layers_benchmark_smoke():
+    out = run("benchmarks/linear_layers.py", "--sizes", "16", "48", "--budget", "0.01")
+    assert "std/P4Inv" in out and "train step" in out
+    assert len([line for line in out.splitlines() if line.strip().startswith("48")]) == 3
+
+
+def test_linear_problems_benchmark_smoke(tmp_path):
+    out = run(
+        "benchmarks/linear_problems.py",
+        "--problems", "pd32", "neg_identity",
+        "--losses", "mean",
+        "--max-iters", "40",
+        "--out", str(tmp_path),
+    )  # fmt: skip
+    assert "P4Inv N=50" in out and "P4Inv inverse" in out
+    for name in ("pd32_mean.png", "neg_identity_mean.png", "neg_identity_residual_det_mean.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_benchmark_arguments_fail_cleanly():
+    result = subprocess.run(
+        [sys.executable, "benchmarks/linear_layers.py", "--batch", "0"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2 and "--batch" in result.stderr
