@@ -306,6 +306,28 @@ def test_cached_determinant_follows_optimizer_steps(make_opt):
         opt.step()
 
 
+def test_inference_mode_does_not_poison_the_caches():
+    layer = random_p4inv(4).float()
+    x = torch.randn(3, 4, dtype=torch.float32)
+    with torch.inference_mode():
+        layer(x)
+        layer.inverse(x)
+    y, ladj = layer(x.requires_grad_())
+    (y.sum() + ladj.sum()).backward()
+    assert layer.u.grad is not None
+    _, ladj = layer.inverse(x.detach())
+    with torch.no_grad():
+        _, cached = layer(x[:1])
+        cached += 5.0  # modifying a returned ladj must not change the layer
+        assert float(layer(x[:1])[1][0]) == pytest.approx(layer.log_abs_det(), abs=1e-5)
+
+
+def test_autocast_is_refused_with_a_clear_message():
+    layer = random_p4inv(4)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(RuntimeError, match="autocast"):
+        layer(torch.randn(2, 4))
+
+
 # --------------------------------------------------------------------------------- the merger
 class TwoLayerModel(torch.nn.Module):
     def __init__(self, dim: int = 5) -> None:

@@ -47,7 +47,7 @@ _FLOAT64_BUFFERS = ("A", "Ainv", "log_abs_det_A", "sign_A")
 _HYPERPOWER = (120.0, -393.0, 735.0, -861.0, 651.0, -315.0, 93.0, -15.0, 1.0)
 
 
-class MergeResult(str, enum.Enum):
+class MergeResult(enum.StrEnum):
     """What one merge attempt of one layer did."""
 
     ACCEPTED = "accepted"  # within the sanity bounds: merged
@@ -148,6 +148,8 @@ class P4Inv(Bijection):
         counter; ``.to()`` gives a new storage. Both invalidate the entry. Writing through
         ``.data`` bypasses the version counter: use ``with torch.no_grad(): t.copy_(...)``.
         """
+        if torch.is_inference_mode_enabled():  # inference tensors cannot serve autograd later
+            return compute()
         stamp = tuple((t._version, t.data_ptr()) for t in sources)
         hit = self._cache.get(key)
         if hit is not None and hit[0] == stamp:
@@ -180,7 +182,7 @@ class P4Inv(Bijection):
             return Ainv_u, G, ladj
 
         grad = torch.is_grad_enabled() and (self.u.requires_grad or self.v.requires_grad)
-        if grad or like.device.type != "cpu":
+        if grad or like.device.type != "cpu" or torch.is_inference_mode_enabled():
             return compute()  # on accelerators a value check would cost a host sync
         # Fused optimizers update u and v without bumping their version counters, so the cache
         # is validated by value: an O(n) comparison saves an O(n²) product.
@@ -193,14 +195,20 @@ class P4Inv(Bijection):
             and torch.equal(hit[0][1], self.u)
             and torch.equal(hit[0][2], self.v)
         ):
-            return hit[1]
-        with torch.no_grad():
-            value = compute()
+            value = hit[1]
+        else:
+            with torch.no_grad():
+                value = compute()
             self._cache[key] = ((stamp, self.u.detach().clone(), self.v.detach().clone()), value)
-        return value
+        return tuple(t.clone() for t in value)  # callers may modify what they get
 
     def _check(self, x: Tensor, who: str) -> None:
         check_input(x, self.dim, who)
+        if torch.is_autocast_enabled(x.device.type):
+            raise RuntimeError(
+                f"{who}: P4Inv does not run under torch.autocast (its rank-one terms need one "
+                "dtype); wrap the call in torch.autocast(device_type, enabled=False)"
+            )
         if x.dtype != self.v.dtype:
             raise TypeError(
                 f"{who}: input dtype {x.dtype} differs from the layer's {self.v.dtype}; "
