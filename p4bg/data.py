@@ -1,0 +1,229 @@
+"""MD dataset files: written in chunks (so a killed run loses nothing finished), loaded as arrays.
+
+Layout of a dataset folder (written by ``python -m p4bg.simulate``)::
+
+    metadata.json                  plan, seeds, platform, versions, command line, status
+    split.json                     train/val/test as contiguous time blocks of each replica
+    replica_00/chunk_00000.dcd     positions, float32 Å (DCD: full precision, unlike XTC)
+    replica_00/chunk_00000.npz     energies (kJ/mol), production step of each frame, and the
+                                   OpenMM checkpoint after the chunk's last frame
+
+A chunk is complete when its ``.npz`` exists; both files are written atomically (temporary file,
+then ``os.replace``), the ``.npz`` last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+__all__ = [
+    "Dataset",
+    "DatasetError",
+    "chunk_paths",
+    "complete_chunks",
+    "load_dataset",
+    "load_metadata",
+    "make_split",
+    "read_chunk",
+    "write_chunk",
+    "write_json",
+]
+
+SPLIT_NAMES = ("train", "val", "test")
+
+
+class DatasetError(ValueError):
+    """A dataset folder is missing, incomplete or inconsistent."""
+
+
+class Dataset(NamedTuple):
+    """An MD dataset in memory.
+
+    xyz: positions, shape (frames, 3·n_atoms), nm, float32 (replicas concatenated in order).
+    energies: potential energies, shape (frames,), kJ/mol, float64.
+    split: ``{"train" | "val" | "test": frame indices}`` (int64 arrays into xyz).
+    """
+
+    xyz: np.ndarray
+    energies: np.ndarray
+    split: dict[str, np.ndarray]
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write JSON atomically: a reader never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def chunk_paths(folder: Path, index: int) -> tuple[Path, Path]:
+    return folder / f"chunk_{index:05d}.dcd", folder / f"chunk_{index:05d}.npz"
+
+
+def write_chunk(
+    folder: Path,
+    index: int,
+    xyz: np.ndarray,
+    energies: np.ndarray,
+    steps: np.ndarray,
+    checkpoint: bytes,
+) -> None:
+    """Write chunk ``index`` of one replica atomically.
+
+    xyz: positions, shape (frames, n_atoms, 3), nm. energies: kJ/mol, shape (frames,).
+    steps: production step of each frame. checkpoint: OpenMM ``Context.createCheckpoint()``
+    taken after the last frame, from which a killed run resumes.
+    """
+    from mdtraj.formats import DCDTrajectoryFile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    dcd, npz = chunk_paths(folder, index)
+    tmp_dcd = dcd.with_name(dcd.stem + ".tmp.dcd")
+    with DCDTrajectoryFile(str(tmp_dcd), "w", force_overwrite=True) as f:
+        f.write(np.asarray(xyz, dtype=np.float32) * np.float32(10.0))  # DCD stores Å
+    os.replace(tmp_dcd, dcd)
+    tmp_npz = npz.with_name(npz.stem + ".tmp.npz")
+    np.savez(
+        tmp_npz,
+        energies=np.asarray(energies, dtype=np.float64),
+        steps=np.asarray(steps, dtype=np.int64),
+        checkpoint=np.frombuffer(checkpoint, dtype=np.uint8),
+    )
+    os.replace(tmp_npz, npz)
+
+
+def complete_chunks(folder: Path) -> int:
+    """Number of complete chunks of a replica (0, 1, … without gaps); leftovers of an
+    interrupted write are removed so that the next write starts clean."""
+    if not folder.is_dir():
+        return 0
+    for leftover in list(folder.glob("*.tmp.*")):
+        leftover.unlink()
+    count = 0
+    while all(p.is_file() for p in chunk_paths(folder, count)):
+        count += 1
+    for stray in chunk_paths(folder, count):  # a .dcd whose .npz never came
+        if stray.exists():
+            stray.unlink()
+    return count
+
+
+@contextlib.contextmanager
+def _quiet_c_stdio() -> Iterator[None]:
+    """Silence what C code prints to stdout/stderr (mdtraj's DCD plugin announces every file)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, devnull):
+            os.close(fd)
+
+
+def read_chunk(folder: Path, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, bytes]:
+    """``(xyz (frames, n_atoms, 3) nm float32, energies kJ/mol, steps, checkpoint)``."""
+    from mdtraj.formats import DCDTrajectoryFile
+
+    dcd, npz = chunk_paths(folder, index)
+    with _quiet_c_stdio(), DCDTrajectoryFile(str(dcd), "r") as f:
+        xyz_angstrom = f.read()[0]
+    with np.load(npz) as data:
+        energies, steps, checkpoint = data["energies"], data["steps"], data["checkpoint"].tobytes()
+    if len(xyz_angstrom) != len(energies):
+        raise DatasetError(
+            f"{dcd}: {len(xyz_angstrom)} frames but {npz} has {len(energies)} energies; "
+            "delete both files and resume the simulation with --resume"
+        )
+    return xyz_angstrom / np.float32(10.0), energies, steps, checkpoint
+
+
+def make_split(frames_per_replica: list[int], fractions: tuple[float, float, float]) -> dict:
+    """Train/val/test as contiguous time blocks of every replica (train first, test last).
+
+    MD frames are correlated in time; a random frame split would put near-copies of test frames
+    into the training set. Returns ``{name: [[start, stop], ...]}`` in global frame indices.
+    """
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-9:
+        raise DatasetError(
+            f"split fractions must be 3 non-negative numbers summing to 1, got {fractions}"
+        )
+    blocks: dict[str, list[list[int]]] = {name: [] for name in SPLIT_NAMES}
+    offset = 0
+    for n in frames_per_replica:
+        edges = [
+            offset,
+            offset + round(n * fractions[0]),
+            offset + round(n * (fractions[0] + fractions[1])),
+            offset + n,
+        ]
+        for name, start, stop in zip(SPLIT_NAMES, edges[:-1], edges[1:], strict=True):
+            blocks[name].append([start, stop])
+        offset += n
+    return blocks
+
+
+def load_metadata(path: str | Path) -> dict:
+    path = Path(path)
+    meta = path / "metadata.json"
+    if not meta.is_file():
+        raise DatasetError(
+            f"{path}: no dataset here (no metadata.json); make one with "
+            f"`python -m p4bg.simulate --out {path}`"
+        )
+    return json.loads(meta.read_text())
+
+
+def load_dataset(path: str | Path) -> Dataset:
+    """Load a dataset folder written by ``p4bg.simulate`` (see the module docstring).
+
+    Returns ``Dataset(xyz (frames, 3·n_atoms) nm float32, energies (frames,) kJ/mol, split)``.
+    """
+    path = Path(path)
+    meta = load_metadata(path)
+    if meta.get("status") != "complete":
+        raise DatasetError(
+            f"{path}: the simulation has not finished (status {meta.get('status')!r}); "
+            f"continue it with `python -m p4bg.simulate --out {path} --resume` and the same options"
+        )
+    xyz_parts, energy_parts = [], []
+    for replica in meta["replicas"]:
+        folder = path / replica["folder"]
+        n_chunks = complete_chunks(folder)
+        frames = 0
+        for i in range(n_chunks):
+            xyz, energies, _, _ = read_chunk(folder, i)
+            xyz_parts.append(xyz.reshape(len(xyz), -1))
+            energy_parts.append(energies)
+            frames += len(xyz)
+        if frames != replica["frames"]:
+            raise DatasetError(
+                f"{folder}: {frames} frames on disk, metadata.json expects {replica['frames']}; "
+                "resume the simulation with --resume"
+            )
+    split_file = path / "split.json"
+    if not split_file.is_file():
+        raise DatasetError(
+            f"{split_file} is missing; rerun the simulation with --resume to write it"
+        )
+    blocks = json.loads(split_file.read_text())
+    split = {
+        name: np.concatenate(
+            [np.arange(a, b, dtype=np.int64) for a, b in blocks[name]] or [np.zeros(0, np.int64)]
+        )
+        for name in SPLIT_NAMES
+    }
+    return Dataset(np.concatenate(xyz_parts), np.concatenate(energy_parts), split)

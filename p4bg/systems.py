@@ -1,0 +1,318 @@
+"""Molecular systems: ``systems/<name>/`` (a PDB and a ``system.toml``) loaded into one object.
+
+Adding a molecule means adding a folder: the PDB fixes the atom order, ``system.toml`` the force
+field, the simulation defaults and the coordinate layout (Z-matrix, rigid block, φ/ψ atoms).
+Everything the rest of p4bg needs about a system comes from :func:`load_system`.
+"""
+
+from __future__ import annotations
+
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SYSTEMS_DIR = Path(__file__).resolve().parent.parent / "systems"
+# Molar gas constant in kJ/(mol K): kT = R T.
+MOLAR_GAS_CONSTANT = 0.00831446261815324
+
+__all__ = ["MolecularSystem", "SystemConfigError", "load_system", "measure_platforms"]
+
+
+class SystemConfigError(ValueError):
+    """A system folder or its ``system.toml`` is missing or malformed."""
+
+
+_NONBONDED = ("NoCutoff", "CutoffNonPeriodic", "CutoffPeriodic", "Ewald", "PME", "LJPME")
+_CONSTRAINTS = ("None", "HBonds", "AllBonds", "HAngles")
+_INTEGRATORS = ("LangevinMiddle", "Langevin")
+
+# key -> (type, required); sections are dicts of the same shape.
+_SCHEMA: dict[str, Any] = {
+    "name": (str, True),
+    "pdb": (str, True),
+    "forcefield": {
+        "files": (list, True),
+        "nonbonded_method": (str, True),
+        "constraints": (str, True),
+    },
+    "simulation": {
+        "temperature": (float, True),
+        "integrator": (str, True),
+        "timestep_fs": (float, True),
+        "friction_per_ps": (float, True),
+    },
+    "coordinates": {"rigid_atoms": (list, True), "z_matrix": (list, True)},
+    "dihedrals": {"phi": (list, True), "psi": (list, True)},
+}
+
+
+@dataclass
+class MolecularSystem:
+    """A molecule, its force field and its coordinate layout.
+
+    Units: positions nm, temperature K, kT kJ/mol, timestep fs, friction 1/ps.
+    Atom indices are 0-based in the PDB's order.
+    """
+
+    name: str
+    path: Path
+    topology: Any  # mdtraj.Topology
+    openmm_topology: Any  # openmm.app.Topology
+    openmm_system: Any  # openmm.System
+    temperature: float
+    positions: np.ndarray  # [n_atoms, 3], nm, float64 (the minimised PDB structure)
+    z_matrix: np.ndarray  # [n_internal, 4] int: atom, bond partner, angle partner, torsion partner
+    rigid_atoms: np.ndarray  # [n_rigid] int
+    phi_atoms: tuple[int, int, int, int]
+    psi_atoms: tuple[int, int, int, int]
+    forcefield_files: list[str] = field(default_factory=list)
+    nonbonded_method: str = "NoCutoff"
+    constraints: str = "None"
+    integrator: str = "LangevinMiddle"
+    timestep_fs: float = 1.0
+    friction_per_ps: float = 1.0
+
+    @property
+    def n_atoms(self) -> int:
+        return int(self.positions.shape[0])
+
+    @property
+    def dim(self) -> int:
+        """Cartesian dimension 3·n_atoms (66 for alanine dipeptide)."""
+        return 3 * self.n_atoms
+
+    @property
+    def kT(self) -> float:
+        """Thermal energy at ``temperature``, kJ/mol."""
+        return MOLAR_GAS_CONSTANT * self.temperature
+
+    def make_integrator(self, temperature: float | None = None, seed: int = 0) -> Any:
+        """A fresh OpenMM integrator as ``system.toml`` specifies, with its random seed set."""
+        import openmm
+
+        cls = {
+            "LangevinMiddle": openmm.LangevinMiddleIntegrator,
+            "Langevin": openmm.LangevinIntegrator,
+        }[self.integrator]
+        integrator = cls(
+            self.temperature if temperature is None else temperature,
+            self.friction_per_ps,
+            self.timestep_fs * 1e-3,
+        )
+        integrator.setRandomNumberSeed(int(seed))
+        return integrator
+
+
+def _fail(file: Path, key: str, problem: str) -> SystemConfigError:
+    return SystemConfigError(f"{file}: key '{key}' {problem}; fix the file (see DESIGN.md §4)")
+
+
+def _validate(data: dict, schema: dict, file: Path, prefix: str = "") -> None:
+    for key in data:
+        if key not in schema:
+            known = ", ".join(sorted(schema))
+            raise _fail(file, prefix + key, f"is not a known key (known: {known})")
+    for key, spec in schema.items():
+        full = prefix + key
+        if isinstance(spec, dict):
+            section = data.get(key)
+            if not isinstance(section, dict):
+                raise _fail(file, full, "is missing or is not a [section]")
+            _validate(section, spec, file, full + ".")
+            continue
+        kind, required = spec
+        if key not in data:
+            if required:
+                raise _fail(file, full, "is missing")
+            continue
+        value = data[key]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            data[key] = value = float(value)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise _fail(file, full, f"must be a {kind.__name__}, got {value!r}")
+
+
+def _int_list(value: list, file: Path, key: str, n_atoms: int, length: int | None = None) -> list:
+    if length is not None and len(value) != length:
+        raise _fail(file, key, f"must list {length} atom indices, got {len(value)}")
+    for v in value:
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < n_atoms:
+            raise _fail(file, key, f"has {v!r}, not an atom index in [0, {n_atoms})")
+    return value
+
+
+def _resolve(name_or_path: str | Path) -> Path:
+    candidate = Path(name_or_path)
+    if candidate.is_dir():
+        return candidate.resolve()
+    if candidate.name == "system.toml" and candidate.is_file():
+        return candidate.parent.resolve()
+    folder = SYSTEMS_DIR / str(name_or_path)
+    if folder.is_dir():
+        return folder
+    available = sorted(p.name for p in SYSTEMS_DIR.iterdir() if (p / "system.toml").is_file())
+    raise SystemConfigError(
+        f"unknown system {str(name_or_path)!r}: no folder {folder} and no such path; "
+        f"available systems: {', '.join(available) or 'none'}"
+    )
+
+
+def load_system(name_or_path: str | Path, temperature: float | None = None) -> MolecularSystem:
+    """Load ``systems/<name>/`` (or a folder path) into a :class:`MolecularSystem`.
+
+    ``temperature`` (K) overrides the file's default. Raises :class:`SystemConfigError` naming
+    the file and key for anything missing or malformed.
+    """
+    import mdtraj
+    import openmm.app as app
+
+    folder = _resolve(name_or_path)
+    file = folder / "system.toml"
+    if not file.is_file():
+        raise SystemConfigError(
+            f"{folder}: no system.toml; a system folder needs one (DESIGN.md §4)"
+        )
+    try:
+        data = tomllib.loads(file.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise SystemConfigError(f"{file}: not valid TOML ({err})") from err
+    _validate(data, _SCHEMA, file)
+
+    pdb_path = folder / data["pdb"]
+    if not pdb_path.is_file():
+        raise _fail(file, "pdb", f"names {pdb_path}, which does not exist")
+    ff, sim, coords = data["forcefield"], data["simulation"], data["coordinates"]
+    if ff["nonbonded_method"] not in _NONBONDED:
+        raise _fail(file, "forcefield.nonbonded_method", f"must be one of {_NONBONDED}")
+    if ff["constraints"] not in _CONSTRAINTS:
+        raise _fail(file, "forcefield.constraints", f"must be one of {_CONSTRAINTS}")
+    if sim["integrator"] not in _INTEGRATORS:
+        raise _fail(file, "simulation.integrator", f"must be one of {_INTEGRATORS}")
+    for key in ("temperature", "timestep_fs", "friction_per_ps"):
+        if not sim[key] > 0:
+            raise _fail(file, f"simulation.{key}", f"must be > 0, got {sim[key]}")
+    if temperature is not None and not temperature > 0:
+        raise SystemConfigError(f"temperature must be > 0 K, got {temperature}")
+
+    pdb = app.PDBFile(str(pdb_path))
+    n_atoms = pdb.topology.getNumAtoms()
+    rigid = _int_list(coords["rigid_atoms"], file, "coordinates.rigid_atoms", n_atoms)
+    rows = coords["z_matrix"]
+    for i, row in enumerate(rows):
+        if not isinstance(row, list):
+            raise _fail(file, f"coordinates.z_matrix[{i}]", "must be a list of 4 atom indices")
+        _int_list(row, file, f"coordinates.z_matrix[{i}]", n_atoms, length=4)
+    placed = set(rigid)
+    for i, (atom, *refs) in enumerate(rows):
+        if atom in placed:
+            raise _fail(file, f"coordinates.z_matrix[{i}]", f"places atom {atom} a second time")
+        missing = [r for r in refs if r not in placed]
+        if missing or len(set(refs)) != 3:
+            raise _fail(
+                file,
+                f"coordinates.z_matrix[{i}]",
+                f"references {missing or refs}, which must be 3 distinct atoms placed before it "
+                "(rigid atoms or earlier rows)",
+            )
+        placed.add(atom)
+    if placed != set(range(n_atoms)) or len(rigid) != len(set(rigid)):
+        raise _fail(
+            file,
+            "coordinates",
+            f"must place every atom exactly once; unplaced: {sorted(set(range(n_atoms)) - placed)}",
+        )
+
+    dihedrals = data["dihedrals"]
+    phi = tuple(_int_list(dihedrals["phi"], file, "dihedrals.phi", n_atoms, 4))
+    psi = tuple(_int_list(dihedrals["psi"], file, "dihedrals.psi", n_atoms, 4))
+
+    forcefield = app.ForceField(*ff["files"])
+    system = forcefield.createSystem(
+        pdb.topology,
+        nonbondedMethod=getattr(app, ff["nonbonded_method"]),
+        constraints=None if ff["constraints"] == "None" else getattr(app, ff["constraints"]),
+    )
+    positions = np.array(pdb.getPositions(asNumpy=True)._value, dtype=np.float64)  # nm
+    return MolecularSystem(
+        name=data["name"],
+        path=folder,
+        topology=mdtraj.Topology.from_openmm(pdb.topology),
+        openmm_topology=pdb.topology,
+        openmm_system=system,
+        temperature=float(sim["temperature"] if temperature is None else temperature),
+        positions=positions,
+        z_matrix=np.asarray(rows, dtype=np.int64).reshape(-1, 4),
+        rigid_atoms=np.asarray(rigid, dtype=np.int64),
+        phi_atoms=phi,  # type: ignore[arg-type]
+        psi_atoms=psi,  # type: ignore[arg-type]
+        forcefield_files=list(ff["files"]),
+        nonbonded_method=ff["nonbonded_method"],
+        constraints=ff["constraints"],
+        integrator=sim["integrator"],
+        timestep_fs=float(sim["timestep_fs"]),
+        friction_per_ps=float(sim["friction_per_ps"]),
+    )
+
+
+def available_platforms() -> list[str]:
+    import openmm
+
+    return [
+        openmm.Platform.getPlatform(i).getName() for i in range(openmm.Platform.getNumPlatforms())
+    ]
+
+
+def measure_platforms(
+    system: MolecularSystem, candidates: list[str] | None = None, steps: int = 2000
+) -> dict[str, float]:
+    """MD steps per second of each platform on ``system`` (one process), measured now.
+
+    For a 22-atom molecule the single-threaded ``Reference`` platform usually beats ``CPU``,
+    whose threading costs more than it saves: measure rather than assume.
+    """
+    import openmm
+
+    names = candidates or [
+        p for p in ("Reference", "CPU", "CUDA", "OpenCL") if p in available_platforms()
+    ]
+    rates = {}
+    for name in names:
+        try:
+            platform = openmm.Platform.getPlatformByName(name)
+            context = openmm.Context(system.openmm_system, system.make_integrator(), platform)
+        except Exception:  # a platform that is listed but cannot start here
+            continue
+        context.setPositions(system.positions)
+        context.setVelocitiesToTemperature(system.temperature, 1)
+        context.getIntegrator().step(100)  # warm-up (kernel compilation on GPU platforms)
+        start = time.perf_counter()
+        context.getIntegrator().step(steps)
+        context.getState(getEnergy=True)  # waits for the steps to finish on asynchronous platforms
+        rates[name] = steps / (time.perf_counter() - start)
+        del context
+    if not rates:
+        raise RuntimeError(f"none of the OpenMM platforms {names} could run {system.name}")
+    return rates
+
+
+def dihedral(xyz: np.ndarray, atoms: tuple[int, int, int, int]) -> np.ndarray:
+    """Dihedral angle in radians, (-π, π], of ``atoms`` for positions ``xyz`` [frames, n, 3]
+    (IUPAC sign convention, as mdtraj)."""
+    p0, p1, p2, p3 = (xyz[:, i] for i in atoms)
+    b0, b1, b2 = p1 - p0, p2 - p1, p3 - p2
+    y = np.linalg.norm(b1, axis=-1) * (b0 * np.cross(b1, b2)).sum(-1)
+    x = (np.cross(b0, b1) * np.cross(b1, b2)).sum(-1)
+    return np.arctan2(y, x)
+
+
+def is_l_chirality(
+    xyz: np.ndarray, n: int = 6, ca: int = 8, c: int = 14, cb: int = 10
+) -> np.ndarray:
+    """True for L-alanine frames: ``(N − CA) · ((C − CA) × (CB − CA)) > 0`` (DESIGN.md §5)."""
+    a = xyz[:, n] - xyz[:, ca]
+    b = np.cross(xyz[:, c] - xyz[:, ca], xyz[:, cb] - xyz[:, ca])
+    return (a * b).sum(-1) > 0
