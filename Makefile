@@ -16,9 +16,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
-# Main job. Until the Boltzmann-generator pipeline exists: the P4Inv linear-layer benchmark
-# (paper Fig. 2) and the -I(101) linear problem (paper Fig. 5).
+# Main job. Until the Boltzmann-generator pipeline exists: a short MD dataset of the default
+# system, the P4Inv linear-layer benchmark (paper Fig. 2) and the -I(101) problem (Fig. 5).
 demo: venv
+	$(PY) -m p4bg.simulate --ns 0.2 --out data/demo_alanine_dipeptide_600K --resume
 	$(PY) benchmarks/linear_layers.py
 	$(PY) benchmarks/linear_problems.py --problems neg_identity
 
@@ -35,6 +36,7 @@ test-all: venv lint
 	$(PY) -m pytest -q
 
 bench: venv
+	$(PY) benchmarks/md_throughput.py
 	$(PY) benchmarks/linear_layers.py
 	$(PY) benchmarks/linear_problems.py
 

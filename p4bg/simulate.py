@@ -94,6 +94,7 @@ def run_replica(job: ReplicaJob, progress: mp.Queue | None = None) -> dict:
         progress.put(("resumed", job.index, frames_done))
 
     n_atoms = system.n_atoms
+    parent = os.getppid()
     start = time.perf_counter()
     new_frames = 0
     chunk = done_chunks
@@ -114,6 +115,8 @@ def run_replica(job: ReplicaJob, progress: mp.Queue | None = None) -> dict:
             steps[f] = step
             if progress is not None and (f + 1) % REPORT_EVERY == 0:
                 progress.put(("frames", job.index, REPORT_EVERY))
+                if os.getppid() != parent:  # the parent was killed: stop, write nothing partial
+                    raise SystemExit(f"replica {job.index}: parent process gone, stopping")
         if not np.isfinite(energies).all() or not np.isfinite(xyz).all():
             raise RuntimeError(
                 f"replica {job.index}: non-finite energy or positions in chunk {chunk} "

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mdtraj
@@ -87,6 +90,26 @@ def test_resume_after_interruption_gives_the_same_frames(dataset, tmp_path):
     assert resumed.xyz.shape == reference.xyz.shape
     np.testing.assert_array_equal(resumed.xyz, reference.xyz)  # bitwise: RNG state is restored
     np.testing.assert_array_equal(resumed.energies, reference.energies)
+
+
+def test_resume_after_sigkill(tmp_path):
+    """Kill the whole process group mid-run, as a scheduler or the OOM killer would, then resume."""
+    out = tmp_path / "killed"
+    args = ["--ns", "0.2", "--replicas", "2", "--chunk-frames", "50", "--equilibration-ps", "0.5",
+            "--no-progress", "--out", str(out)]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "p4bg.simulate", *args], cwd=ROOT,
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    deadline = time.time() + 120
+    while not (out / "replica_00" / "chunk_00001.npz").exists():
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.time() < deadline
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert load_metadata(out)["status"] == "running"
+    main([*args, "--resume"])
+    xyz, energies, _ = load_dataset(out)
+    assert xyz.shape == (1000, 66) and np.isfinite(energies).all()
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
