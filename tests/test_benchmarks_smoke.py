@@ -42,3 +42,8 @@ def test_bad_benchmark_arguments_fail_cleanly():
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert result.returncode == 2 and "--batch" in result.stderr
+
+
+def test_md_throughput_benchmark_smoke():
+    out = run("benchmarks/md_throughput.py", "--ns", "0.01", "--cpu-ns", "0.001")
+    assert "Reference" in out and "bare loop" in out and "Reference / CPU" in out

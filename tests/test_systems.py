@@ -180,3 +180,21 @@ def test_unknown_system_and_missing_toml(tmp_path):
     folder = broken_copy(tmp_path, lambda t: t + "\n[[[")
     with pytest.raises(SystemConfigError, match="not valid TOML"):
         load_system(folder)
+
+
+def test_build_script_reproduces_the_committed_pdb(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build_ala", FOLDER / "build.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    out = build.build(tmp_path / "rebuilt.pdb")
+    rebuilt = app.PDBFile(str(out))
+    assert [a.name for a in rebuilt.topology.atoms()] == [
+        a.name for a in app.PDBFile(str(FOLDER / "alanine_dipeptide.pdb")).topology.atoms()
+    ]
+    positions = np.array(rebuilt.getPositions(asNumpy=True)._value)
+    assert is_l_chirality(positions[None])[0]
+    assert direct_energy(positions) == pytest.approx(
+        direct_energy(load_system("alanine_dipeptide").positions), abs=1.0
+    )
