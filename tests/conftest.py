@@ -10,3 +10,20 @@ def float64_default():
     torch.manual_seed(1234)
     yield
     torch.set_default_dtype(previous)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leftover_worker_processes():
+    """The suite must leave no energy worker behind (processes started by this pytest)."""
+    import os
+    import subprocess
+    import time
+
+    yield
+    time.sleep(0.2)
+    found = subprocess.run(
+        ["pgrep", "-P", str(os.getpid()), "-f", "p4bg._energy_worker"],
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    assert not found, f"energy worker processes left behind: {found}"

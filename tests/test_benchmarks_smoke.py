@@ -47,3 +47,9 @@ def test_bad_benchmark_arguments_fail_cleanly():
 def test_md_throughput_benchmark_smoke():
     out = run("benchmarks/md_throughput.py", "--ns", "0.01", "--cpu-ns", "0.001")
     assert "Reference" in out and "bare loop" in out and "Reference / CPU" in out
+
+
+def test_energy_throughput_benchmark_smoke():
+    out = run("benchmarks/energy_throughput.py", "--batches", "16", "64", "--repeats", "1",
+              "--naive-frames", "20", "--platforms", "Reference")  # fmt: skip
+    assert "naive single-Context loop" in out and "batch 64" in out

@@ -1,0 +1,376 @@
+"""The target energy: OpenMM energies and forces for batches of torch tensors, with autograd.
+
+``OpenMMEnergy(system)(x)`` returns reduced energies ``u = U/kT`` of positions ``x``
+(shape [batch, 3·n_atoms], nm) as a differentiable tensor: a ``torch.autograd.Function`` whose
+backward multiplies the incoming gradient by ``−F/kT``, the forces OpenMM computed together with
+the energy (no finite differences, no second evaluation).
+
+Batches are split over persistent worker processes, each with its own OpenMM Context created
+inside the worker. A worker that dies or does not answer within ``timeout`` seconds is killed,
+replaced and its share re-evaluated. Frames that cannot be evaluated (non-finite positions, an
+OpenMM error, a non-finite energy or force) are never returned as 0: their energy is ``+inf``,
+their gradient 0 (a capped or masked loss ignores them), and they are counted in
+:attr:`OpenMMEnergy.stats` and flagged in :attr:`OpenMMEnergy.last_failed`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import hashlib
+import os
+import socket
+import subprocess
+import sys
+import time
+import weakref
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from p4bg._energy_worker import evaluate_frames, make_context
+
+__all__ = ["EnergyStats", "OpenMMEnergy", "evaluate_frames", "linlogcut"]
+
+
+def linlogcut(u: Tensor, high: float = 1e3, max: float = 1e9) -> Tensor:
+    """Regularised energy for the KL loss: ``u`` below ``high``, ``high + log(1 + u − high)``
+    above, capped at ``max``. One clashing sample (u ~ 1e10) then moves the loss by a few units
+    instead of dominating the gradient; ``+inf`` (a failed evaluation) maps to ``max`` with
+    zero gradient.
+    """
+    if not high < max:
+        raise ValueError(f"linlogcut: need high < max, got high={high}, max={max}")
+    excess = torch.clamp(u - high, min=0.0)
+    soft = torch.where(u > high, high + torch.log1p(excess), u)
+    return torch.clamp(soft, max=max)
+
+
+@dataclass
+class EnergyStats:
+    """Counters since the bridge was created."""
+
+    evaluations: int = 0  # frames evaluated
+    failures: int = 0  # frames returned as +inf
+    worker_restarts: int = 0  # workers replaced after dying or timing out
+
+
+_PLATFORM_CACHE: dict[str, str] = {}
+
+
+def _fastest_platform(system_xml: str, positions: np.ndarray) -> str:
+    """The OpenMM platform with the most energy+force evaluations per second, measured once
+    per system and process. For small molecules the single-threaded Reference platform wins."""
+    import openmm
+
+    key = hashlib.sha1(system_xml.encode()).hexdigest()
+    if key in _PLATFORM_CACHE:
+        return _PLATFORM_CACHE[key]
+    names = [
+        openmm.Platform.getPlatform(i).getName() for i in range(openmm.Platform.getNumPlatforms())
+    ]
+    rates = {}
+    for name in ("Reference", "CPU", "CUDA", "OpenCL"):
+        if name not in names:
+            continue
+        try:
+            context = make_context(system_xml, name)
+        except Exception:  # listed but unusable here
+            continue
+        frames = np.repeat(positions[None], 20, axis=0)
+        evaluate_frames(context, frames[:2], True)  # warm-up
+        start = time.perf_counter()
+        evaluate_frames(context, frames, True)
+        rates[name] = len(frames) / (time.perf_counter() - start)
+        del context
+    _PLATFORM_CACHE[key] = max(rates, key=rates.get)
+    return _PLATFORM_CACHE[key]
+
+
+class _Worker:
+    """One worker process (``python -m p4bg._energy_worker``) and its connection."""
+
+    def __init__(self, system_xml: str, platform: str, timeout: float) -> None:
+        parent, child = socket.socketpair()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "p4bg._energy_worker", str(child.fileno())],
+            pass_fds=(child.fileno(),),
+            stdin=subprocess.DEVNULL,
+        )
+        child.close()
+        self.conn = Connection(parent.detach())
+        self.conn.send((system_xml, platform))
+        if not self.conn.poll(timeout):
+            self.kill()
+            raise RuntimeError(f"energy worker did not start within {timeout} s")
+        try:
+            kind, payload = self.conn.recv()
+        except EOFError:
+            self.kill()
+            raise RuntimeError(
+                "energy worker exited during start-up (see its output above)"
+            ) from None
+        if kind != "ready":
+            self.kill()
+            raise RuntimeError(f"energy worker failed to create its OpenMM Context: {payload}")
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(timeout=10)
+        self.conn.close()
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self.conn.send(None)
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=10)
+        self.conn.close()
+
+
+_LIVE: weakref.WeakSet[OpenMMEnergy] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:  # nothing may hang at interpreter exit
+    for bridge in list(_LIVE):
+        bridge.close()
+
+
+class OpenMMEnergy:
+    """Reduced target energy ``u(x) = U(x)/kT`` of a molecular system, differentiable in ``x``.
+
+    Args:
+        system: a :class:`p4bg.systems.MolecularSystem`, or an ``openmm.System`` (then
+            ``temperature`` is required).
+        n_workers: worker processes (default: one per core); 0 evaluates in this process.
+        platform: ``"auto"`` (measured once), or an OpenMM platform name.
+        temperature: K, overrides the system's (kT = R·T).
+        timeout: seconds a worker may take for its share of a batch before it is replaced.
+        max_retries: re-evaluations of a share after worker failures before giving up.
+
+    Call it on ``x`` of shape [batch, 3·n_atoms] (nm; any float dtype; CPU or CUDA): returns
+    ``u`` of shape [batch], same dtype and device. Use as a context manager, or call
+    :meth:`close`; worker processes are also shut down at interpreter exit.
+    """
+
+    def __init__(
+        self,
+        system: Any,
+        n_workers: int | None = None,
+        platform: str = "auto",
+        temperature: float | None = None,
+        timeout: float = 60.0,
+        max_retries: int = 2,
+    ) -> None:
+        import openmm
+
+        from p4bg.systems import MOLAR_GAS_CONSTANT, MolecularSystem
+
+        if isinstance(system, MolecularSystem):
+            omm_system = system.openmm_system
+            temperature = system.temperature if temperature is None else temperature
+            positions = system.positions
+        elif isinstance(system, openmm.System):
+            if temperature is None:
+                raise ValueError("OpenMMEnergy: an openmm.System needs temperature= (K)")
+            omm_system = system
+            n = system.getNumParticles()
+            positions = 0.3 * np.stack(np.unravel_index(np.arange(n), (n, n, n)), axis=1).astype(
+                float
+            )
+        else:
+            raise TypeError(
+                "OpenMMEnergy: system must be a MolecularSystem or an openmm.System, "
+                f"got {type(system).__name__}"
+            )
+        if not temperature > 0:
+            raise ValueError(f"OpenMMEnergy: temperature must be > 0 K, got {temperature}")
+        if n_workers is None:
+            n_workers = os.cpu_count() or 1
+        if n_workers < 0 or timeout <= 0 or max_retries < 0:
+            raise ValueError("OpenMMEnergy: need n_workers >= 0, timeout > 0, max_retries >= 0")
+        self.temperature = float(temperature)
+        self.kT = MOLAR_GAS_CONSTANT * self.temperature  # kJ/mol
+        self.n_atoms = omm_system.getNumParticles()
+        self.dim = 3 * self.n_atoms
+        self.timeout = float(timeout)
+        self.max_retries = max_retries
+        self.stats = EnergyStats()
+        self.last_failed = np.zeros(0, dtype=bool)
+        self._xml = openmm.XmlSerializer.serialize(omm_system)
+        self.platform = _fastest_platform(self._xml, positions) if platform == "auto" else platform
+        self._closed = False
+        self._context = None
+        self._workers: list[_Worker] = []
+        if n_workers == 0:
+            self._context = make_context(self._xml, self.platform)
+        else:
+            try:
+                self._workers = [self._start_worker() for _ in range(n_workers)]
+            except BaseException:
+                self.close()
+                raise
+        _LIVE.add(self)
+
+    @property
+    def n_workers(self) -> int:
+        return len(self._workers)
+
+    def _start_worker(self) -> _Worker:
+        return _Worker(self._xml, self.platform, max(self.timeout, 60.0))
+
+    def __repr__(self) -> str:
+        return (
+            f"OpenMMEnergy(n_atoms={self.n_atoms}, T={self.temperature} K, "
+            f"platform={self.platform!r}, n_workers={self.n_workers})"
+        )
+
+    # ------------------------------------------------------------------------------- torch
+    def __call__(self, x: Tensor) -> Tensor:
+        """Reduced energies of ``x`` [batch, 3·n_atoms] nm: shape [batch], differentiable."""
+        if x.dim() != 2 or x.shape[1] != self.dim:
+            raise ValueError(
+                f"OpenMMEnergy: expected positions of shape [batch, {self.dim}] (nm), "
+                f"got {list(x.shape)}"
+            )
+        return _OpenMMEnergyFunction.apply(x, self)
+
+    # ------------------------------------------------------------------------------- numpy
+    def evaluate(
+        self, xyz: np.ndarray, forces: bool = True
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(u, ∂u/∂x)`` in kT and kT/nm for positions ``xyz`` [batch, 3·n_atoms] nm (float64).
+
+        ``∂u/∂x = −F/kT``; failed frames have ``u = +inf`` and gradient 0.
+        """
+        xyz = np.ascontiguousarray(xyz, dtype=np.float64).reshape(len(xyz), self.n_atoms, 3)
+        energies, frc, failed = self._evaluate_kj(xyz, forces)
+        self.stats.evaluations += len(xyz)
+        self.stats.failures += int(failed.sum())
+        self.last_failed = failed
+        u = energies / self.kT
+        grad = None if frc is None else (-frc / self.kT).reshape(len(xyz), self.dim)
+        return u, grad
+
+    def _evaluate_kj(
+        self, xyz: np.ndarray, forces: bool
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        if self._closed:
+            raise RuntimeError("OpenMMEnergy: used after close()")
+        if self._context is not None or len(xyz) == 0:
+            context = self._context or make_context(self._xml, self.platform)
+            return evaluate_frames(context, xyz, forces)
+        parts = [p for p in np.array_split(np.arange(len(xyz)), self.n_workers) if len(p)]
+        results: dict[int, tuple] = {}
+        attempts = dict.fromkeys(range(len(parts)), 0)
+        todo = list(range(len(parts)))
+        while todo:
+            # Assign each pending part to a worker (part i to worker i: one part per worker).
+            sent: dict[int, tuple[_Worker, float]] = {}
+            for job in todo:
+                worker = self._workers[job]
+                try:
+                    worker.conn.send((job, xyz[parts[job]], forces))
+                    sent[job] = (worker, time.monotonic())
+                except (OSError, ValueError):  # the worker is gone: replace, then resend
+                    self._replace(job)
+                    attempts[job] += 1
+                    self._check_attempts(job, attempts)
+            todo = [job for job in todo if job not in sent]
+            while sent:
+                conns = {w.conn: job for job, (w, _) in sent.items()}
+                oldest = min(t for _, t in sent.values())
+                remaining = self.timeout - (time.monotonic() - oldest)
+                ready = wait(list(conns), timeout=max(remaining, 0.0))
+                if not ready:  # timed out: kill the slow workers, resend their parts
+                    for job in list(sent):
+                        if time.monotonic() - sent[job][1] >= self.timeout:
+                            sent.pop(job)
+                            self._replace(job)
+                            attempts[job] += 1
+                            self._check_attempts(job, attempts)
+                            todo.append(job)
+                    continue
+                for conn in ready:
+                    job = conns[conn]
+                    try:
+                        reply = conn.recv()
+                    except (EOFError, OSError):  # died mid-batch
+                        sent.pop(job)
+                        self._replace(job)
+                        attempts[job] += 1
+                        self._check_attempts(job, attempts)
+                        todo.append(job)
+                        continue
+                    sent.pop(job)
+                    results[job] = reply[1:]
+        energies = np.concatenate([results[j][0] for j in range(len(parts))])
+        frc = np.concatenate([results[j][1] for j in range(len(parts))]) if forces else None
+        failed = np.concatenate([results[j][2] for j in range(len(parts))])
+        return energies, frc, failed
+
+    def _replace(self, index: int) -> None:
+        self._workers[index].kill()
+        self._workers[index] = self._start_worker()
+        self.stats.worker_restarts += 1
+
+    def _check_attempts(self, job: int, attempts: dict[int, int]) -> None:
+        if attempts[job] > self.max_retries:
+            raise RuntimeError(
+                f"OpenMMEnergy: a batch share failed {attempts[job]} times (worker died or "
+                f"exceeded timeout={self.timeout} s); the system or the input may crash OpenMM"
+            )
+
+    # ---------------------------------------------------------------------------- lifecycle
+    def close(self) -> None:
+        """Stop the workers (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        for worker in self._workers:
+            worker.stop()
+        self._workers = []
+        self._context = None
+        _LIVE.discard(self)
+
+    def __enter__(self) -> OpenMMEnergy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # nothing sensible to do during garbage collection
+            self.close()
+
+
+class _OpenMMEnergyFunction(torch.autograd.Function):
+    """u = U(x)/kT with backward grad_u · (−F/kT), from the same OpenMM evaluation."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, bridge: OpenMMEnergy) -> Tensor:
+        need_grad = bool(ctx.needs_input_grad[0])
+        xyz = x.detach().to(device="cpu", dtype=torch.float64).numpy()
+        u, grad = bridge.evaluate(xyz, forces=need_grad)
+        if need_grad:
+            ctx.save_for_backward(torch.from_numpy(grad).to(device=x.device, dtype=x.dtype))
+        return torch.from_numpy(u).to(device=x.device, dtype=x.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_u: Tensor) -> tuple[Tensor, None]:
+        (grad,) = ctx.saved_tensors
+        return grad_u.unsqueeze(1) * grad, None
