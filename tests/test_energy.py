@@ -15,7 +15,9 @@ import openmm
 import pytest
 import torch
 
+from p4bg.data import read_chunk
 from p4bg.energy import OpenMMEnergy, linlogcut
+from p4bg.simulate import ReplicaJob, run_replica
 from p4bg.systems import load_system
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,13 +29,16 @@ def system():
 
 
 @pytest.fixture(scope="module")
-def frames(system):
-    """MD-like frames (the PDB with thermal noise) and strongly perturbed ones."""
+def frames(system, tmp_path_factory):
+    """40 frames of 600 K MD (run here, in-process) and the same frames perturbed by 0.02 nm."""
+    folder = tmp_path_factory.mktemp("md") / "replica_00"
+    job = ReplicaJob(index=0, system_path=str(system.path), temperature=600.0, platform="Reference",
+                     seed=7, frames=40, steps_per_frame=100, equilibration_steps=500,
+                     chunk_frames=40, folder=str(folder))  # fmt: skip
+    run_replica(job)
+    md = read_chunk(folder, 0)[0].reshape(40, 66).astype(np.float64)
     rng = np.random.default_rng(0)
-    base = system.positions[None]
-    thermal = base + 0.005 * rng.standard_normal((40, 22, 3))
-    perturbed = base + 0.03 * rng.standard_normal((40, 22, 3))
-    return np.concatenate([thermal, perturbed]).reshape(80, 66)
+    return np.concatenate([md, md + 0.02 * rng.standard_normal(md.shape)])
 
 
 @pytest.fixture(scope="module")
