@@ -2,6 +2,8 @@
 ``inverse`` configuration -> latent; both return ``(out, ladj)`` with ``ladj`` of shape [batch]."""
 
 from p4bg.nn.base import Bijection, Inverse, Sequential
+from p4bg.nn.bent import BentIdentity
+from p4bg.nn.coupling import RealNVPCoupling, Swap
 from p4bg.nn.linear import DenseLinear, LULinear
 from p4bg.nn.p4inv import (
     MergeResult,
@@ -13,6 +15,7 @@ from p4bg.nn.p4inv import (
 )
 
 __all__ = [
+    "BentIdentity",
     "Bijection",
     "DenseLinear",
     "Inverse",
@@ -21,7 +24,9 @@ __all__ = [
     "MergeStats",
     "P4Inv",
     "P4Merger",
+    "RealNVPCoupling",
     "Sequential",
+    "Swap",
     "p4inv_penalty",
     "reset_optimizer_state",
 ]

@@ -1,0 +1,368 @@
+"""Mixed internal/Cartesian coordinates: the bijection between the flow's 60-dim latent space and
+Cartesian positions of alanine dipeptide modulo rigid motion (DESIGN.md §4; paper App. H).
+
+forward (latent -> configuration): ``z`` [batch, 60] -> ``x`` [batch, 66] nm, ``ladj`` [batch].
+inverse: ``x`` in any orientation and position -> ``z``, ``−ladj``.
+
+Latent layout: ``[bonds (17) | angles (17) | torsions (17) | rigid block (9)]``.
+
+* Z-matrix atoms (17): bond length, bond angle and torsion to three earlier atoms, placed in
+  batched stages (every atom of a stage depends only on earlier stages). The Jacobian of placing
+  one atom is the spherical volume element ``r² sin θ``, so ``ladj = Σ log(r² sin θ)`` exactly.
+* Each internal coordinate is mapped onto the whole real line by a bijection fitted on the
+  training split, so that every latent vector is a valid molecule and no sample ever wraps:
+  bonds ``b = exp(μ + s z)`` (b > 0); angles ``θ = π · sigmoid(μ + s z)`` (0 < θ < π);
+  torsions, which are periodic, are cut open at the least-populated angle of the training data
+  (where ``z → ±∞``): measured from the centre ``c`` opposite the cut, ``φ' ∈ (−π, π)``, then
+  ``φ' = 2π Φ(μ + s z) − π`` with Φ the standard normal CDF, so a freely rotating methyl group is
+  exactly N(0, 1) and a peaked torsion is ≈ standardised near its mode. Each map's
+  log-derivative is in ``ladj``; μ and s standardise every coordinate on the training data.
+* Rigid block (N, CA, HA, CB, C): Kabsch-aligned to a reference (the Procrustes mean of the
+  training frames, centred), projected onto the 9 directions orthogonal to rigid translations
+  and rotations at the reference (exact: the Kabsch optimum has no component along them), then
+  PCA-whitened. ``ladj`` of the 9 → 15 embedding is ``½ Σ log λ`` (λ: PCA variances).
+
+Densities live on the 60-dim space modulo rigid motion; the energy is invariant to that motion.
+Near-degenerate geometry (collinear reference atoms, angles at 0 or π) is clamped, counted in
+``n_clamped``, and never produces NaN.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from p4bg.nn.base import Bijection, check_input
+
+if TYPE_CHECKING:
+    from p4bg.systems import MolecularSystem
+
+__all__ = [
+    "MixedCoordinateTransform",
+    "cartesian_to_zmatrix",
+    "kabsch_align",
+    "zmatrix_to_cartesian",
+]
+
+_EPS_NORM = 1e-10  # nm²: smallest |cross product|² used to define a torsion plane
+_EPS_COS = 1e-7  # angles are kept in [acos(1 − ε), acos(−1 + ε)]
+
+
+# --------------------------------------------------------------------------------- geometry
+def _unit(v: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """v / |v| with |v|² clamped from below; also returns where the clamp acted."""
+    sq = (v * v).sum(-1, keepdim=True)
+    clamped = sq < eps
+    return v * torch.rsqrt(torch.clamp(sq, min=eps)), clamped.squeeze(-1)
+
+
+def _place(
+    p1: Tensor, p2: Tensor, p3: Tensor, r: Tensor, theta: Tensor, phi: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Atom at distance r from p1, angle θ = ∠(x, p1, p2), torsion φ = dihedral(p3, p2, p1, x).
+
+    Shapes: p [..., 3]; r, θ, φ [...]. Returns positions [..., 3] and the clamp mask.
+    """
+    bc, c1 = _unit(p1 - p2, _EPS_NORM)
+    n, c2 = _unit(torch.cross(p2 - p3, bc, dim=-1), _EPS_NORM)
+    m = torch.cross(n, bc, dim=-1)
+    rs = r * torch.sin(theta)
+    d0 = -r * torch.cos(theta)
+    d1 = rs * torch.cos(phi)
+    d2 = rs * torch.sin(phi)
+    x = p1 + d0.unsqueeze(-1) * bc + d1.unsqueeze(-1) * m + d2.unsqueeze(-1) * n
+    return x, c1 | c2
+
+
+def _dihedral(p0: Tensor, p1: Tensor, p2: Tensor, p3: Tensor) -> Tensor:
+    """Dihedral angle (−π, π] of p0-p1-p2-p3 (IUPAC sign, as mdtraj)."""
+    b0, b1, b2 = p1 - p0, p2 - p1, p3 - p2
+    y = torch.linalg.vector_norm(b1, dim=-1) * (b0 * torch.cross(b1, b2, dim=-1)).sum(-1)
+    x = (torch.cross(b0, b1, dim=-1) * torch.cross(b1, b2, dim=-1)).sum(-1)
+    return torch.atan2(y, x)
+
+
+def _stages(z_matrix: np.ndarray, rigid: np.ndarray) -> list[np.ndarray]:
+    """Rows of the Z-matrix grouped so that each group depends only on earlier groups."""
+    placed = {int(a) for a in rigid}
+    remaining = list(range(len(z_matrix)))
+    stages = []
+    while remaining:
+        ready = [i for i in remaining if all(int(a) in placed for a in z_matrix[i, 1:])]
+        if not ready:
+            raise ValueError("Z-matrix references atoms that are never placed")
+        stages.append(np.array(ready))
+        placed.update(int(z_matrix[i, 0]) for i in ready)
+        remaining = [i for i in remaining if i not in ready]
+    return stages
+
+
+def zmatrix_to_cartesian(
+    internal: Tensor, rigid_xyz: Tensor, z_matrix: np.ndarray, rigid: np.ndarray, n_atoms: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Place the Z-matrix atoms around the rigid block.
+
+    internal: [batch, k, 3] (bond nm, angle rad, torsion rad) in Z-matrix row order;
+    rigid_xyz: [batch, len(rigid), 3] nm. Returns ``(xyz [batch, n_atoms, 3] nm,
+    ladj [batch] = Σ log(r² sin θ), clamped [batch] count)``.
+    """
+    batch = internal.shape[0]
+    atoms: list[Tensor | None] = [None] * n_atoms
+    for j, a in enumerate(rigid):
+        atoms[int(a)] = rigid_xyz[:, j]
+    clamped = internal.new_zeros(batch, dtype=torch.int64)
+    for stage in _stages(z_matrix, rigid):
+        p1 = torch.stack([atoms[int(z_matrix[i, 1])] for i in stage], 1)
+        p2 = torch.stack([atoms[int(z_matrix[i, 2])] for i in stage], 1)
+        p3 = torch.stack([atoms[int(z_matrix[i, 3])] for i in stage], 1)
+        ic = internal[:, stage]
+        x, c = _place(p1, p2, p3, ic[..., 0], ic[..., 1], ic[..., 2])
+        clamped = clamped + c.sum(1)
+        for k, i in enumerate(stage):
+            atoms[int(z_matrix[i, 0])] = x[:, k]
+    xyz = torch.stack(atoms, 1)
+    r, theta = internal[..., 0], internal[..., 1]
+    ladj = (2.0 * torch.log(r) + torch.log(torch.sin(theta))).sum(1)
+    return xyz, ladj, clamped
+
+
+def cartesian_to_zmatrix(xyz: Tensor, z_matrix: np.ndarray) -> tuple[Tensor, Tensor, Tensor]:
+    """Internal coordinates of positions ``xyz`` [batch, n_atoms, 3] nm.
+
+    Returns ``(internal [batch, k, 3], ladj [batch] = −Σ log(r² sin θ), clamped [batch])``:
+    the inverse of :func:`zmatrix_to_cartesian` (for the Z-matrix atoms).
+    """
+    idx = torch.as_tensor(z_matrix, device=xyz.device)
+    x, p1, p2, p3 = (xyz[:, idx[:, c]] for c in range(4))
+    b1 = x - p1
+    b2 = p2 - p1
+    r = torch.linalg.vector_norm(b1, dim=-1)
+    cos = (b1 * b2).sum(-1) / (r * torch.linalg.vector_norm(b2, dim=-1))
+    clamped = ((cos > 1 - _EPS_COS) | (cos < -1 + _EPS_COS)).sum(1)
+    theta = torch.acos(torch.clamp(cos, -1 + _EPS_COS, 1 - _EPS_COS))
+    phi = _dihedral(p3, p2, p1, x)
+    ladj = -(2.0 * torch.log(r) + torch.log(torch.sin(theta))).sum(1)
+    return torch.stack([r, theta, phi], -1), ladj, clamped
+
+
+def kabsch_align(block: Tensor, reference: Tensor) -> Tensor:
+    """Optimally rotate and translate ``block`` [batch, k, 3] onto the centred ``reference``
+    [k, 3] (Kabsch): returns the aligned block [batch, k, 3]."""
+    centred = block - block.mean(1, keepdim=True)
+    H = centred.transpose(1, 2) @ reference  # [batch, 3, 3]
+    U, _, Vh = torch.linalg.svd(H)
+    d = torch.sign(torch.linalg.det(U @ Vh))
+    D = torch.ones_like(H[:, 0])
+    D = torch.cat([D[:, :2], d.unsqueeze(1)], 1)
+    R = (U * D.unsqueeze(1)) @ Vh
+    return centred @ R
+
+
+def _kabsch_np(block: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    return kabsch_align(torch.from_numpy(block), torch.from_numpy(reference)).numpy()
+
+
+# ------------------------------------------------------------------------------- transform
+class MixedCoordinateTransform(Bijection):
+    """Latent ``[batch, 60]`` ↔ Cartesian ``[batch, 66]`` nm for a system with a Z-matrix and a
+    rigid block (see the module docstring). Fitted on ``xyz_train`` [frames, 3·n_atoms] nm."""
+
+    def __init__(self, system: MolecularSystem, xyz_train: np.ndarray | Tensor) -> None:
+        super().__init__()
+        z_matrix = np.asarray(system.z_matrix, dtype=np.int64)
+        rigid = np.asarray(system.rigid_atoms, dtype=np.int64)
+        n_atoms = int(system.n_atoms)
+        xyz = np.asarray(
+            xyz_train.detach().cpu().numpy() if isinstance(xyz_train, Tensor) else xyz_train,
+            dtype=np.float64,
+        )
+        if xyz.ndim != 2 or xyz.shape[1] != 3 * n_atoms or len(xyz) < 10:
+            raise ValueError(
+                "MixedCoordinateTransform: xyz_train must have shape "
+                f"[frames >= 10, {3 * n_atoms}] (nm), got {list(xyz.shape)}"
+            )
+        if not np.isfinite(xyz).all():
+            raise ValueError("MixedCoordinateTransform: xyz_train contains non-finite positions")
+        self.z_matrix, self.rigid, self.n_atoms = z_matrix, rigid, n_atoms
+        self.n_internal = len(z_matrix)
+        self.n_rigid_latent = 3 * len(rigid) - 6
+        self.dim = 3 * self.n_internal + self.n_rigid_latent
+        self.cartesian_dim = 3 * n_atoms
+        frames = torch.from_numpy(xyz.reshape(len(xyz), n_atoms, 3))
+
+        internal, _, _ = cartesian_to_zmatrix(frames, z_matrix)
+        bonds, angles, torsions = internal.unbind(-1)
+        log_b = torch.log(bonds)
+        logit_a = torch.logit(angles / math.pi)
+        centre = _torsion_centres(torsions)
+        probit = _torsion_probit(_wrap(torsions - centre))
+        self.register_buffer("bond_mu", log_b.mean(0))
+        self.register_buffer("bond_s", log_b.std(0).clamp(min=1e-6))
+        self.register_buffer("angle_mu", logit_a.mean(0))
+        self.register_buffer("angle_s", logit_a.std(0).clamp(min=1e-6))
+        self.register_buffer("torsion_centre", centre)
+        self.register_buffer("torsion_mu", probit.mean(0))
+        self.register_buffer("torsion_s", probit.std(0).clamp(min=1e-6))
+
+        # Rigid block: Procrustes mean as reference, rigid-motion-free basis, PCA whitening.
+        block = xyz.reshape(len(xyz), n_atoms, 3)[:, rigid]
+        reference = block[0] - block[0].mean(0)
+        for _ in range(10):
+            aligned = _kabsch_np(block, reference)
+            new_reference = aligned.mean(0)
+            new_reference -= new_reference.mean(0)
+            converged = np.abs(new_reference - reference).max() < 1e-12
+            reference = new_reference
+            if converged:
+                break
+        aligned = _kabsch_np(block, reference)
+        basis = _internal_basis(reference)  # [3k, 3k - 6]
+        c = (aligned - reference).reshape(len(aligned), -1) @ basis
+        c_mean = c.mean(0)
+        eigval, eigvec = np.linalg.eigh(np.cov(c, rowvar=False))
+        if eigval.min() <= 0:
+            raise ValueError("MixedCoordinateTransform: the rigid block does not move in xyz_train")
+        self.register_buffer("reference", torch.from_numpy(reference))
+        self.register_buffer("basis", torch.from_numpy(basis))
+        self.register_buffer("c_mean", torch.from_numpy(c_mean))
+        self.register_buffer("pca_vectors", torch.from_numpy(eigvec))
+        self.register_buffer("pca_std", torch.from_numpy(np.sqrt(eigval)))
+        self.register_buffer("n_clamped", torch.zeros((), dtype=torch.int64), persistent=False)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, cartesian_dim={self.cartesian_dim}, rigid={self.rigid.tolist()}"
+
+    # ------------------------------------------------------------------------- bijection
+    def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """Latent [batch, 60] -> Cartesian [batch, 66] nm (rigid block in the reference frame)."""
+        check_input(z, self.dim, "MixedCoordinateTransform.forward")
+        internal, rigid_xyz, ladj = self.latent_to_internal(z)
+        xyz, ladj_z, clamped = zmatrix_to_cartesian(
+            internal, rigid_xyz, self.z_matrix, self.rigid, self.n_atoms
+        )
+        self._count(clamped)
+        return xyz.reshape(-1, self.cartesian_dim), ladj + ladj_z
+
+    def inverse(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Cartesian [batch, 66] nm, any orientation -> latent [batch, 60]."""
+        check_input(x, self.cartesian_dim, "MixedCoordinateTransform.inverse")
+        xyz = x.reshape(-1, self.n_atoms, 3)
+        internal, ladj_z, clamped = cartesian_to_zmatrix(xyz, self.z_matrix)
+        aligned = kabsch_align(xyz[:, self.rigid], self.reference)
+        z, ladj = self.internal_to_latent(internal, aligned)
+        self._count(clamped)
+        return z, ladj + ladj_z
+
+    def latent_to_internal(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``z`` [batch, 60] -> (internal [batch, 17, 3] (nm, rad, rad), rigid block
+        [batch, 5, 3] nm in the reference frame, ladj [batch]): the normalisations and the
+        whitening, without the Z-matrix geometry."""
+        k = self.n_internal
+        zb, za, zt, zr = z[:, :k], z[:, k : 2 * k], z[:, 2 * k : 3 * k], z[:, 3 * k :]
+        yb = self.bond_mu + self.bond_s * zb
+        ya = self.angle_mu + self.angle_s * za
+        yt = self.torsion_mu + self.torsion_s * zt
+        internal = torch.stack(
+            [
+                torch.exp(yb),
+                math.pi * torch.sigmoid(ya),
+                self.torsion_centre + _torsion_from_probit(yt),
+            ],
+            -1,
+        )
+        c = self.c_mean + (zr * self.pca_std) @ self.pca_vectors.T
+        rigid_xyz = self.reference + (c @ self.basis.T).reshape(-1, len(self.rigid), 3)
+        return internal, rigid_xyz, self._normalisation_ladj(yb, ya, yt)
+
+    def internal_to_latent(self, internal: Tensor, aligned: Tensor) -> tuple[Tensor, Tensor]:
+        """Inverse of :meth:`latent_to_internal` for a rigid block already aligned to
+        ``reference``. Returns (z [batch, 60], ladj [batch])."""
+        bonds, angles, torsions = internal.unbind(-1)
+        yb = torch.log(bonds)
+        frac = angles / math.pi  # in (0, 1): cartesian_to_zmatrix clamps θ away from 0 and π
+        ya = torch.log(frac) - torch.log1p(-frac)
+        yt = _torsion_probit(_wrap(torsions - self.torsion_centre))
+        c = (aligned - self.reference).reshape(len(aligned), -1) @ self.basis
+        z = torch.cat(
+            [
+                (yb - self.bond_mu) / self.bond_s,
+                (ya - self.angle_mu) / self.angle_s,
+                (yt - self.torsion_mu) / self.torsion_s,
+                ((c - self.c_mean) @ self.pca_vectors) / self.pca_std,
+            ],
+            1,
+        )
+        return z, -self._normalisation_ladj(yb, ya, yt)
+
+    def _normalisation_ladj(self, yb: Tensor, ya: Tensor, yt: Tensor) -> Tensor:
+        """log|d(internal)/dz| of the elementwise maps plus the whitening's ½ Σ log λ."""
+        bonds = torch.log(self.bond_s) + yb  # b = exp(y), y = μ + s z
+        angles = (  # θ = π σ(y)
+            math.log(math.pi)
+            + torch.log(self.angle_s)
+            + nn.functional.logsigmoid(ya)
+            + nn.functional.logsigmoid(-ya)
+        )
+        torsions = torch.log(self.torsion_s) + _HALF_LOG_2PI - 0.5 * yt * yt  # φ' = 2π Φ(y) − π
+        return (bonds.sum(1) + angles.sum(1) + torsions.sum(1)) + torch.log(self.pca_std).sum()
+
+    def _count(self, clamped: Tensor) -> None:
+        with torch.no_grad():
+            self.n_clamped += clamped.sum()
+
+
+def _wrap(angle: Tensor) -> Tensor:
+    """Angle into [−π, π)."""
+    return torch.remainder(angle + math.pi, 2 * math.pi) - math.pi
+
+
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+_U_MIN = 1e-300  # smallest probability handed to the normal quantile (float64 reaches ~±37)
+
+
+def _torsion_probit(rel: Tensor) -> Tensor:
+    """Normal quantile of the torsion's position in its cut interval: ``Φ⁻¹((φ' + π)/2π)`` for
+    φ' in [−π, π). A uniform torsion becomes N(0, 1); each tail is computed from its own side so
+    that angles next to the cut keep their precision."""
+    lower = torch.clamp((rel + math.pi) / (2 * math.pi), min=_U_MIN)
+    upper = torch.clamp((math.pi - rel) / (2 * math.pi), min=_U_MIN)
+    return torch.where(rel < 0, torch.special.ndtri(lower), -torch.special.ndtri(upper))
+
+
+def _torsion_from_probit(y: Tensor) -> Tensor:
+    """Inverse of :func:`_torsion_probit`: φ' = 2π Φ(y) − π, in (−π, π)."""
+    return torch.where(
+        y < 0,
+        2 * math.pi * torch.special.ndtr(y) - math.pi,
+        math.pi - 2 * math.pi * torch.special.ndtr(-y),
+    )
+
+
+def _torsion_centres(torsions: Tensor, bins: int = 72) -> Tensor:
+    """Per torsion, the angle opposite the least-populated histogram bin (the cut)."""
+    edges = torch.linspace(-math.pi, math.pi, bins + 1, dtype=torsions.dtype)
+    centres = []
+    for t in torsions.T:
+        counts = torch.histc(t, bins=bins, min=-math.pi, max=math.pi)
+        # Smooth circularly so that a single empty bin inside a peak is not chosen.
+        smooth = counts + counts.roll(1) + counts.roll(-1)
+        b = int(torch.argmin(smooth))
+        cut = 0.5 * (edges[b] + edges[b + 1])
+        centres.append(_wrap(cut + math.pi))
+    return torch.stack(centres)
+
+
+def _internal_basis(reference: np.ndarray) -> np.ndarray:
+    """Orthonormal basis [3k, 3k − 6] of displacements of the centred ``reference`` [k, 3] that
+    are orthogonal to rigid translations and infinitesimal rotations."""
+    k = len(reference)
+    rigid = []
+    for axis in np.eye(3):
+        rigid.append(np.tile(axis, k))  # translation
+        rigid.append(np.cross(axis, reference).reshape(-1))  # rotation about the centroid
+    q, _ = np.linalg.qr(np.stack(rigid, 1), mode="complete")
+    return np.ascontiguousarray(q[:, 6:])

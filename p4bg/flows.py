@@ -1,0 +1,80 @@
+"""Flow builders: the paper's Boltzmann-generator flow (App. H, Fig. 9) and Bent-identity stacks
+(App. G). Forward maps latent -> configuration, as every bijection in p4bg."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from p4bg.nn import BentIdentity, Inverse, P4Inv, RealNVPCoupling, Sequential, Swap
+
+__all__ = ["build_bent_flow", "build_flow", "count_parameters"]
+
+
+def build_flow(
+    kind: str = "p4inv", dim: int = 60, n_blocks: int = 25, hidden: int = 60
+) -> Sequential:
+    """``n_blocks`` blocks of coupling, mixing, coupling, mixing (paper Fig. 9).
+
+    ``kind="swap"``: mixing is the fixed half swap (the RealNVP baseline).
+    ``kind="p4inv"``: mixing is a ``dim``-dim P4Inv layer with bias, initialised to the reverse
+    permutation (A_ij = δ_{i, n−1−j}), trained through rank-one perturbations.
+    """
+    if kind not in ("p4inv", "swap"):
+        raise ValueError(f"build_flow: kind must be 'p4inv' or 'swap', got {kind!r}")
+    if dim < 2 or n_blocks < 1 or hidden < 1:
+        raise ValueError(
+            "build_flow: need dim >= 2, n_blocks >= 1, hidden >= 1 "
+            f"(got {dim}, {n_blocks}, {hidden})"
+        )
+
+    def mixing() -> nn.Module:
+        return P4Inv(dim, bias=True, init="reverse") if kind == "p4inv" else Swap(dim)
+
+    layers = []
+    for _ in range(n_blocks):
+        layers += [RealNVPCoupling(dim, hidden), mixing(), RealNVPCoupling(dim, hidden), mixing()]
+    return Sequential(layers)
+
+
+def build_bent_flow(dim: int = 2, n_blocks: int = 100) -> Sequential:
+    """App. G: blocks of P4Inv (with bias), Bent identity, P4Inv, inverse Bent identity, with the
+    P4Inv layers initialised to the identity."""
+    layers = []
+    for _ in range(n_blocks):
+        layers += [
+            P4Inv(dim, bias=True),
+            BentIdentity(),
+            P4Inv(dim, bias=True),
+            Inverse(BentIdentity()),
+        ]
+    return Sequential(layers)
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Trainable parameters by kind: ``rnvp`` (coupling conditioners and scales), ``p4inv``
+    (u, v, bias of P4Inv layers), ``other`` and ``total``."""
+    counts = {"rnvp": 0, "p4inv": 0, "other": 0}
+    for module in model.modules():
+        own = sum(p.numel() for p in module.parameters(recurse=False) if p.requires_grad)
+        if not own:
+            continue
+        if isinstance(module, P4Inv):
+            counts["p4inv"] += own
+        elif any(isinstance(m, RealNVPCoupling) for m in _ancestors(model, module)):
+            counts["rnvp"] += own
+        else:
+            counts["other"] += own
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def _ancestors(root: nn.Module, target: nn.Module) -> list[nn.Module]:
+    for name, module in root.named_modules():
+        if module is target:
+            parts = name.split(".") if name else []
+            chain, current = [root], root
+            for part in parts:
+                current = getattr(current, part)
+                chain.append(current)
+            return chain
+    return []

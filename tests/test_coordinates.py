@@ -1,0 +1,174 @@
+"""The mixed coordinate transform on real MD frames: round trip, exact Jacobians, invariances."""
+
+from __future__ import annotations
+
+import math
+
+import mdtraj
+import numpy as np
+import pytest
+import torch
+from torch.autograd.functional import jacobian
+
+from p4bg.coordinates import (
+    MixedCoordinateTransform,
+    cartesian_to_zmatrix,
+    kabsch_align,
+    zmatrix_to_cartesian,
+)
+from p4bg.data import read_chunk
+from p4bg.simulate import ReplicaJob, run_replica
+from p4bg.systems import load_system
+
+
+@pytest.fixture(scope="module")
+def system():
+    return load_system("alanine_dipeptide")
+
+
+@pytest.fixture(scope="module")
+def md(system, tmp_path_factory):
+    """300 frames of 600 K MD: the first 250 fit the transform, the last 50 test it."""
+    folder = tmp_path_factory.mktemp("md") / "replica_00"
+    job = ReplicaJob(index=0, system_path=str(system.path), temperature=600.0, platform="Reference",
+                     seed=11, frames=300, steps_per_frame=100, equilibration_steps=1000,
+                     chunk_frames=300, folder=str(folder))  # fmt: skip
+    run_replica(job)
+    return read_chunk(folder, 0)[0].reshape(300, 66).astype(np.float64)
+
+
+@pytest.fixture(scope="module")
+def transform(system, md):
+    return MixedCoordinateTransform(system, md[:250])
+
+
+def superpose(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """All atoms of ``a`` [batch, 66] rigidly superposed on ``b`` (Kabsch on all 22 atoms)."""
+    a3, b3 = a.reshape(-1, 22, 3), b.reshape(-1, 22, 3)
+    return (kabsch_align(a3, b3[0] - b3[0].mean(0)) if len(a3) == 1 else torch.stack(
+        [kabsch_align(a3[i : i + 1], b3[i] - b3[i].mean(0))[0] for i in range(len(a3))]
+    )) + b3.mean(1, keepdim=True)  # fmt: skip
+
+
+def test_round_trip_on_md_frames_float64(transform, md):
+    x = torch.from_numpy(md[250:])
+    z, ladj_inv = transform.inverse(x)
+    assert z.shape == (50, 60) and ladj_inv.shape == (50,)
+    x_back, ladj_fwd = transform(z)
+    assert x_back.shape == (50, 66)
+    err = (superpose(x, x_back) - x_back.reshape(-1, 22, 3)).abs().max()
+    assert err < 1e-6
+    torch.testing.assert_close(ladj_fwd + ladj_inv, torch.zeros(50), atol=1e-9, rtol=0)
+    z_again, _ = transform.inverse(x_back)
+    torch.testing.assert_close(z_again, z, atol=1e-8, rtol=0)
+    assert abs(float(z.mean())) < 1.0 and 0.5 < float(z.std()) < 2.0  # standardised latent
+
+
+def test_round_trip_float32(system, md):
+    t32 = MixedCoordinateTransform(system, md[:250]).float()
+    x = torch.from_numpy(md[250:]).float()
+    z, _ = t32.inverse(x)
+    x_back, ladj = t32(z)
+    assert x_back.dtype == torch.float32 and torch.isfinite(ladj).all()
+    err = (superpose(x.double(), x_back.double()) - x_back.double().reshape(-1, 22, 3)).abs().max()
+    assert err < 1e-4
+
+
+def test_latent_is_invariant_to_rigid_motion(transform, md):
+    x = torch.from_numpy(md[250:260])
+    rotation, _ = torch.linalg.qr(torch.randn(3, 3))
+    if torch.linalg.det(rotation) < 0:
+        rotation[:, 0] *= -1
+    moved = (x.reshape(-1, 22, 3) @ rotation.T + torch.tensor([1.5, -3.0, 0.7])).reshape(-1, 66)
+    z, ladj = transform.inverse(x)
+    z_moved, ladj_moved = transform.inverse(moved)
+    torch.testing.assert_close(z_moved, z, atol=1e-9, rtol=0)
+    torch.testing.assert_close(ladj_moved, ladj, atol=1e-9, rtol=0)
+
+
+def test_zmatrix_ladj_matches_the_square_jacobian(system, transform, md):
+    """51 internal + 15 rigid-block Cartesian -> 66 Cartesian is square: compare slogdet."""
+    x = torch.from_numpy(md[250:253]).reshape(-1, 22, 3)
+    internal, ladj_inv, _ = cartesian_to_zmatrix(x, system.z_matrix)
+    rigid_xyz = x[:, system.rigid_atoms]
+    for i in range(3):
+
+        def square(v: torch.Tensor) -> torch.Tensor:
+            xyz, _, _ = zmatrix_to_cartesian(v[:51].reshape(1, 17, 3), v[51:].reshape(1, 5, 3),
+                                             system.z_matrix, system.rigid_atoms, 22)  # fmt: skip
+            return xyz.reshape(66)
+
+        v = torch.cat([internal[i].reshape(-1), rigid_xyz[i].reshape(-1)])
+        _, ladj_fwd, _ = zmatrix_to_cartesian(internal[i : i + 1], rigid_xyz[i : i + 1],
+                                              system.z_matrix, system.rigid_atoms, 22)  # fmt: skip
+        sign, logdet = torch.linalg.slogdet(jacobian(square, v))
+        assert sign != 0
+        assert float(logdet) == pytest.approx(float(ladj_fwd[0]), abs=1e-9)
+        assert float(ladj_inv[i]) == pytest.approx(-float(ladj_fwd[0]), abs=1e-9)
+        # and the positions come back
+        torch.testing.assert_close(square(v).reshape(22, 3), x[i], atol=1e-12, rtol=0)
+
+
+def test_normalisation_and_whitening_ladj(transform, md):
+    """The elementwise maps' log-derivatives (autograd) plus the 9 -> 15 embedding's volume
+    ½ log det(JᵀJ) (linear algebra) equal the ladj of latent_to_internal."""
+    z, _ = transform.inverse(torch.from_numpy(md[250:253]))
+    for i in range(3):
+        zi = z[i].clone().requires_grad_()
+        internal, _, ladj = transform.latent_to_internal(zi.unsqueeze(0))
+        flat = internal.reshape(-1)  # [17, 3] -> bonds/angles/torsions interleaved per row
+        grads = torch.autograd.grad(flat.sum(), zi, retain_graph=True)[0][:51]  # elementwise maps
+        head = zi.detach()[:51]
+        J = jacobian(lambda w, head=head: transform.latent_to_internal(
+            torch.cat([head, w]).unsqueeze(0))[1].reshape(-1), zi.detach()[51:])  # fmt: skip
+        embed = 0.5 * torch.linalg.slogdet(J.T @ J)[1]
+        assert float(ladj[0].detach()) == pytest.approx(
+            float(torch.log(grads.abs()).sum() + embed), abs=1e-9
+        )
+
+
+def test_dihedrals_of_reconstructed_frames_equal_mdtraj(system, transform, md):
+    x = torch.from_numpy(md[250:])
+    x_back, _ = transform(transform.inverse(x)[0])
+    original = mdtraj.Trajectory(md[250:].reshape(-1, 22, 3), system.topology)
+    rebuilt = mdtraj.Trajectory(x_back.numpy().reshape(-1, 22, 3), system.topology)
+    for compute in (mdtraj.compute_phi, mdtraj.compute_psi):
+        np.testing.assert_allclose(compute(rebuilt)[1], compute(original)[1], atol=1e-6)
+
+
+def test_batched_equals_single_and_every_latent_is_a_molecule(transform, md):
+    z, ladj = transform.inverse(torch.from_numpy(md[250:254]))
+    for i in range(4):
+        zi, li = transform.inverse(torch.from_numpy(md[250 + i : 251 + i]))
+        torch.testing.assert_close(zi[0], z[i], atol=1e-12, rtol=0)
+        torch.testing.assert_close(li[0], ladj[i], atol=1e-12, rtol=0)
+    # Wild latent vectors (far outside the data) still give finite, valid geometry.
+    wild = 6.0 * torch.randn(100, 60)
+    x, ladj = transform(wild)
+    assert torch.isfinite(x).all() and torch.isfinite(ladj).all()
+    internal, _, _ = cartesian_to_zmatrix(x.reshape(-1, 22, 3), transform.z_matrix)
+    assert (
+        (internal[..., 0] > 0).all()
+        and (internal[..., 1] > 0).all()
+        and (internal[..., 1] < math.pi).all()
+    )
+
+
+def test_degenerate_geometry_is_clamped_counted_and_finite(transform, md):
+    x = torch.from_numpy(md[250:252]).clone().reshape(-1, 22, 3)
+    x[0, 5] = x[0, 4] + 2.0 * (x[0, 4] - x[0, 6])  # O(ACE) collinear with C and N: angle = π
+    before = int(transform.n_clamped)
+    z, ladj = transform.inverse(x.reshape(-1, 66))
+    assert torch.isfinite(z).all() and torch.isfinite(ladj).all()
+    assert int(transform.n_clamped) > before
+
+
+def test_bad_training_data(system, md):
+    with pytest.raises(ValueError, match=r"\[frames >= 10, 66\]"):
+        MixedCoordinateTransform(system, md[:5])
+    with pytest.raises(ValueError, match=r"\[frames >= 10, 66\]"):
+        MixedCoordinateTransform(system, md.reshape(-1, 22, 3))
+    bad = md[:20].copy()
+    bad[3, 4] = np.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        MixedCoordinateTransform(system, bad)
