@@ -38,6 +38,7 @@ test-all: venv lint
 bench: venv
 	$(PY) benchmarks/md_throughput.py
 	$(PY) benchmarks/energy_throughput.py
+	$(PY) benchmarks/flow_step.py
 	$(PY) benchmarks/linear_layers.py
 	$(PY) benchmarks/linear_problems.py
 

@@ -53,3 +53,8 @@ def test_energy_throughput_benchmark_smoke():
     out = run("benchmarks/energy_throughput.py", "--batches", "16", "64", "--repeats", "1",
               "--naive-frames", "20", "--platforms", "Reference")  # fmt: skip
     assert "naive single-Context loop" in out and "batch 64" in out
+
+
+def test_flow_step_benchmark_smoke():
+    out = run("benchmarks/flow_step.py", "--repeats", "2", "--batch", "8")
+    assert "train step" in out and "735,050" in out and "744,050" in out
