@@ -286,9 +286,7 @@ class OpenMMEnergy:
                     worker.conn.send((job, xyz[parts[job]], forces))
                     sent[job] = (worker, time.monotonic())
                 except (OSError, ValueError):  # the worker is gone: replace, then resend
-                    self._replace(job)
-                    attempts[job] += 1
-                    self._check_attempts(job, attempts)
+                    self._retry(job, attempts)
             todo = [job for job in todo if job not in sent]
             while sent:
                 conns = {w.conn: job for job, (w, _) in sent.items()}
@@ -299,9 +297,7 @@ class OpenMMEnergy:
                     for job in list(sent):
                         if time.monotonic() - sent[job][1] >= self.timeout:
                             sent.pop(job)
-                            self._replace(job)
-                            attempts[job] += 1
-                            self._check_attempts(job, attempts)
+                            self._retry(job, attempts)
                             todo.append(job)
                     continue
                 for conn in ready:
@@ -310,9 +306,7 @@ class OpenMMEnergy:
                         reply = conn.recv()
                     except (EOFError, OSError):  # died mid-batch
                         sent.pop(job)
-                        self._replace(job)
-                        attempts[job] += 1
-                        self._check_attempts(job, attempts)
+                        self._retry(job, attempts)
                         todo.append(job)
                         continue
                     sent.pop(job)
@@ -322,17 +316,18 @@ class OpenMMEnergy:
         failed = np.concatenate([results[j][2] for j in range(len(parts))])
         return energies, frc, failed
 
-    def _replace(self, index: int) -> None:
-        self._workers[index].kill()
-        self._workers[index] = self._start_worker()
-        self.stats.worker_restarts += 1
-
-    def _check_attempts(self, job: int, attempts: dict[int, int]) -> None:
+    def _retry(self, job: int, attempts: dict[int, int]) -> None:
+        """Replace the worker of share ``job`` (dead or too slow), or give up after
+        ``max_retries`` replacements of that share."""
+        attempts[job] += 1
         if attempts[job] > self.max_retries:
             raise RuntimeError(
                 f"OpenMMEnergy: a batch share failed {attempts[job]} times (worker died or "
                 f"exceeded timeout={self.timeout} s); the system or the input may crash OpenMM"
             )
+        self._workers[job].kill()
+        self._workers[job] = self._start_worker()
+        self.stats.worker_restarts += 1
 
     # ---------------------------------------------------------------------------- lifecycle
     def close(self) -> None:

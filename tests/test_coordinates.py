@@ -8,6 +8,7 @@ import mdtraj
 import numpy as np
 import pytest
 import torch
+from md_helpers import run_md
 from torch.autograd.functional import jacobian
 
 from p4bg.coordinates import (
@@ -16,8 +17,6 @@ from p4bg.coordinates import (
     kabsch_align,
     zmatrix_to_cartesian,
 )
-from p4bg.data import read_chunk
-from p4bg.simulate import ReplicaJob, run_replica
 from p4bg.systems import load_system
 
 
@@ -27,14 +26,9 @@ def system():
 
 
 @pytest.fixture(scope="module")
-def md(system, tmp_path_factory):
+def md(tmp_path_factory):
     """300 frames of 600 K MD: the first 250 fit the transform, the last 50 test it."""
-    folder = tmp_path_factory.mktemp("md") / "replica_00"
-    job = ReplicaJob(index=0, system_path=str(system.path), temperature=600.0, platform="Reference",
-                     seed=11, frames=300, steps_per_frame=100, equilibration_steps=1000,
-                     chunk_frames=300, folder=str(folder))  # fmt: skip
-    run_replica(job)
-    return read_chunk(folder, 0)[0].reshape(300, 66).astype(np.float64)
+    return run_md(tmp_path_factory, frames=300, seed=11)
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,9 @@ import numpy as np
 import openmm
 import pytest
 import torch
+from md_helpers import run_md
 
-from p4bg.data import read_chunk
 from p4bg.energy import OpenMMEnergy, linlogcut
-from p4bg.simulate import ReplicaJob, run_replica
 from p4bg.systems import load_system
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,14 +28,9 @@ def system():
 
 
 @pytest.fixture(scope="module")
-def frames(system, tmp_path_factory):
+def frames(tmp_path_factory):
     """40 frames of 600 K MD (run here, in-process) and the same frames perturbed by 0.02 nm."""
-    folder = tmp_path_factory.mktemp("md") / "replica_00"
-    job = ReplicaJob(index=0, system_path=str(system.path), temperature=600.0, platform="Reference",
-                     seed=7, frames=40, steps_per_frame=100, equilibration_steps=500,
-                     chunk_frames=40, folder=str(folder))  # fmt: skip
-    run_replica(job)
-    md = read_chunk(folder, 0)[0].reshape(40, 66).astype(np.float64)
+    md = run_md(tmp_path_factory, frames=40, seed=7)
     rng = np.random.default_rng(0)
     return np.concatenate([md, md + 0.02 * rng.standard_normal(md.shape)])
 
