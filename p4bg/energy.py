@@ -101,6 +101,7 @@ class _Worker:
             [sys.executable, "-m", "p4bg._energy_worker", str(child.fileno())],
             pass_fds=(child.fileno(),),
             stdin=subprocess.DEVNULL,
+            start_new_session=True,  # a Ctrl-C in the terminal reaches the parent, which stops us
         )
         child.close()
         self.conn = Connection(parent.detach())

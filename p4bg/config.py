@@ -1,0 +1,190 @@
+"""Training configuration: a typed dataclass, presets, a TOML file and ``--key=value`` overrides.
+
+Precedence: preset < ``--config FILE`` < command-line overrides. Unknown keys and values of the
+wrong type are errors that name the key (and the file). The resolved configuration is written
+as ``config.toml`` into every run and stored in every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+__all__ = ["PRESETS", "ConfigError", "TrainConfig", "apply_overrides", "load_toml", "to_toml"]
+
+
+class ConfigError(ValueError):
+    """A configuration key, value or file is wrong."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on. Units: energies in kT, learning rates per step."""
+
+    # data and system
+    system: str = "alanine_dipeptide"
+    data: str = "data/alanine_dipeptide_600K"
+    out: str = "runs/p4inv"
+    # model (paper App. H)
+    flow: str = "p4inv"  # "p4inv" or "swap"
+    n_blocks: int = 25
+    hidden: int = 60
+    # optimisation (paper App. H)
+    batch_size: int = 256
+    nll_steps: int = 40_000
+    nll_lr: float = 1e-3
+    mixed_steps: int = 2_000
+    mixed_lr: float = 1e-5
+    energy_weight_ratio: float = 0.05  # w_e / w_l, with w_l + w_e = 1
+    energy_high: float = 1e3  # lin-log cut of u (kT) in the KL term
+    energy_max: float = 1e9
+    max_grad_norm: float = 0.0  # 0: no clipping (the paper does not clip)
+    # P4Inv merges (paper App. H)
+    merge_every: int = 100
+    force_every: int = 10
+    correct_every: int = 50
+    penalty: float = 0.0
+    reset_optimizer: bool = True
+    # bookkeeping
+    val_every: int = 500
+    log_every: int = 100
+    checkpoint_every: int = 1_000
+    sample_batch: int = 256  # samples whose mean energy is logged every val_every steps
+    n_workers: int = 2  # energy worker processes
+    device: str = "auto"
+    dtype: str = "float32"  # of the model and the data; P4Inv buffers stay float64 regardless
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` for values that cannot work."""
+        if self.flow not in ("p4inv", "swap"):
+            raise ConfigError(f"flow must be 'p4inv' or 'swap', got {self.flow!r}")
+        if self.dtype not in ("float32", "float64"):
+            raise ConfigError(f"dtype must be float32 or float64, got {self.dtype!r}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+        positive = ("n_blocks", "hidden", "batch_size", "merge_every", "val_every", "log_every",
+                    "checkpoint_every", "sample_batch")  # fmt: skip
+        for key in positive:
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("nll_steps", "mixed_steps", "force_every", "correct_every", "n_workers"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
+        for key in ("nll_lr", "mixed_lr"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"{key} must be > 0, got {getattr(self, key)}")
+        if self.energy_weight_ratio < 0 or self.penalty < 0 or self.max_grad_norm < 0:
+            raise ConfigError("energy_weight_ratio, penalty and max_grad_norm must be >= 0")
+        if not self.energy_high < self.energy_max:
+            raise ConfigError("energy_high must be < energy_max")
+        if self.nll_steps + self.mixed_steps < 1:
+            raise ConfigError("nll_steps + mixed_steps must be >= 1")
+
+    @property
+    def total_steps(self) -> int:
+        return self.nll_steps + self.mixed_steps
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # DESIGN.md §4 exactly: the defaults of TrainConfig.
+    "paper": {},
+    # The paper's model, trained for a few minutes on a laptop CPU.
+    "quick": {
+        "nll_steps": 3_000,
+        "mixed_steps": 200,
+        "val_every": 250,
+        "log_every": 50,
+        "checkpoint_every": 500,
+        "out": "runs/quick",
+    },
+    # Seconds, for tests and CI smoke runs.
+    "smoke": {
+        "n_blocks": 2,
+        "hidden": 16,
+        "batch_size": 32,
+        "nll_steps": 20,
+        "mixed_steps": 6,
+        "merge_every": 4,
+        "val_every": 10,
+        "log_every": 5,
+        "checkpoint_every": 10,
+        "sample_batch": 16,
+        "n_workers": 1,
+        "out": "runs/smoke",
+    },
+}
+
+
+_FIELDS = {f.name: f for f in fields(TrainConfig)}
+
+
+def _convert(key: str, value: Any, where: str) -> Any:
+    if key not in _FIELDS:
+        raise ConfigError(f"{where}: unknown key '{key}'; valid keys: {', '.join(sorted(_FIELDS))}")
+    kind = _FIELDS[key].type
+    kind = {"str": str, "int": int, "float": float, "bool": bool}.get(kind, kind)
+    if isinstance(value, str) and kind is not str:  # from the command line
+        return _parse(key, value, kind, where)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise ConfigError(f"{where}: key '{key}' needs a {kind.__name__}, got {value!r}")
+    return value
+
+
+def _parse(key: str, text: str, kind: type, where: str) -> Any:
+    bad = ConfigError(f"{where}: key '{key}' needs a {kind.__name__}, got {text!r}")
+    if kind is bool:
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise bad
+        return text.lower() in ("true", "1")
+    try:
+        number = float(text)
+    except ValueError:
+        raise bad from None
+    if kind is int:
+        if not number.is_integer():
+            raise bad
+        return int(number)  # accepts 40000, 40_000 and 4e4
+    return number
+
+
+def apply_overrides(config: TrainConfig, values: dict[str, Any], where: str) -> TrainConfig:
+    """A copy of ``config`` with ``values`` applied (checked and converted)."""
+    converted = {k: _convert(k, v, where) for k, v in values.items()}
+    return dataclasses.replace(config, **converted)
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML ({err})") from err
+    nested = [k for k, v in data.items() if isinstance(v, dict)]
+    if nested:
+        raise ConfigError(f"{path}: sections are not used; put keys at the top level ({nested})")
+    return data
+
+
+def to_toml(config: TrainConfig) -> str:
+    """The configuration as a flat TOML document (round-trips through :func:`load_toml`)."""
+    lines = ["# resolved p4bg training configuration"]
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, str):
+            text = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        elif isinstance(value, float):
+            text = repr(value)
+        else:
+            text = str(value)
+        lines.append(f"{f.name} = {text}")
+    return "\n".join(lines) + "\n"

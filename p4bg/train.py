@@ -1,0 +1,457 @@
+"""``python -m p4bg.train``: train a Boltzmann generator by likelihood, then likelihood + energy.
+
+    python -m p4bg.train --preset paper --flow p4inv --out runs/p4inv
+    python -m p4bg.train --preset quick --flow swap --out runs/quick_swap --batch_size=128
+    python -m p4bg.train --resume runs/p4inv          # continue a killed run exactly
+    python -m p4bg.train --preset paper --dry-run     # model, parameter counts and plan
+
+Phases (paper App. H): ``nll_steps`` of maximum likelihood on training frames at ``nll_lr``,
+then ``mixed_steps`` of ``w_l·NLL + w_e·KL`` at ``mixed_lr`` with ``w_e/w_l =
+energy_weight_ratio``; P4Inv merges every ``merge_every`` steps. Any configuration key can be
+given as ``--key=value`` (or ``--key value``); ``--config FILE`` reads a TOML file.
+Output in ``--out``: config.toml, checkpoint.pt (atomic), metrics.csv, train.log.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from p4bg.config import PRESETS, ConfigError, TrainConfig, apply_overrides, load_toml, to_toml
+
+__all__ = ["Trainer", "main", "parse_args"]
+
+METRIC_COLUMNS = [
+    "step", "phase", "loss", "nll", "kl", "val_nll", "mean_u", "grad_norm", "lr",
+    "merges_accepted", "merges_skipped", "merges_forced", "merge_resets", "max_residual",
+    "energy_failures", "skipped_steps", "seconds",
+]  # fmt: skip
+_FLAGS = {"--preset", "--config", "--resume", "--dry-run", "--no-progress", "--help", "-h"}
+
+
+def parse_args(argv: list[str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Split the command line into flags and ``--key=value`` configuration overrides."""
+    flags: dict[str, Any] = {
+        "preset": "paper",
+        "config": None,
+        "resume": None,
+        "dry_run": False,
+        "no_progress": False,
+    }
+    overrides: dict[str, str] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") and arg not in ("-h",):
+            raise ConfigError(f"unexpected argument {arg!r}; options look like --key=value")
+        name, eq, value = arg.partition("=")
+        if name in ("-h", "--help"):
+            print(__doc__)
+            print("configuration keys and defaults (the 'paper' preset):")
+            for f in fields(TrainConfig):
+                print(f"  --{f.name}={getattr(TrainConfig(), f.name)!r}")
+            print(f"presets: {', '.join(PRESETS)}")
+            raise SystemExit(0)
+        if name in ("--dry-run", "--no-progress"):
+            flags[name[2:].replace("-", "_")] = True
+            i += 1
+            continue
+        if not eq:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"{name} needs a value")
+            value = argv[i + 1]
+            i += 1
+        i += 1
+        key = name[2:].replace("-", "_")
+        if name in _FLAGS:
+            flags[key] = value
+        else:
+            overrides[key] = value
+    if flags["preset"] not in PRESETS:
+        raise ConfigError(f"--preset must be one of {', '.join(PRESETS)}, got {flags['preset']!r}")
+    return flags, overrides
+
+
+def resolve_config(flags: dict[str, Any], overrides: dict[str, str]) -> TrainConfig:
+    if flags["resume"]:
+        run = Path(flags["resume"])
+        if overrides or flags["config"]:
+            raise ConfigError(
+                "--resume continues a run with its saved config.toml; give no other settings"
+            )
+        config = apply_overrides(
+            TrainConfig(), load_toml(run / "config.toml"), str(run / "config.toml")
+        )
+        config = apply_overrides(config, {"out": str(run)}, "--resume")
+    else:
+        config = apply_overrides(
+            TrainConfig(), PRESETS[flags["preset"]], f"preset {flags['preset']}"
+        )
+        if flags["config"]:
+            config = apply_overrides(config, load_toml(flags["config"]), str(flags["config"]))
+        config = apply_overrides(config, overrides, "command line")
+    config.validate()
+    return config
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name}: torch sees no CUDA device here; use device=cpu or auto")
+    return torch.device(name)
+
+
+# ------------------------------------------------------------------------------- reporters
+class MetricsCSV:
+    """Appends one row per logging step to metrics.csv (header once; kept across resumes)."""
+
+    def __init__(self, path: Path, resume_step: int) -> None:
+        self.path = path
+        if path.exists() and resume_step > 0:  # drop rows written after the checkpoint
+            with path.open() as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+            self._write(rows)
+        elif not path.exists() or resume_step == 0:
+            self._write([])
+
+    def _write(self, rows: list[dict]) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, METRIC_COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, self.path)
+
+    def write(self, row: dict) -> None:
+        with self.path.open("a", newline="") as f:
+            csv.DictWriter(f, METRIC_COLUMNS).writerow({k: row.get(k, "") for k in METRIC_COLUMNS})
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """torch.save to a temporary file, then os.replace: a kill never leaves half a checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _rng_state() -> dict:
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------------- trainer
+class Trainer:
+    """Owns the model, optimizer, merge schedule, data and reporters of one run."""
+
+    def __init__(self, config: TrainConfig, resume: bool = False, progress: bool = True) -> None:
+        from p4bg.coordinates import MixedCoordinateTransform
+        from p4bg.data import load_dataset
+        from p4bg.flows import build_flow
+        from p4bg.generator import BoltzmannGenerator
+        from p4bg.nn import P4Merger
+        from p4bg.systems import load_system
+
+        self.config = config
+        self.progress = progress
+        self.out = Path(config.out)
+        self.device = pick_device(config.device)
+        torch.manual_seed(config.seed)
+        np.random.seed(config.seed % 2**32)
+        random.seed(config.seed)
+        self.system = load_system(config.system)
+        data = load_dataset(config.data)
+        if data.xyz.shape[1] != self.system.dim:
+            raise ConfigError(f"data={config.data}: frames have {data.xyz.shape[1]} coordinates, "
+                              f"system {config.system} needs {self.system.dim}")  # fmt: skip
+        train = data.xyz[data.split["train"]]
+        self.n_train, self.n_val = len(train), len(data.split["val"])
+        dtype = getattr(torch, config.dtype)
+        self.coordinates = MixedCoordinateTransform(self.system, train).to(self.device, dtype)
+        self.train_x = torch.from_numpy(train).to(self.device, dtype)  # moved to the device once
+        self.val_x = torch.from_numpy(data.xyz[data.split["val"]]).to(self.device, dtype)
+        flow = build_flow(config.flow, self.coordinates.dim, config.n_blocks, config.hidden)
+        self.flow = flow.to(self.device, dtype)
+        self.target = None
+        self.bg = BoltzmannGenerator(self.flow, self.coordinates, None)
+        self.optimizer = torch.optim.Adam(self.flow.parameters(), lr=config.nll_lr)
+        self.merger = P4Merger(self.flow, self.optimizer, every=config.merge_every,
+                               force_every=config.force_every, correct_every=config.correct_every,
+                               reset_optimizer=config.reset_optimizer)  # fmt: skip
+        self.batches = torch.Generator().manual_seed(config.seed + 1)
+        self.step = 0
+        self.counters = {"skipped_steps": 0, "energy_failures": 0}
+        self.seconds = 0.0
+        self.stop_requested = False
+        if resume:
+            self._load(self.out / "checkpoint.pt")
+
+    # ------------------------------------------------------------------- state
+    def state(self) -> dict:
+        return {
+            "config": asdict(self.config),
+            "step": self.step,
+            "flow": self.flow.state_dict(),
+            "coordinates": self.coordinates.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "merger": self.merger.state_dict(),
+            "rng": _rng_state(),
+            "batches": self.batches.get_state(),
+            "counters": dict(self.counters),
+            "seconds": self.seconds,
+        }
+
+    def _load(self, path: Path) -> None:
+        if not path.is_file():
+            raise ConfigError(f"--resume: {path} does not exist; start the run without --resume")
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        self.flow.load_state_dict(state["flow"])
+        self.coordinates.load_state_dict(state["coordinates"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.merger.load_state_dict(state["merger"])
+        _set_rng_state(state["rng"])
+        self.batches.set_state(state["batches"])
+        self.step = int(state["step"])
+        self.counters = dict(state["counters"])
+        self.seconds = float(state["seconds"])
+
+    def save(self) -> None:
+        save_checkpoint(self.out / "checkpoint.pt", self.state())
+
+    # -------------------------------------------------------------------- steps
+    def energy(self) -> Any:
+        """The OpenMMEnergy target, created (worker processes started) on first use."""
+        if self.target is None:
+            from p4bg.energy import OpenMMEnergy
+
+            self.target = OpenMMEnergy(self.system, n_workers=self.config.n_workers)
+            self.bg.target = self.target
+        return self.target
+
+    def phase(self, step: int) -> str:
+        return "nll" if step < self.config.nll_steps else "mixed"
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step; returns its losses (non-finite steps are skipped and counted)."""
+        cfg = self.config
+        phase = self.phase(self.step)
+        lr = cfg.nll_lr if phase == "nll" else cfg.mixed_lr
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        idx = torch.randint(self.n_train, (cfg.batch_size,), generator=self.batches).to(self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        nll = self.bg.nll(self.train_x[idx])
+        kl = torch.zeros((), device=self.device)
+        if phase == "mixed":
+            w_e = cfg.energy_weight_ratio / (1.0 + cfg.energy_weight_ratio)
+            energy = self.energy()
+            before = energy.stats.failures
+            kl, _ = self.bg.reverse_kl(cfg.batch_size, cfg.energy_high, cfg.energy_max)
+            self.counters["energy_failures"] += energy.stats.failures - before
+            loss = (1.0 - w_e) * nll + w_e * kl
+        else:
+            loss = nll
+        if cfg.penalty > 0:
+            from p4bg.nn import p4inv_penalty
+
+            loss = loss + cfg.penalty * p4inv_penalty(self.flow)
+        row = {"phase": phase, "loss": float(loss.detach()), "nll": float(nll.detach()),
+               "kl": float(kl.detach()), "lr": lr}  # fmt: skip
+        if not math.isfinite(row["loss"]):
+            self.counters["skipped_steps"] += 1
+            row["grad_norm"] = float("nan")
+        else:
+            loss.backward()
+            max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.flow.parameters(), max_norm))
+            row["grad_norm"] = grad_norm
+            if math.isfinite(grad_norm):
+                self.optimizer.step()
+            else:
+                self.counters["skipped_steps"] += 1
+        self.step += 1
+        stats = self.merger.step()
+        if stats is not None:
+            row.update(merges_accepted=stats.accepted, merges_skipped=stats.skipped + stats.refused,
+                       merges_forced=stats.forced, merge_resets=stats.nonfinite_resets,
+                       max_residual=stats.max_residual)  # fmt: skip
+        return row
+
+    @torch.no_grad()
+    def validation_nll(self) -> float:
+        total = 0.0
+        for chunk in torch.split(self.val_x, 4096):
+            total += float(-self.bg.log_prob(chunk).sum())
+        return total / len(self.val_x)
+
+    @torch.no_grad()
+    def mean_sample_energy(self) -> float:
+        self.energy()
+        u = self.bg.sample(self.config.sample_batch).u
+        finite = u[torch.isfinite(u)]
+        self.counters["energy_failures"] += int((~torch.isfinite(u)).sum())
+        return float(finite.mean()) if len(finite) else float("nan")
+
+    # --------------------------------------------------------------------- loop
+    def run(self) -> dict[str, float]:
+        from tqdm import tqdm
+
+        cfg = self.config
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.toml").write_text(to_toml(cfg))
+        log = _logger(self.out / "train.log")
+        metrics = MetricsCSV(self.out / "metrics.csv", self.step)
+        log.info("start at step %d of %d; device %s; %d train / %d val frames", self.step,
+                 cfg.total_steps, self.device, self.n_train, self.n_val)  # fmt: skip
+        bar = tqdm(
+            total=cfg.total_steps, initial=self.step, disable=not self.progress, dynamic_ncols=True
+        )
+        previous = signal.getsignal(signal.SIGINT)
+        signal.signal(signal.SIGINT, self._on_interrupt)
+        last = {}
+        try:
+            start = time.perf_counter() - self.seconds
+            while self.step < cfg.total_steps and not self.stop_requested:
+                row = self.train_step()
+                self.seconds = time.perf_counter() - start
+                last = row
+                at_end = self.step == cfg.total_steps
+                if self.step % cfg.val_every == 0 or at_end:
+                    row["val_nll"] = self.validation_nll()
+                    row["mean_u"] = self.mean_sample_energy()
+                    log.info("step %d %s: loss %.4f, val NLL %.4f, mean u %.2f kT", self.step,
+                             row["phase"], row["loss"], row["val_nll"], row["mean_u"])  # fmt: skip
+                if (
+                    self.step % cfg.log_every == 0
+                    or "val_nll" in row
+                    or "merges_accepted" in row
+                    or at_end
+                ):
+                    metrics.write(
+                        {
+                            **row,
+                            **self.counters,
+                            "step": self.step,
+                            "seconds": round(self.seconds, 3),
+                        }
+                    )
+                if self.step % cfg.checkpoint_every == 0 or at_end:
+                    self.save()
+                bar.set_description(f"{row['phase']} loss {row['loss']:.3f}")
+                bar.update(1)
+            if self.stop_requested:
+                self.save()
+                log.info(
+                    "interrupted at step %d; checkpoint saved, continue with --resume %s",
+                    self.step,
+                    self.out,
+                )
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            bar.close()
+            if self.target is not None:
+                self.target.close()
+        return {"step": self.step, **last}
+
+    def _on_interrupt(self, signum: int, frame: Any) -> None:
+        if self.stop_requested:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.stop_requested = True
+
+    # ------------------------------------------------------------------ dry run
+    def describe(self) -> str:
+        from p4bg.flows import count_parameters
+
+        cfg = self.config
+        counts = count_parameters(self.flow)
+        p4 = sum(1 for _ in self.merger.layers)
+        lines = [
+            f"flow {cfg.flow}: {cfg.n_blocks} blocks x (coupling, mixing, coupling, mixing), "
+            f"hidden {cfg.hidden}, latent dim {self.coordinates.dim}",
+            f"parameters: RNVP {counts['rnvp']:,}, P4Inv {counts['p4inv']:,} ({p4} layers), "
+            f"total {counts['total']:,}",
+            f"data {cfg.data}: {self.n_train:,} train, {self.n_val:,} val frames; "
+            f"device {self.device}",
+            f"plan: {cfg.nll_steps:,} NLL steps at lr {cfg.nll_lr:g}, then {cfg.mixed_steps:,} "
+            f"mixed steps at lr {cfg.mixed_lr:g} (w_e/w_l = {cfg.energy_weight_ratio:g}); "
+            f"batch {cfg.batch_size}",
+            f"merges every {cfg.merge_every} steps, forced every {cfg.force_every}, "
+            f"corrected every {cfg.correct_every} merges, penalty {cfg.penalty:g}",
+            f"output {cfg.out}: config.toml, checkpoint.pt every {cfg.checkpoint_every}, "
+            "metrics.csv, train.log",
+        ]
+        return "\n".join(lines)
+
+
+def _logger(path: Path) -> logging.Logger:
+    log = logging.getLogger(f"p4bg.train.{path}")
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    if not log.handlers:
+        handler = logging.FileHandler(path)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        log.addHandler(handler)
+    return log
+
+
+def main(argv: list[str] | None = None) -> None:
+    from p4bg.data import DatasetError
+    from p4bg.systems import SystemConfigError
+
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        flags, overrides = parse_args(argv)
+        config = resolve_config(flags, overrides)
+        if (
+            not flags["resume"]
+            and not flags["dry_run"]
+            and (Path(config.out) / "checkpoint.pt").exists()
+        ):
+            raise ConfigError(
+                f"out={config.out} already holds a run; continue it with "
+                f"--resume {config.out} or choose another --out"
+            )
+        trainer = Trainer(config, resume=bool(flags["resume"]), progress=not flags["no_progress"])
+    except (ConfigError, DatasetError, SystemConfigError) as err:
+        print(f"p4bg.train: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if flags["dry_run"]:
+        print(trainer.flow)
+        print(trainer.describe())
+        return
+    print(trainer.describe())
+    result = trainer.run()
+    status = "finished" if trainer.step >= config.total_steps else "interrupted"
+    val = result.get("val_nll", float("nan"))
+    print(f"{status} at step {trainer.step} in {trainer.seconds:.0f} s; last val NLL {val:.4f}; "
+          f"run in {config.out}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""python -m p4bg.train: smoke training, merges, exact resume, configuration errors."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from p4bg.config import PRESETS, ConfigError, TrainConfig, apply_overrides, load_toml, to_toml
+from p4bg.simulate import main as simulate_main
+from p4bg.train import Trainer, main, parse_args, resolve_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("md") / "ala"
+    simulate_main(["--ns", "0.04", "--replicas", "2", "--chunk-frames", "100", "--equilibration-ps", "1",
+                   "--no-progress", "--out", str(out)])  # fmt: skip
+    return out
+
+
+def smoke_config(data: Path, out: Path, **changes) -> TrainConfig:
+    config = apply_overrides(TrainConfig(), PRESETS["smoke"], "smoke")
+    return apply_overrides(config, {"data": str(data), "out": str(out), **changes}, "test")
+
+
+def read_metrics(run: Path) -> list[dict]:
+    with (run / "metrics.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("flow", ["p4inv", "swap"])
+def test_smoke_training_writes_a_complete_run(data, tmp_path, flow):
+    main(["--preset", "smoke", f"--flow={flow}", "--data", str(data), "--out", str(tmp_path / "run"),
+          "--no-progress"])  # fmt: skip
+    run = tmp_path / "run"
+    for name in ("config.toml", "checkpoint.pt", "metrics.csv", "train.log"):
+        assert (run / name).is_file(), name
+    saved = apply_overrides(TrainConfig(), load_toml(run / "config.toml"), "saved")
+    assert saved.flow == flow and saved.nll_steps == 20 and saved.data == str(data)
+    rows = read_metrics(run)
+    assert int(rows[-1]["step"]) == 26 and rows[-1]["phase"] == "mixed"
+    assert rows[-1]["val_nll"] and rows[-1]["mean_u"]
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert state["step"] == 26 and state["config"]["flow"] == flow
+    if flow == "p4inv":
+        merged = [r for r in rows if r["merges_accepted"]]
+        assert merged and all(float(r["max_residual"]) < 1e-8 for r in merged)
+        assert any(int(r["merges_accepted"]) > 0 for r in merged)
+
+
+def test_nll_decreases(data, tmp_path):
+    config = smoke_config(data, tmp_path / "run", nll_steps=120, mixed_steps=0, log_every=1,
+                          val_every=60, checkpoint_every=120, merge_every=10)  # fmt: skip
+    Trainer(config, progress=False).run()
+    losses = [float(r["loss"]) for r in read_metrics(tmp_path / "run")]
+    assert sum(losses[-20:]) / 20 < sum(losses[:20]) / 20 - 1.0
+
+
+def test_resume_gives_identical_parameters(data, tmp_path):
+    reference = Trainer(smoke_config(data, tmp_path / "a"), progress=False)
+    reference.run()
+
+    interrupted = Trainer(smoke_config(data, tmp_path / "b"), progress=False)
+    original_step = interrupted.train_step
+
+    def stop_after_13() -> dict:  # as a Ctrl-C would: the loop saves and stops at a step boundary
+        row = original_step()
+        if interrupted.step == 13:
+            interrupted.stop_requested = True
+        return row
+
+    interrupted.train_step = stop_after_13
+    interrupted.run()
+    assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["step"] == 13
+    resumed = Trainer(smoke_config(data, tmp_path / "b"), resume=True, progress=False)
+    assert resumed.step == 13
+    resumed.run()
+    for (name, a), (_, b) in zip(
+        reference.flow.state_dict().items(), resumed.flow.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    steps = [int(r["step"]) for r in read_metrics(tmp_path / "b")]
+    assert steps == sorted(steps) and len(steps) == len(set(steps))  # no duplicated rows
+
+
+def test_dry_run_prints_model_and_paper_parameter_counts(data, capsys):
+    main(["--preset", "paper", "--data", str(data), "--dry-run"])
+    out = capsys.readouterr().out
+    assert "RNVP 735,050, P4Inv 9,000 (50 layers), total 744,050" in out
+    assert "40,000 NLL steps at lr 0.001, then 2,000 mixed steps at lr 1e-05" in out
+
+
+def test_configuration_errors(data, tmp_path):
+    with pytest.raises(ConfigError, match="unknown key 'batchsize'"):
+        resolve_config(*parse_args(["--batchsize=3"]))
+    with pytest.raises(ConfigError, match="key 'nll_steps' needs a int"):
+        resolve_config(*parse_args(["--nll_steps=many"]))
+    with pytest.raises(ConfigError, match="flow must be"):
+        resolve_config(*parse_args(["--flow=glow"]))
+    with pytest.raises(ConfigError, match="--preset"):
+        parse_args(["--preset", "fast"])
+    assert resolve_config(*parse_args(["--nll_steps=4e4", "--batch-size", "8"])).nll_steps == 40_000
+    bad = tmp_path / "bad.toml"
+    bad.write_text("nll_lr = 'fast'\n")
+    with pytest.raises(ConfigError, match=r"bad\.toml: key 'nll_lr' needs a float"):
+        resolve_config(*parse_args(["--config", str(bad)]))
+    assert load_toml_round_trip()
+
+
+def load_toml_round_trip() -> bool:
+    config = apply_overrides(TrainConfig(), {"out": 'runs/"quoted"', "penalty": 0.1}, "test")
+    path = Path(__import__("tempfile").mkdtemp()) / "c.toml"
+    path.write_text(to_toml(config))
+    return apply_overrides(TrainConfig(), load_toml(path), "file") == config
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "p4bg.train", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+
+
+def test_cli_errors_name_the_problem(data, tmp_path):
+    r = run_cli(
+        "--preset", "smoke", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "x")
+    )
+    assert r.returncode == 2 and "python -m p4bg.simulate --out" in r.stderr
+    r = run_cli("--preset", "smoke", "--lr=0.1")
+    assert r.returncode == 2 and "unknown key 'lr'" in r.stderr
+    r = run_cli("--resume", str(tmp_path / "nothing"))
+    assert r.returncode == 2 and "config.toml" in r.stderr
+    run = tmp_path / "done"
+    main(["--preset", "smoke", "--data", str(data), "--out", str(run), "--no-progress"])
+    r = run_cli("--preset", "smoke", "--data", str(data), "--out", str(run))
+    assert r.returncode == 2 and "--resume" in r.stderr
+    r = run_cli("--resume", str(run), "--batch_size=4")
+    assert r.returncode == 2 and "give no other settings" in r.stderr
