@@ -96,8 +96,12 @@ class BoltzmannGenerator(nn.Module):
         """Draw ``n`` configurations with log q, and (``with_energy``) u and log-weights."""
         z = self.prior_sample(n)
         x, log_q = self.generate(z)
-        if with_energy and self.target is not None:
+        if with_energy:
+            if self.target is None:
+                raise RuntimeError(
+                    "BoltzmannGenerator.sample: no target energy; pass with_energy=False"
+                )
             u = self.target(x)
         else:
-            u = torch.full_like(log_q, float("nan"))
+            u = torch.full_like(log_q, float("nan"))  # not evaluated, by request
         return Samples(x, z, log_q, u, -u - log_q)

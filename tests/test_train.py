@@ -141,3 +141,11 @@ def test_cli_errors_name_the_problem(data, tmp_path):
     assert r.returncode == 2 and "--resume" in r.stderr
     r = run_cli("--resume", str(run), "--batch_size=4")
     assert r.returncode == 2 and "give no other settings" in r.stderr
+
+
+def test_train_step_benchmark_smoke(data):
+    result = subprocess.run([sys.executable, "benchmarks/train_step.py", "--data", str(data), "--steps", "1",
+                             "--batch", "8", "--workers", "1"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "p4inv" in result.stdout and "energy share" in result.stdout

@@ -1,0 +1,71 @@
+"""Milliseconds per training step of the paper-size Boltzmann generator, in one run.
+
+For the swap and the P4Inv model (25 blocks, hidden 60, batch 256, float32) it times the NLL step
+(coordinate transform + flow inverse, backward, Adam, merge schedule) and the mixed step (adds
+sampling through flow and transform, the OpenMM energy with forces through autograd, and the KL
+term), and prints the share of the mixed step spent evaluating energies. Uses an MD dataset
+(``--data``; make one with ``python -m p4bg.simulate``).
+
+    python benchmarks/train_step.py --data data/alanine_dipeptide_600K
+    python benchmarks/train_step.py --data DATA --steps 3 --batch 32     # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from p4bg.config import TrainConfig, apply_overrides
+from p4bg.train import Trainer
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data", default="data/alanine_dipeptide_600K")
+    parser.add_argument(
+        "--steps", type=int, default=30, help="timed steps per phase (after 3 warm-up)"
+    )
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--workers", type=int, default=2, help="energy worker processes")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
+          f"median ms per step over {args.steps} steps")  # fmt: skip
+    print(f"  {'model':<7} {'NLL step':>9} {'mixed step':>11} {'energy share':>13}")
+    for kind in ("swap", "p4inv"):
+        config = apply_overrides(TrainConfig(), {
+            "flow": kind, "data": args.data, "out": "/tmp/p4bg_bench", "batch_size": args.batch,
+            "nll_steps": args.steps + 3, "mixed_steps": args.steps + 3, "n_workers": args.workers,
+            "device": args.device}, "benchmark")  # fmt: skip
+        trainer = Trainer(config, progress=False)
+        energy = trainer.energy()
+        times: dict[str, list[float]] = {"nll": [], "mixed": []}
+        energy_time: list[float] = []
+        original = energy.evaluate
+
+        def timed_evaluate(*a, original=original, record=energy_time.append, **k):
+            t0 = time.perf_counter()
+            result = original(*a, **k)
+            record(time.perf_counter() - t0)
+            return result
+
+        energy.evaluate = timed_evaluate
+        for _ in range(config.total_steps):
+            phase = trainer.phase(trainer.step)
+            t0 = time.perf_counter()
+            trainer.train_step()
+            times[phase].append(time.perf_counter() - t0)
+        energy.close()
+        nll = statistics.median(times["nll"][3:])
+        mixed = statistics.median(times["mixed"][3:])
+        share = statistics.median(energy_time[3:]) / mixed
+        print(f"  {kind:<7} {nll * 1e3:>9.1f} {mixed * 1e3:>11.1f} {100 * share:>12.0f}%")
+
+
+if __name__ == "__main__":
+    main()
