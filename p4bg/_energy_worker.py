@@ -76,7 +76,7 @@ def main(fd: int) -> None:
                 return
             job, xyz, forces = message
             conn.send((job, *evaluate_frames(context, xyz, forces)))
-    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group; the parent cleans up
+    except KeyboardInterrupt:  # workers run in their own session; this covers a manual kill -INT
         return
     except (BrokenPipeError, EOFError):
         return

@@ -8,6 +8,7 @@ as ``config.toml`` into every run and stored in every checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -77,6 +78,12 @@ class TrainConfig:
         for key in ("nll_lr", "mixed_lr"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"{key} must be > 0, got {getattr(self, key)}")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.name} must be a finite number, got {value}")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed must be in [0, 2**63), got {self.seed}")
         if self.energy_weight_ratio < 0 or self.penalty < 0 or self.max_grad_norm < 0:
             raise ConfigError("energy_weight_ratio, penalty and max_grad_norm must be >= 0")
         if not self.energy_high < self.energy_max:
@@ -142,6 +149,11 @@ def _parse(key: str, text: str, kind: type, where: str) -> Any:
         if text.lower() not in ("true", "false", "1", "0"):
             raise bad
         return text.lower() in ("true", "1")
+    if kind is int:
+        try:
+            return int(text)  # exact for large values; also 40_000
+        except ValueError:
+            pass
     try:
         number = float(text)
     except ValueError:
@@ -149,7 +161,7 @@ def _parse(key: str, text: str, kind: type, where: str) -> Any:
     if kind is int:
         if not number.is_integer():
             raise bad
-        return int(number)  # accepts 40000, 40_000 and 4e4
+        return int(number)  # 4e4
     return number
 
 

@@ -21,6 +21,7 @@ import os
 import random
 import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -39,6 +40,8 @@ METRIC_COLUMNS = [
     "energy_failures", "skipped_steps", "seconds",
 ]  # fmt: skip
 _FLAGS = {"--preset", "--config", "--resume", "--dry-run", "--no-progress", "--help", "-h"}
+# Settings that do not change the computation and may differ when a run is resumed.
+_RESUME_OVERRIDES = {"device", "n_workers"}
 
 
 def parse_args(argv: list[str]) -> tuple[dict[str, Any], dict[str, str]]:
@@ -65,6 +68,8 @@ def parse_args(argv: list[str]) -> tuple[dict[str, Any], dict[str, str]]:
             print(f"presets: {', '.join(PRESETS)}")
             raise SystemExit(0)
         if name in ("--dry-run", "--no-progress"):
+            if eq:
+                raise ConfigError(f"{name} is a switch and takes no value (got {arg!r})")
             flags[name[2:].replace("-", "_")] = True
             i += 1
             continue
@@ -75,6 +80,8 @@ def parse_args(argv: list[str]) -> tuple[dict[str, Any], dict[str, str]]:
             i += 1
         i += 1
         key = name[2:].replace("-", "_")
+        if not value or value.startswith("--"):
+            raise ConfigError(f"{name} needs a value, got {value!r}")
         if name in _FLAGS:
             flags[key] = value
         else:
@@ -87,14 +94,20 @@ def parse_args(argv: list[str]) -> tuple[dict[str, Any], dict[str, str]]:
 def resolve_config(flags: dict[str, Any], overrides: dict[str, str]) -> TrainConfig:
     if flags["resume"]:
         run = Path(flags["resume"])
-        if overrides or flags["config"]:
+        if not (run / "config.toml").is_file():
             raise ConfigError(
-                "--resume continues a run with its saved config.toml; give no other settings"
+                f"--resume {run}: no run there (no config.toml); start it without --resume"
+            )
+        extra = sorted(set(overrides) - _RESUME_OVERRIDES)
+        if extra or flags["config"]:
+            raise ConfigError(
+                "--resume continues a run with its saved config.toml; only "
+                f"{', '.join(sorted(_RESUME_OVERRIDES))} may be changed (got {extra or '--config'})"
             )
         config = apply_overrides(
             TrainConfig(), load_toml(run / "config.toml"), str(run / "config.toml")
         )
-        config = apply_overrides(config, {"out": str(run)}, "--resume")
+        config = apply_overrides(config, {**overrides, "out": str(run)}, "--resume")
     else:
         config = apply_overrides(
             TrainConfig(), PRESETS[flags["preset"]], f"preset {flags['preset']}"
@@ -143,17 +156,20 @@ class MetricsCSV:
 def save_checkpoint(path: Path, state: dict) -> None:
     """torch.save to a temporary file, then os.replace: a kill never leaves half a checkpoint."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
+    with tmp.open("wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
-def _rng_state() -> dict:
+def _rng_state(device: torch.device) -> dict:
     state = {
         "torch": torch.get_rng_state(),
         "numpy": np.random.get_state(),
         "python": random.getstate(),
     }
-    if torch.cuda.is_available():
+    if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
@@ -209,6 +225,9 @@ class Trainer:
         self.counters = {"skipped_steps": 0, "energy_failures": 0}
         self.seconds = 0.0
         self.stop_requested = False
+        # The OpenMM platform is measured once and then kept, so that a resumed run evaluates
+        # energies exactly as the original did.
+        self.energy_platform = "auto"
         if resume:
             self._load(self.out / "checkpoint.pt")
 
@@ -221,16 +240,27 @@ class Trainer:
             "coordinates": self.coordinates.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "merger": self.merger.state_dict(),
-            "rng": _rng_state(),
+            "rng": _rng_state(self.device),
             "batches": self.batches.get_state(),
             "counters": dict(self.counters),
             "seconds": self.seconds,
+            "energy_platform": self.energy_platform,
         }
 
     def _load(self, path: Path) -> None:
         if not path.is_file():
             raise ConfigError(f"--resume: {path} does not exist; start the run without --resume")
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=False)  # RNG states stay on CPU
+        saved, now = dict(state["config"]), asdict(self.config)
+        changed = [
+            k for k in now if k not in _RESUME_OVERRIDES | {"out"} and saved.get(k) != now[k]
+        ]
+        if changed:
+            raise ConfigError(
+                f"--resume: config.toml differs from the checkpoint in {changed}; "
+                "restore it or start a new run"
+            )
+        self.energy_platform = state.get("energy_platform", self.energy_platform)
         self.flow.load_state_dict(state["flow"])
         self.coordinates.load_state_dict(state["coordinates"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -250,7 +280,10 @@ class Trainer:
         if self.target is None:
             from p4bg.energy import OpenMMEnergy
 
-            self.target = OpenMMEnergy(self.system, n_workers=self.config.n_workers)
+            self.target = OpenMMEnergy(
+                self.system, n_workers=self.config.n_workers, platform=self.energy_platform
+            )
+            self.energy_platform = self.target.platform
             self.bg.target = self.target
         return self.target
 
@@ -324,7 +357,9 @@ class Trainer:
 
         cfg = self.config
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.toml").write_text(to_toml(cfg))
+        tmp = self.out / "config.toml.tmp"
+        tmp.write_text(to_toml(cfg))
+        os.replace(tmp, self.out / "config.toml")
         log = _logger(self.out / "train.log")
         metrics = MetricsCSV(self.out / "metrics.csv", self.step)
         log.info("start at step %d of %d; device %s; %d train / %d val frames", self.step,
@@ -332,8 +367,11 @@ class Trainer:
         bar = tqdm(
             total=cfg.total_steps, initial=self.step, disable=not self.progress, dynamic_ncols=True
         )
-        previous = signal.getsignal(signal.SIGINT)
-        signal.signal(signal.SIGINT, self._on_interrupt)
+        handled = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C, and a scheduler's polite kill
+        previous = {sig: signal.getsignal(sig) for sig in handled}
+        main_thread = threading.current_thread() is threading.main_thread()
+        for sig in handled if main_thread else ():
+            signal.signal(sig, self._on_interrupt)
         last = {}
         try:
             start = time.perf_counter() - self.seconds
@@ -365,7 +403,7 @@ class Trainer:
                     self.save()
                 bar.set_description(f"{row['phase']} loss {row['loss']:.3f}")
                 bar.update(1)
-            if self.stop_requested:
+            if self.stop_requested and self.step < cfg.total_steps:
                 self.save()
                 log.info(
                     "interrupted at step %d; checkpoint saved, continue with --resume %s",
@@ -373,8 +411,12 @@ class Trainer:
                     self.out,
                 )
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for sig in handled if main_thread else ():
+                signal.signal(sig, previous[sig])
             bar.close()
+            for handler in log.handlers[:]:
+                handler.close()
+                log.removeHandler(handler)
             if self.target is not None:
                 self.target.close()
         return {"step": self.step, **last}

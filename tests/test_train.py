@@ -107,6 +107,13 @@ def test_configuration_errors(data, tmp_path):
     with pytest.raises(ConfigError, match="--preset"):
         parse_args(["--preset", "fast"])
     assert resolve_config(*parse_args(["--nll_steps=4e4", "--batch-size", "8"])).nll_steps == 40_000
+    assert resolve_config(*parse_args(["--seed=9007199254740993"])).seed == 9007199254740993
+    with pytest.raises(ConfigError, match="finite"):
+        resolve_config(*parse_args(["--energy_weight_ratio=inf"]))
+    with pytest.raises(ConfigError, match="switch"):
+        parse_args(["--dry-run=false"])
+    with pytest.raises(ConfigError, match="needs a value"):
+        parse_args(["--out", "--no-progress"])
     bad = tmp_path / "bad.toml"
     bad.write_text("nll_lr = 'fast'\n")
     with pytest.raises(ConfigError, match=r"bad\.toml: key 'nll_lr' needs a float"):
@@ -140,7 +147,13 @@ def test_cli_errors_name_the_problem(data, tmp_path):
     r = run_cli("--preset", "smoke", "--data", str(data), "--out", str(run))
     assert r.returncode == 2 and "--resume" in r.stderr
     r = run_cli("--resume", str(run), "--batch_size=4")
-    assert r.returncode == 2 and "give no other settings" in r.stderr
+    assert r.returncode == 2 and "only device, n_workers may be changed" in r.stderr
+    r = run_cli("--resume", str(tmp_path / "nothing"))
+    assert r.returncode == 2 and "no run there" in r.stderr
+    toml = run / "config.toml"
+    toml.write_text(toml.read_text().replace("hidden = 16", "hidden = 17"))
+    r = run_cli("--resume", str(run), "--device=cpu")
+    assert r.returncode == 2 and "differs from the checkpoint in ['hidden']" in r.stderr
 
 
 def test_train_step_benchmark_smoke(data):
