@@ -53,28 +53,11 @@ def build_bent_flow(dim: int = 2, n_blocks: int = 100) -> Sequential:
 def count_parameters(model: nn.Module) -> dict[str, int]:
     """Trainable parameters by kind: ``rnvp`` (coupling conditioners and scales), ``p4inv``
     (u, v, bias of P4Inv layers), ``other`` and ``total``."""
-    counts = {"rnvp": 0, "p4inv": 0, "other": 0}
-    for module in model.modules():
-        own = sum(p.numel() for p in module.parameters(recurse=False) if p.requires_grad)
-        if not own:
-            continue
-        if isinstance(module, P4Inv):
-            counts["p4inv"] += own
-        elif any(isinstance(m, RealNVPCoupling) for m in _ancestors(model, module)):
-            counts["rnvp"] += own
-        else:
-            counts["other"] += own
-    counts["total"] = sum(counts.values())
-    return counts
 
+    def trainable(module: nn.Module) -> int:
+        return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
-def _ancestors(root: nn.Module, target: nn.Module) -> list[nn.Module]:
-    for name, module in root.named_modules():
-        if module is target:
-            parts = name.split(".") if name else []
-            chain, current = [root], root
-            for part in parts:
-                current = getattr(current, part)
-                chain.append(current)
-            return chain
-    return []
+    total = trainable(model)
+    rnvp = sum(trainable(m) for m in model.modules() if isinstance(m, RealNVPCoupling))
+    p4inv = sum(trainable(m) for m in model.modules() if isinstance(m, P4Inv))
+    return {"rnvp": rnvp, "p4inv": p4inv, "other": total - rnvp - p4inv, "total": total}
