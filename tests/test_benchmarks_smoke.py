@@ -20,7 +20,7 @@ def run(*args: str) -> str:
 def test_linear_layers_benchmark_smoke():
     out = run("benchmarks/linear_layers.py", "--sizes", "16", "48", "--budget", "0.01")
     assert "std/P4Inv" in out and "train step" in out
-    assert len([line for line in out.splitlines() if line.strip().startswith("48")]) == 3
+    assert len([line for line in out.splitlines() if line.strip().startswith("48")]) == 4
 
 
 def test_linear_problems_benchmark_smoke(tmp_path):
