@@ -66,14 +66,12 @@ _PLATFORM_CACHE: dict[str, str] = {}
 def _fastest_platform(system_xml: str, positions: np.ndarray) -> str:
     """The OpenMM platform with the most energy+force evaluations per second, measured once
     per system and process. For small molecules the single-threaded Reference platform wins."""
-    import openmm
+    from p4bg.systems import available_platforms
 
     key = hashlib.sha1(system_xml.encode()).hexdigest()
     if key in _PLATFORM_CACHE:
         return _PLATFORM_CACHE[key]
-    names = [
-        openmm.Platform.getPlatform(i).getName() for i in range(openmm.Platform.getNumPlatforms())
-    ]
+    names = available_platforms()
     rates = {}
     for name in ("Reference", "CPU", "CUDA", "OpenCL"):
         if name not in names:
