@@ -187,11 +187,7 @@ class MixedCoordinateTransform(Bijection):
             )
         if not np.isfinite(xyz).all():
             raise ValueError("MixedCoordinateTransform: xyz_train contains non-finite positions")
-        self.z_matrix, self.rigid, self.n_atoms = z_matrix, rigid, n_atoms
-        self.n_internal = len(z_matrix)
-        self.n_rigid_latent = 3 * len(rigid) - 6
-        self.dim = 3 * self.n_internal + self.n_rigid_latent
-        self.cartesian_dim = 3 * n_atoms
+        self._set_layout(system)
         frames = torch.from_numpy(xyz.reshape(len(xyz), n_atoms, 3))
 
         internal, _, _ = cartesian_to_zmatrix(frames, z_matrix)
@@ -232,6 +228,46 @@ class MixedCoordinateTransform(Bijection):
         self.register_buffer("pca_vectors", torch.from_numpy(eigvec))
         self.register_buffer("pca_std", torch.from_numpy(np.sqrt(eigval)))
         self.register_buffer("n_clamped", torch.zeros((), dtype=torch.int64), persistent=False)
+
+    def _set_layout(self, system: MolecularSystem) -> None:
+        self.z_matrix = np.asarray(system.z_matrix, dtype=np.int64)
+        self.rigid = np.asarray(system.rigid_atoms, dtype=np.int64)
+        self.n_atoms = int(system.n_atoms)
+        self.n_internal = len(self.z_matrix)
+        self.n_rigid_latent = 3 * len(self.rigid) - 6
+        self.dim = 3 * self.n_internal + self.n_rigid_latent
+        self.cartesian_dim = 3 * self.n_atoms
+
+    @classmethod
+    def from_state_dict(
+        cls, system: MolecularSystem, state: dict[str, Tensor]
+    ) -> MixedCoordinateTransform:
+        """Rebuild a fitted transform from its ``state_dict`` alone, so that a trained model can
+        be used (sampled, evaluated) without the training data it was fitted on."""
+        self = cls.__new__(cls)
+        Bijection.__init__(self)
+        self._set_layout(system)
+        expected = {
+            "bond_mu": (self.n_internal,), "bond_s": (self.n_internal,),
+            "angle_mu": (self.n_internal,), "angle_s": (self.n_internal,),
+            "torsion_centre": (self.n_internal,), "torsion_mu": (self.n_internal,),
+            "torsion_s": (self.n_internal,), "reference": (len(self.rigid), 3),
+            "basis": (3 * len(self.rigid), self.n_rigid_latent),
+            "c_mean": (self.n_rigid_latent,),
+            "pca_vectors": (self.n_rigid_latent, self.n_rigid_latent),
+            "pca_std": (self.n_rigid_latent,),
+        }  # fmt: skip
+        for name, shape in expected.items():
+            if name not in state:
+                raise ValueError(f"MixedCoordinateTransform.from_state_dict: {name!r} is missing")
+            if tuple(state[name].shape) != shape:
+                raise ValueError(
+                    f"MixedCoordinateTransform.from_state_dict: {name!r} has shape "
+                    f"{list(state[name].shape)}, the system {system.name} needs {list(shape)}"
+                )
+            self.register_buffer(name, state[name].detach().clone())
+        self.register_buffer("n_clamped", torch.zeros((), dtype=torch.int64), persistent=False)
+        return self
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, cartesian_dim={self.cartesian_dim}, rigid={self.rigid.tolist()}"

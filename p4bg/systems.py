@@ -15,11 +15,20 @@ from typing import Any
 
 import numpy as np
 
+from analysis.geometry import dihedral, is_l_chirality
+
 SYSTEMS_DIR = Path(__file__).resolve().parent.parent / "systems"
 # Molar gas constant in kJ/(mol K): kT = R T.
 MOLAR_GAS_CONSTANT = 0.00831446261815324
 
-__all__ = ["MolecularSystem", "SystemConfigError", "load_system", "measure_platforms"]
+__all__ = [
+    "MolecularSystem",
+    "SystemConfigError",
+    "dihedral",
+    "is_l_chirality",
+    "load_system",
+    "measure_platforms",
+]
 
 
 class SystemConfigError(ValueError):
@@ -297,22 +306,3 @@ def measure_platforms(
     if not rates:
         raise RuntimeError(f"none of the OpenMM platforms {names} could run {system.name}")
     return rates
-
-
-def dihedral(xyz: np.ndarray, atoms: tuple[int, int, int, int]) -> np.ndarray:
-    """Dihedral angle in radians, (-π, π], of ``atoms`` for positions ``xyz`` [frames, n, 3]
-    (IUPAC sign convention, as mdtraj)."""
-    p0, p1, p2, p3 = (xyz[:, i] for i in atoms)
-    b0, b1, b2 = p1 - p0, p2 - p1, p3 - p2
-    y = np.linalg.norm(b1, axis=-1) * (b0 * np.cross(b1, b2)).sum(-1)
-    x = (np.cross(b0, b1) * np.cross(b1, b2)).sum(-1)
-    return np.arctan2(y, x)
-
-
-def is_l_chirality(
-    xyz: np.ndarray, n: int = 6, ca: int = 8, c: int = 14, cb: int = 10
-) -> np.ndarray:
-    """True for L-alanine frames: ``(N − CA) · ((C − CA) × (CB − CA)) > 0`` (DESIGN.md §5)."""
-    a = xyz[:, n] - xyz[:, ca]
-    b = np.cross(xyz[:, c] - xyz[:, ca], xyz[:, cb] - xyz[:, ca])
-    return (a * b).sum(-1) > 0

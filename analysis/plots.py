@@ -1,0 +1,137 @@
+"""Figures of a report (paper Fig. 7): energy distributions, Ramachandran maps, F(φ).
+
+Each function takes arrays and writes one PNG; matplotlib is imported when a figure is drawn
+(with the non-interactive Agg backend, so reports render on machines without a display).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from analysis.metrics import normalised_weights, ramachandran_histogram
+
+__all__ = ["AngleSet", "plot_energies", "plot_free_energy_phi", "plot_ramachandran"]
+
+
+class AngleSet(NamedTuple):
+    """One panel or curve: a label, φ and ψ (radians), and optional log-weights to reweight by."""
+
+    label: str
+    phi: np.ndarray
+    psi: np.ndarray
+    log_w: np.ndarray | None = None
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    _pyplot().close(fig)
+    tmp.replace(path)
+    return path
+
+
+def plot_energies(path: str | Path, energies: dict[str, np.ndarray], u_train_max: float) -> Path:
+    """Violins of reduced energies (kT) per ensemble, with the share below ``u_train_max``.
+
+    energies: label -> u (kT), e.g. MD, MD + 0.004 nm noise, each model. The axis stops a little
+    above the highest MD energy; the share of each ensemble beyond it (failed samples included)
+    is printed instead of drawn, so that a few clashes do not flatten the violins.
+    """
+    plt = _pyplot()
+    labels = list(energies)
+    finite_all = np.concatenate([u[np.isfinite(u)] for u in energies.values()])
+    low = float(np.min(finite_all)) - 2.0
+    high = u_train_max + 0.5 * (u_train_max - low)
+    fig, ax = plt.subplots(figsize=(1.9 * len(labels) + 1.5, 4.2))
+    for i, label in enumerate(labels):
+        u = np.asarray(energies[label], dtype=np.float64)
+        shown = u[np.isfinite(u) & (u <= high)]
+        if len(shown) > 1:
+            parts = ax.violinplot(shown, positions=[i], widths=0.8, showmedians=True)
+            for body in parts["bodies"]:
+                body.set_alpha(0.6)
+        below = np.mean(u < u_train_max)
+        beyond = np.mean(~(u <= high))
+        text = f"{100 * below:.1f}% low" + (f"\n{100 * beyond:.1f}% off axis" if beyond else "")
+        ax.text(i, high + 0.11 * (high - low), text, ha="center", va="top", fontsize=8)
+    ax.axhline(u_train_max, color="grey", lw=0.8, ls="--", label="max u of training data")
+    ax.set_xticks(range(len(labels)), labels, rotation=15)
+    ax.set_ylim(low, high + 0.13 * (high - low))
+    ax.set_ylabel("reduced energy u (kT)")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_title("Energy distributions")
+    return _save(fig, path)
+
+
+def plot_ramachandran(path: str | Path, panels: list[AngleSet], bins: int = 64) -> Path:
+    """Ramachandran maps side by side as free energies ``−ln p(φ, ψ)`` (kT, minimum 0);
+    empty bins are white. A panel with log-weights is reweighted to the target."""
+    plt = _pyplot()
+    n = len(panels)
+    cols = min(n, 4)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.2 * rows), squeeze=False)
+    edges = np.linspace(-math.pi, math.pi, bins + 1)
+    image = None
+    for ax, panel in zip(axes.flat, panels, strict=False):
+        weights = None if panel.log_w is None else normalised_weights(panel.log_w)
+        hist = ramachandran_histogram(panel.phi, panel.psi, weights, bins=bins)
+        with np.errstate(divide="ignore"):
+            free = -np.log(hist)
+        free -= free[np.isfinite(free)].min()
+        free = np.ma.masked_invalid(free)
+        image = ax.pcolormesh(edges, edges, free.T, cmap="viridis", vmin=0, vmax=10)
+        ax.set_title(panel.label, fontsize=9)
+        ax.set_xlabel("φ (rad)")
+        ax.set_aspect("equal")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("ψ (rad)")
+    for ax in list(axes.flat)[n:]:
+        ax.set_visible(False)
+    fig.colorbar(image, ax=axes, label="−ln p (kT)", shrink=0.8)
+    return _save(fig, path)
+
+
+def plot_free_energy_phi(
+    path: str | Path, curves: list[AngleSet], bins: int = 100, max_kT: float = 12.0
+) -> Path:
+    """Free energy along φ, ``F(φ) = −ln p(φ)`` in kT (minimum 0, axis up to ``max_kT``), per
+    curve; curves with log-weights are reweighted (dashed). Empty bins leave gaps."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    centres = np.linspace(-math.pi, math.pi, bins + 1)
+    centres = 0.5 * (centres[1:] + centres[:-1])
+    for curve in curves:
+        ok = np.isfinite(curve.phi)
+        weights = None
+        if curve.log_w is not None:
+            weights = normalised_weights(curve.log_w)[ok]
+        hist, _ = np.histogram(curve.phi[ok], bins=bins, range=(-math.pi, math.pi),
+                               weights=weights, density=True)  # fmt: skip
+        with np.errstate(divide="ignore"):
+            free = -np.log(hist)
+        free -= free[np.isfinite(free)].min()
+        style = "--" if curve.log_w is not None else "-"
+        ax.plot(centres, np.where(np.isfinite(free), free, np.nan), style, label=curve.label)
+    ax.set_xlabel("φ (rad)")
+    ax.set_ylabel("F(φ) (kT)")
+    ax.set_xlim(-math.pi, math.pi)
+    ax.set_ylim(0, max_kT)
+    ax.legend(fontsize=8)
+    ax.set_title("Free energy along φ")
+    return _save(fig, path)

@@ -1,0 +1,226 @@
+"""``python -m p4bg.analyze``: score generated ensembles against MD and draw the paper's figures.
+
+    python -m p4bg.analyze runs/p4inv runs/swap --reference data/alanine_dipeptide_600K
+    python -m p4bg.analyze --reference data/alanine_dipeptide_600K --out report_md   # MD alone
+
+Writes ``runs/NAME/report/`` for the first run given (or ``--out``): energies.png,
+ramachandran.png, free_energy_phi.png, metrics.json (every metric of DESIGN.md §5 per model,
+with sample counts) and report.md (a table comparing the runs). Each run needs samples from
+``python -m p4bg.sample``. The reference is the ``--split`` (default: the held-out test frames)
+of an MD dataset; the training frames give the low-energy threshold (their maximum u). The
+metrics themselves live in ``analysis/`` (no torch); this CLI only gathers the arrays: it
+evaluates the MD frames perturbed by Gaussian noise (``--noise`` nm) with OpenMM, and each
+model's log q on the MD frames (for the forward ESS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from p4bg.config import ConfigError
+
+__all__ = ["Reference", "analyze", "build_parser", "load_reference", "main"]
+
+
+class Reference:
+    """MD frames of one split: xyz [frames, atoms, 3] nm float64, u (kT), φ/ψ (radians), L-form."""
+
+    def __init__(self, path: str | Path, split: str, system_name: str | None) -> None:
+        from analysis.geometry import dihedral, is_l_chirality
+        from p4bg.data import load_dataset, load_metadata
+        from p4bg.systems import load_system
+
+        meta = load_metadata(path)
+        data = load_dataset(path)
+        if split not in data.split:
+            raise ConfigError(f"--split must be one of {sorted(data.split)}, got {split!r}")
+        self.path, self.split = str(path), split
+        self.system = load_system(system_name or meta["system"])
+        self.temperature = float(meta["temperature_K"])
+        self.kT = float(meta["kT_kJ_per_mol"])
+        idx = data.split[split]
+        self.xyz = data.xyz[idx].astype(np.float64).reshape(len(idx), -1, 3)
+        self.u = data.energies[idx] / self.kT
+        self.u_train_max = float(np.max(data.energies[data.split["train"]]) / self.kT)
+        self.phi = dihedral(self.xyz, self.system.phi_atoms)
+        self.psi = dihedral(self.xyz, self.system.psi_atoms)
+        self.is_l = is_l_chirality(self.xyz)
+
+
+def load_reference(path: str | Path, split: str = "test", system: str | None = None) -> Reference:
+    return Reference(path, split, system)
+
+
+def perturbed_energies(reference: Reference, noise: float, seed: int, n_workers: int) -> np.ndarray:
+    """u (kT) of the MD frames with N(0, noise²) nm added to every coordinate (paper Fig. 7)."""
+    from p4bg.energy import OpenMMEnergy
+
+    rng = np.random.default_rng(seed)
+    xyz = reference.xyz + rng.normal(0.0, noise, size=reference.xyz.shape)
+    with OpenMMEnergy(reference.system, n_workers=n_workers,
+                      temperature=reference.temperature) as energy:  # fmt: skip
+        u, _ = energy.evaluate(xyz.reshape(len(xyz), -1), forces=False)
+    return u
+
+
+def model_log_q(run: Path, xyz: np.ndarray, device: str, batch: int = 4096) -> np.ndarray:
+    """log q of MD frames under the run's model (float64 numpy), for the forward ESS."""
+    import torch
+
+    from p4bg.sample import load_run
+
+    loaded = load_run(run, device)
+    param = next(loaded.bg.flow.parameters())
+    out = []
+    with torch.no_grad():
+        for chunk in np.array_split(xyz.reshape(len(xyz), -1), max(1, len(xyz) // batch)):
+            x = torch.from_numpy(chunk).to(param.device, param.dtype)
+            out.append(loaded.bg.log_prob(x).double().cpu().numpy())
+    return np.concatenate(out)
+
+
+def read_samples(run: Path) -> dict[str, np.ndarray]:
+    path = run / "samples.npz"
+    if not path.is_file():
+        raise ConfigError(f"{run}: no samples.npz; make them with `python -m p4bg.sample {run}`")
+    with np.load(path) as data:
+        missing = [k for k in ("u", "log_q", "log_w", "phi", "psi") if k not in data]
+        if missing:
+            raise ConfigError(f"{path}: arrays {missing} are missing; rerun p4bg.sample")
+        arrays = {k: data[k] for k in data.files}
+    n = len(arrays["u"])
+    arrays.setdefault("finite", np.isfinite(arrays["phi"]) & np.isfinite(arrays["psi"]))
+    if "is_l" not in arrays:
+        raise ConfigError(f"{path}: no is_l array (written by an older p4bg.sample); rerun it")
+    bad = [k for k, v in arrays.items() if len(v) != n]
+    if bad:
+        raise ConfigError(f"{path}: arrays {bad} do not have {n} entries like u; rerun p4bg.sample")
+    return arrays
+
+
+def analyze(
+    runs: list[Path],
+    reference_path: str | Path,
+    out: Path,
+    split: str = "test",
+    noise: float = 0.004,
+    seed: int = 0,
+    device: str = "auto",
+    n_workers: int = 2,
+) -> dict[str, Any]:
+    """Gather the arrays, compute the metrics (analysis.metrics), write the report; returns
+    the content of metrics.json."""
+    from analysis.metrics import ensemble_metrics, reference_metrics
+    from analysis.plots import AngleSet, plot_energies, plot_free_energy_phi, plot_ramachandran
+    from analysis.report import write_metrics_json, write_report_md
+
+    samples = {run.name: read_samples(run) for run in runs}  # fail early, before OpenMM work
+    ref = load_reference(reference_path, split)
+    ref_arrays = {"u": ref.u, "phi": ref.phi, "psi": ref.psi}
+    out.mkdir(parents=True, exist_ok=True)
+    u_noisy = perturbed_energies(ref, noise, seed, n_workers)
+    reference = reference_metrics(ref.u, ref.phi, ref.psi, ref.is_l, ref.u_train_max)
+    noisy_label = f"MD + {noise:g} nm noise"
+    reference["perturbed"] = {
+        "noise_nm": noise,
+        "mean_u": float(np.mean(u_noisy)),
+        "median_u": float(np.median(u_noisy)),
+        "low_energy_fraction": float(np.mean(u_noisy < ref.u_train_max)),
+    }
+    models: dict[str, dict[str, Any]] = {}
+    run_info: dict[str, str] = {}
+    for run in runs:
+        s = samples[run.name]
+        meta = run / "samples.json"
+        t = json.loads(meta.read_text()).get("temperature_K") if meta.is_file() else None
+        if t is not None and abs(float(t) - ref.temperature) > 1e-6:
+            raise ConfigError(f"{run}: samples were weighted at {t} K but the reference "
+                              f"{reference_path} is at {ref.temperature} K")  # fmt: skip
+        log_w_ref = -ref.u - model_log_q(run, ref.xyz, device)
+        models[run.name] = ensemble_metrics(
+            s["u"], s["log_w"], s["phi"], s["psi"], s["is_l"], s["finite"], ref_arrays,
+            ref.u_train_max, log_w_ref,
+        )  # fmt: skip
+        run_info[run.name] = f"{run}, {len(s['u']):,} samples"
+    energies = {"MD": ref.u, noisy_label: u_noisy} | {k: v["u"] for k, v in samples.items()}
+    panels = [AngleSet(f"MD ({split}, {len(ref.u):,} frames)", ref.phi, ref.psi)]
+    curves = [AngleSet("MD", ref.phi, ref.psi)]
+    for name, s in samples.items():
+        panels.append(AngleSet(f"{name} (raw)", s["phi"], s["psi"]))
+        curves.append(AngleSet(f"{name} (raw)", s["phi"], s["psi"]))
+        if np.isfinite(s["log_w"]).any():
+            panels.append(AngleSet(f"{name} (reweighted)", s["phi"], s["psi"], s["log_w"]))
+            curves.append(AngleSet(f"{name} (reweighted)", s["phi"], s["psi"], s["log_w"]))
+    figures = [
+        plot_energies(out / "energies.png", energies, ref.u_train_max).name,
+        plot_ramachandran(out / "ramachandran.png", panels).name,
+        plot_free_energy_phi(out / "free_energy_phi.png", curves).name,
+    ]
+    info = {
+        "reference": str(reference_path), "split": split, "temperature_K": ref.temperature,
+        "kT_kJ_per_mol": ref.kT, "u_train_max": ref.u_train_max, "runs": run_info,
+        "noise_nm": noise, "seed": seed,
+    }  # fmt: skip
+    result = {"info": info, "reference": reference, "models": models}
+    write_metrics_json(out / "metrics.json", result)
+    write_report_md(out / "report.md", reference, models, info, figures)
+    return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m p4bg.analyze",
+        description="Energy and Ramachandran analysis of sampled runs against MD.",
+    )
+    parser.add_argument("runs", nargs="*", type=Path, help="run folders holding samples.npz")
+    parser.add_argument(
+        "--reference", required=True, help="MD dataset folder from p4bg.simulate (data/NAME_600K)"
+    )
+    parser.add_argument("--split", default="test", help="reference frames: train|val|test (test)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="report folder (default: RUN/report of the first run)")  # fmt: skip
+    parser.add_argument(
+        "--noise",
+        type=float,
+        default=0.004,
+        help="noise on MD positions for the perturbed set (nm)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of that noise (0)")
+    parser.add_argument("--device", default="auto", help="for log q of MD frames (auto)")
+    parser.add_argument("--n-workers", type=int, default=2, help="OpenMM energy workers (2)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    from p4bg.data import DatasetError
+    from p4bg.systems import SystemConfigError
+
+    args = build_parser().parse_args(argv)
+    out = args.out or (args.runs[0] / "report" if args.runs else None)
+    try:
+        if out is None:
+            raise ConfigError("without runs, say where the report goes with --out")
+        if not args.noise >= 0:
+            raise ConfigError(f"--noise must be >= 0 nm, got {args.noise}")
+        result = analyze(args.runs, args.reference, out, args.split, args.noise, args.seed,
+                         args.device, args.n_workers)  # fmt: skip
+    except (ConfigError, DatasetError, SystemConfigError) as err:
+        print(f"p4bg.analyze: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(f"report in {out}/: report.md, metrics.json, energies.png, ramachandran.png, "
+          "free_energy_phi.png")  # fmt: skip
+    for name, m in result["models"].items():
+        print(f"  {name}: shift {m['energy_shift_finite']:+.2f} kT (finite), reverse ESS "
+              f"{m['reverse_ess']:.2%}, forward ESS {m['forward_ess']:.2%}, Rama KL "
+              f"{m['kl_rama']:.3f} raw / {m['kl_rama_reweighted']:.3f} reweighted "
+              f"(floor {result['reference']['kl_rama_floor']:.3f})")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

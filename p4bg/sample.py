@@ -1,0 +1,256 @@
+"""``python -m p4bg.sample``: draw conformations from a trained Boltzmann generator.
+
+    python -m p4bg.sample runs/p4inv --n 100000
+    python -m p4bg.sample runs/p4inv --n 5000 --batch 1024 --seed 1 --device cpu --overwrite
+
+Writes into the run folder:
+
+    samples.dcd    positions (float32 Å, as every DCD); mdtraj, VMD and PyMOL read it with
+    samples.pdb    the topology and the first sample
+    samples.npz    per frame: u (kT; +inf where the energy evaluation failed), log_q (model
+                   log-density on the 60-dim latent space), log_w = −u − log_q (−inf for failed
+                   samples), phi and psi (radians), finite (positions finite), is_l (L-alanine)
+    samples.json   counts, seed, energy platform, checkpoint step, status
+
+Energies, φ and ψ are computed from the positions exactly as stored in the DCD (rounded to
+float32 Å), so that anyone re-evaluating the file gets the stored numbers. Samples are written
+in chunks of ``--batch``: the DCD's header is updated with every frame and ``samples.npz`` is
+replaced atomically after every chunk, so a killed run leaves valid files holding the finished
+chunks (``samples.json`` then says ``"status": "running"``; the DCD may hold one more chunk than
+the npz, whose frames are not yet evaluated: readers take the first ``len(u)`` frames).
+Failed samples are kept and counted, never dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from p4bg.config import ConfigError, TrainConfig, apply_overrides
+from p4bg.train import pick_device
+
+__all__ = ["LoadedRun", "SampleWriter", "load_run", "main", "sample_run"]
+
+SAMPLE_ARRAYS = ("u", "log_q", "log_w", "phi", "psi", "finite", "is_l")
+
+
+class LoadedRun(NamedTuple):
+    """A trained run, ready to sample: its configuration, system and generator (eval mode)."""
+
+    config: TrainConfig
+    system: Any  # p4bg.systems.MolecularSystem
+    bg: Any  # p4bg.generator.BoltzmannGenerator, target None
+    step: int
+    energy_platform: str
+
+
+def load_run(run: str | Path, device: str = "auto") -> LoadedRun:
+    """Load ``runs/NAME/checkpoint.pt`` into a BoltzmannGenerator on ``device``.
+
+    The configuration comes from the checkpoint (the one its weights belong to); the coordinate
+    transform is rebuilt from its saved buffers, so the training data need not be present."""
+    from p4bg.coordinates import MixedCoordinateTransform
+    from p4bg.flows import build_flow
+    from p4bg.generator import BoltzmannGenerator
+    from p4bg.systems import load_system
+
+    run = Path(run)
+    path = run / "checkpoint.pt"
+    if not path.is_file():
+        hint = "is it a run folder?" if not run.is_dir() else "has the training saved one yet?"
+        raise ConfigError(f"{run}: no checkpoint.pt ({hint}); train with `python -m p4bg.train "
+                          f"--out {run}`")  # fmt: skip
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    missing = [k for k in ("config", "flow", "coordinates", "step") if k not in state]
+    if missing:
+        raise ConfigError(f"{path}: not a p4bg.train checkpoint (missing {missing})")
+    config = apply_overrides(TrainConfig(), state["config"], str(path))
+    system = load_system(config.system)
+    coordinates = MixedCoordinateTransform.from_state_dict(system, state["coordinates"])
+    flow = build_flow(config.flow, coordinates.dim, config.n_blocks, config.hidden)
+    flow.load_state_dict(state["flow"])
+    dtype = getattr(torch, config.dtype)
+    dev = pick_device(device)
+    bg = BoltzmannGenerator(flow.to(dev, dtype), coordinates.to(dev, dtype), None).eval()
+    return LoadedRun(config, system, bg, int(state["step"]), state.get("energy_platform", "auto"))
+
+
+def to_dcd_precision(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positions as a DCD stores them: ``(Å float32 [n, atoms, 3], nm float64 [n, atoms, 3])``.
+
+    x: positions [n, 3·atoms] nm. The float64 nm array is exactly what a reader gets back from
+    the DCD's Å (divided by 10 in float64), so energies computed from it are reproducible."""
+    angstrom = np.asarray(x, dtype=np.float32).reshape(len(x), -1, 3) * np.float32(10.0)
+    return angstrom, angstrom.astype(np.float64) / 10.0
+
+
+class SampleWriter:
+    """Writes samples.dcd/pdb/npz/json chunk by chunk (see the module docstring)."""
+
+    def __init__(self, folder: Path, topology: Any, info: dict[str, Any]) -> None:
+        from mdtraj.formats import DCDTrajectoryFile
+
+        self.folder = folder
+        self.topology = topology
+        self.info = dict(info)
+        self.arrays: dict[str, list[np.ndarray]] = {k: [] for k in SAMPLE_ARRAYS}
+        self.n = 0
+        for name in ("samples.npz", "samples.pdb", "samples.json"):
+            (folder / name).unlink(missing_ok=True)
+        self._dcd = DCDTrajectoryFile(str(folder / "samples.dcd"), "w", force_overwrite=True)
+        self._write_json("running")
+
+    def _write_json(self, status: str) -> None:
+        from p4bg.data import write_json
+
+        counts = {
+            "n_samples": self.n,
+            "n_nonfinite_positions": int(sum((~a).sum() for a in self.arrays["finite"])),
+            "n_failed_energies": int(sum((~np.isfinite(a)).sum() for a in self.arrays["u"])),
+        }
+        write_json(self.folder / "samples.json", {**self.info, **counts, "status": status})
+
+    def write(self, angstrom: np.ndarray, arrays: dict[str, np.ndarray]) -> None:
+        """Append one chunk: positions (Å float32 [n, atoms, 3]) and its per-frame arrays."""
+        if self.n == 0:
+            self._write_pdb(angstrom[0])
+        self._dcd.write(angstrom)
+        for key in SAMPLE_ARRAYS:
+            self.arrays[key].append(arrays[key])
+        self.n += len(angstrom)
+        tmp = self.folder / "samples.tmp.npz"
+        np.savez(tmp, **{k: np.concatenate(v) for k, v in self.arrays.items()})
+        tmp.replace(self.folder / "samples.npz")
+        self._write_json("running")
+
+    def _write_pdb(self, angstrom: np.ndarray) -> None:
+        import mdtraj
+
+        xyz = angstrom.astype(np.float64)[None] / 10.0
+        if not np.isfinite(xyz).all():  # a PDB cannot hold NaN: the topology still must be there
+            xyz = np.nan_to_num(xyz, nan=0.0, posinf=0.0, neginf=0.0)
+        tmp = self.folder / "samples.tmp.pdb"
+        mdtraj.Trajectory(xyz, self.topology).save_pdb(str(tmp))
+        tmp.replace(self.folder / "samples.pdb")
+
+    def close(self, status: str = "complete") -> None:
+        self._dcd.close()
+        self._write_json(status)
+
+
+def sample_run(
+    run: str | Path,
+    n: int,
+    batch: int = 4096,
+    device: str = "auto",
+    seed: int = 0,
+    n_workers: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Draw ``n`` samples from ``run`` and write them (module docstring); returns samples.json."""
+    from tqdm import tqdm
+
+    from analysis.geometry import dihedral, is_l_chirality
+    from p4bg.energy import OpenMMEnergy
+
+    if n < 1 or batch < 1:
+        raise ConfigError(f"--n and --batch must be >= 1, got {n} and {batch}")
+    run = Path(run)
+    loaded = load_run(run, device)
+    system, bg = loaded.system, loaded.bg
+    workers = loaded.config.n_workers if n_workers is None else n_workers
+    torch.manual_seed(seed)
+    info = {
+        "run": str(run), "checkpoint_step": loaded.step, "seed": seed, "requested": n,
+        "batch": batch, "device": str(next(bg.flow.parameters()).device),
+        "temperature_K": system.temperature, "kT_kJ_per_mol": system.kT,
+        "command": "python -m p4bg.sample " + " ".join(sys.argv[1:]),
+    }  # fmt: skip
+    start = time.perf_counter()
+    with OpenMMEnergy(system, n_workers=workers, platform=loaded.energy_platform) as energy:
+        info["energy_platform"] = energy.platform
+        writer = SampleWriter(run, system.topology, info)
+        status = "interrupted"
+        try:
+            bar = tqdm(total=n, desc="sampling", unit="conf", disable=not progress)
+            done = 0
+            while done < n:
+                size = min(batch, n - done)
+                with torch.no_grad():
+                    x, log_q = bg.generate(bg.prior_sample(size))
+                angstrom, xyz = to_dcd_precision(x.cpu().numpy())
+                log_q = log_q.double().cpu().numpy()
+                u, _ = energy.evaluate(xyz.reshape(size, -1), forces=False)
+                with np.errstate(invalid="ignore"):
+                    log_w = -u - log_q
+                writer.write(angstrom, {
+                    "u": u, "log_q": log_q, "log_w": log_w,
+                    "phi": dihedral(xyz, system.phi_atoms), "psi": dihedral(xyz, system.psi_atoms),
+                    "finite": np.isfinite(xyz).all(axis=(1, 2)), "is_l": is_l_chirality(xyz),
+                })  # fmt: skip
+                done += size
+                bar.update(size)
+                bar.set_postfix(failed=energy.stats.failures)
+            bar.close()
+            status = "complete"
+        finally:
+            writer.info["seconds"] = round(time.perf_counter() - start, 3)
+            writer.close(status)
+    return json.loads((run / "samples.json").read_text())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m p4bg.sample",
+        description="Draw conformations from a trained run into samples.dcd/pdb/npz.",
+    )
+    parser.add_argument("run", help="run folder written by p4bg.train (holds checkpoint.pt)")
+    parser.add_argument("--n", type=int, default=100_000, help="number of samples (100000)")
+    parser.add_argument("--batch", type=int, default=4096, help="samples per chunk (4096)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (auto)")
+    parser.add_argument("--seed", type=int, default=0, help="torch seed of the prior draws (0)")
+    parser.add_argument("--n-workers", type=int, default=None,
+                        help="energy worker processes (default: the run's n_workers)")  # fmt: skip
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace samples already in the run folder")  # fmt: skip
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    from p4bg.systems import SystemConfigError
+
+    args = build_parser().parse_args(argv)
+    run = Path(args.run)
+    try:
+        if (run / "samples.npz").exists() and not args.overwrite:
+            raise ConfigError(f"{run} already holds samples; pass --overwrite to replace them")
+        result = sample_run(run, args.n, args.batch, args.device, args.seed, args.n_workers,
+                            progress=not args.no_progress)  # fmt: skip
+    except (ConfigError, SystemConfigError) as err:
+        print(f"p4bg.sample: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print(f"p4bg.sample: interrupted; the finished chunks are in {run}/samples.*",
+              file=sys.stderr)  # fmt: skip
+        raise SystemExit(130) from None
+    with np.load(run / "samples.npz") as data:
+        u = data["u"]
+    ok = np.isfinite(u)
+    mean = float(np.mean(u[ok])) if ok.any() else math.nan
+    print(f"{result['n_samples']} samples in {result['seconds']:.0f} s -> {run}/samples.dcd/pdb/"
+          f"npz; {result['n_failed_energies']} failed energies, "
+          f"{result['n_nonfinite_positions']} non-finite; mean u {mean:.2f} kT (finite), "
+          f"median {float(np.median(u)):.2f} kT")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
