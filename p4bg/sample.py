@@ -33,11 +33,12 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from p4bg.config import ConfigError, TrainConfig, apply_overrides
 from p4bg.train import pick_device
 
-__all__ = ["LoadedRun", "SampleWriter", "load_run", "main", "sample_run"]
+__all__ = ["LatentStream", "LoadedRun", "SampleWriter", "load_run", "main", "sample_run"]
 
 SAMPLE_ARRAYS = ("u", "log_q", "log_w", "phi", "psi", "finite", "is_l")
 
@@ -90,6 +91,26 @@ def to_dcd_precision(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     the DCD's Å (divided by 10 in float64), so energies computed from it are reproducible."""
     angstrom = np.asarray(x, dtype=np.float32).reshape(len(x), -1, 3) * np.float32(10.0)
     return angstrom, angstrom.astype(np.float64) / 10.0
+
+
+class LatentStream:
+    """Prior draws z ~ N(0, I) as one reproducible stream per seed: drawn on the CPU in fixed
+    blocks, so that the samples depend on the seed only, not on ``--batch`` or the device."""
+
+    BLOCK = 4096
+
+    def __init__(self, seed: int, dim: int, dtype: torch.dtype) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+        self.dim, self.dtype = dim, dtype
+        self.buffer = torch.empty(0, dim, dtype=dtype)
+
+    def take(self, n: int) -> Tensor:
+        """The next ``n`` draws, shape [n, dim], on the CPU."""
+        while len(self.buffer) < n:
+            block = torch.randn(self.BLOCK, self.dim, generator=self.generator, dtype=self.dtype)
+            self.buffer = torch.cat([self.buffer, block])
+        out, self.buffer = self.buffer[:n], self.buffer[n:]
+        return out
 
 
 class SampleWriter:
@@ -167,10 +188,11 @@ def sample_run(
     loaded = load_run(run, device)
     system, bg = loaded.system, loaded.bg
     workers = loaded.config.n_workers if n_workers is None else n_workers
-    torch.manual_seed(seed)
+    param = next(bg.flow.parameters())
+    stream = LatentStream(seed, bg.dim, param.dtype)
     info = {
         "run": str(run), "checkpoint_step": loaded.step, "seed": seed, "requested": n,
-        "batch": batch, "device": str(next(bg.flow.parameters()).device),
+        "batch": batch, "device": str(param.device),
         "temperature_K": system.temperature, "kT_kJ_per_mol": system.kT,
         "command": "python -m p4bg.sample " + " ".join(sys.argv[1:]),
     }  # fmt: skip
@@ -185,7 +207,7 @@ def sample_run(
             while done < n:
                 size = min(batch, n - done)
                 with torch.no_grad():
-                    x, log_q = bg.generate(bg.prior_sample(size))
+                    x, log_q = bg.generate(stream.take(size).to(param.device))
                 angstrom, xyz = to_dcd_precision(x.cpu().numpy())
                 log_q = log_q.double().cpu().numpy()
                 u, _ = energy.evaluate(xyz.reshape(size, -1), forces=False)
@@ -216,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--n", type=int, default=100_000, help="number of samples (100000)")
     parser.add_argument("--batch", type=int, default=4096, help="samples per chunk (4096)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (auto)")
-    parser.add_argument("--seed", type=int, default=0, help="torch seed of the prior draws (0)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the prior draws; samples depend on it alone (0)")  # fmt: skip
     parser.add_argument("--n-workers", type=int, default=None,
                         help="energy worker processes (default: the run's n_workers)")  # fmt: skip
     parser.add_argument("--overwrite", action="store_true",

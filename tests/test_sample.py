@@ -1,0 +1,285 @@
+"""python -m p4bg.sample and python -m p4bg.analyze on a tiny trained run.
+
+The oracle for the sample files is a second implementation: mdtraj reads the DCD and recomputes
+φ/ψ, a fresh OpenMM Context re-evaluates the energies.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mdtraj
+import numpy as np
+import pytest
+import torch
+
+from p4bg.analyze import main as analyze_main
+from p4bg.config import ConfigError
+from p4bg.sample import load_run, sample_run
+from p4bg.sample import main as sample_main
+from p4bg.simulate import main as simulate_main
+from p4bg.systems import load_system
+from p4bg.train import main as train_main
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("md") / "ala"
+    simulate_main(["--ns", "0.04", "--replicas", "2", "--chunk-frames", "100", "--equilibration-ps", "1",
+                   "--no-progress", "--out", str(out)])  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="module")
+def run(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    train_main(["--preset", "smoke", "--data", str(data), "--out", str(out), "--no-progress"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def sampled(run):
+    sample_main([str(run), "--n", "120", "--batch", "50", "--seed", "3", "--no-progress"])
+    return run
+
+
+def read_npz(run: Path) -> dict[str, np.ndarray]:
+    with np.load(run / "samples.npz") as data:
+        return {k: data[k] for k in data.files}
+
+
+def test_sample_files_are_complete_and_consistent(sampled):
+    s = read_npz(sampled)
+    assert all(len(v) == 120 for v in s.values())
+    assert {"u", "log_q", "log_w", "phi", "psi", "finite", "is_l"} <= set(s)
+    np.testing.assert_array_equal(s["log_w"], -s["u"] - s["log_q"])
+    info = json.loads((sampled / "samples.json").read_text())
+    assert info["status"] == "complete" and info["n_samples"] == 120 and info["seed"] == 3
+    assert info["n_failed_energies"] == int((~np.isfinite(s["u"])).sum())
+
+
+def test_mdtraj_reads_the_samples_and_recomputes_the_stored_dihedrals(sampled):
+    system = load_system("alanine_dipeptide")
+    traj = mdtraj.load(str(sampled / "samples.dcd"), top=str(sampled / "samples.pdb"))
+    assert traj.n_frames == 120 and traj.n_atoms == 22
+    assert [a.name for a in traj.topology.atoms] == [a.name for a in system.topology.atoms]
+    assert [r.name for r in traj.topology.residues] == ["ACE", "ALA", "NME"]
+    s = read_npz(sampled)
+    np.testing.assert_allclose(mdtraj.compute_phi(traj)[1][:, 0], s["phi"], atol=2e-5)
+    np.testing.assert_allclose(mdtraj.compute_psi(traj)[1][:, 0], s["psi"], atol=2e-5)
+    first = mdtraj.load(str(sampled / "samples.pdb"))
+    np.testing.assert_allclose(first.xyz[0], traj.xyz[0], atol=1e-4)  # PDB: 0.001 Å
+
+
+def test_openmm_reproduces_the_stored_energies_from_the_dcd(sampled):
+    """Acceptance of the sample issue: energies from samples.dcd to 1e-4 kT (float64)."""
+    import openmm
+    import openmm.unit as unit
+    from mdtraj.formats import DCDTrajectoryFile
+
+    system = load_system("alanine_dipeptide")
+    info = json.loads((sampled / "samples.json").read_text())
+    with DCDTrajectoryFile(str(sampled / "samples.dcd")) as f:
+        xyz = f.read()[0].astype(np.float64) / 10.0  # Å (float32) -> nm (float64)
+    context = openmm.Context(
+        system.openmm_system,
+        openmm.VerletIntegrator(0.001),
+        openmm.Platform.getPlatformByName(info["energy_platform"]),
+    )
+    kT = info["kT_kJ_per_mol"]
+    s = read_npz(sampled)
+    for i, frame in enumerate(xyz):
+        context.setPositions(frame * unit.nanometer)
+        u = context.getState(getEnergy=True).getPotentialEnergy().value_in_unit(
+            unit.kilojoule_per_mole
+        ) / kT  # fmt: skip
+        assert abs(u - s["u"][i]) <= max(1e-4, 1e-12 * abs(u)), i
+
+
+def test_log_q_matches_the_model_density_of_the_stored_positions(sampled):
+    loaded = load_run(sampled, "cpu")
+    traj = mdtraj.load(str(sampled / "samples.dcd"), top=str(sampled / "samples.pdb"))
+    x = torch.from_numpy(traj.xyz.reshape(traj.n_frames, -1)).float()
+    with torch.no_grad():
+        log_q = loaded.bg.log_prob(x).double().numpy()
+    s = read_npz(sampled)
+    ok = np.isfinite(log_q) & np.isfinite(s["log_q"])
+    assert ok.mean() > 0.9
+    np.testing.assert_allclose(log_q[ok], s["log_q"][ok], atol=0.05)  # float32 model and DCD
+
+
+def test_same_seed_gives_the_same_samples(run, tmp_path):
+    other = tmp_path / "copy"
+    other.mkdir()
+    for name in ("checkpoint.pt", "config.toml"):
+        (other / name).write_bytes((run / name).read_bytes())
+    sample_run(other, 30, batch=30, seed=11, progress=False)
+    a = read_npz(other)
+    sample_run(other, 30, batch=30, seed=11, progress=False)
+    np.testing.assert_array_equal(a["u"], read_npz(other)["u"])
+    sample_run(other, 30, batch=7, seed=11, progress=False)  # same draws, other chunks
+    b = read_npz(other)  # float32 matrix products may round differently with the batch size
+    np.testing.assert_allclose(a["phi"], b["phi"], atol=1e-5)
+    np.testing.assert_allclose(a["u"], b["u"], rtol=1e-4, atol=1e-3)
+
+
+def test_nonfinite_samples_are_kept_flagged_and_counted(run, tmp_path, monkeypatch):
+    import p4bg.sample as sample_module
+
+    other = tmp_path / "nan"
+    other.mkdir()
+    (other / "checkpoint.pt").write_bytes((run / "checkpoint.pt").read_bytes())
+    original = sample_module.load_run
+
+    def broken_load_run(path, device="auto"):
+        loaded = original(path, device)
+        generate = loaded.bg.generate
+
+        def generate_with_nan(z):
+            x, log_q = generate(z)
+            x = x.clone()
+            x[::4, 5] = float("nan")
+            return x, log_q
+
+        loaded.bg.generate = generate_with_nan
+        return loaded
+
+    monkeypatch.setattr(sample_module, "load_run", broken_load_run)
+    info = sample_run(other, 20, batch=8, progress=False)
+    s = read_npz(other)
+    bad = np.arange(20) % 8 % 4 == 0  # every 4th sample of each chunk
+    assert len(s["u"]) == 20 and info["n_nonfinite_positions"] == bad.sum()
+    np.testing.assert_array_equal(~s["finite"], bad)
+    assert np.isinf(s["u"][bad]).all() and np.isfinite(s["u"][~bad]).all()
+    assert info["n_failed_energies"] == bad.sum()
+    assert (np.isnan(s["log_w"][bad]) | np.isneginf(s["log_w"][bad])).all()
+
+
+def test_a_failure_mid_run_leaves_valid_files_of_the_finished_chunks(run, tmp_path, monkeypatch):
+    from p4bg.energy import OpenMMEnergy
+
+    other = tmp_path / "crash"
+    other.mkdir()
+    (other / "checkpoint.pt").write_bytes((run / "checkpoint.pt").read_bytes())
+    original = OpenMMEnergy.evaluate
+    calls = []
+
+    def failing_evaluate(self, xyz, forces=True):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("simulated crash")
+        return original(self, xyz, forces)
+
+    monkeypatch.setattr(OpenMMEnergy, "evaluate", failing_evaluate)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        sample_run(other, 50, batch=10, progress=False)
+    info = json.loads((other / "samples.json").read_text())
+    assert info["status"] == "interrupted" and info["n_samples"] == 20
+    assert len(read_npz(other)["u"]) == 20
+    traj = mdtraj.load(str(other / "samples.dcd"), top=str(other / "samples.pdb"))
+    assert traj.n_frames == 20
+
+
+def test_sigkill_leaves_readable_files(run, tmp_path):
+    other = tmp_path / "killed"
+    other.mkdir()
+    (other / "checkpoint.pt").write_bytes((run / "checkpoint.pt").read_bytes())
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "p4bg.sample", str(other), "--n", "1000000", "--batch", "200",
+         "--no-progress", "--n-workers", "1"],
+        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if (other / "samples.npz").exists() and json.loads(
+                (other / "samples.json").read_text()
+            )["n_samples"] >= 400:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("p4bg.sample wrote no chunk in 120 s")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    n = len(read_npz(other)["u"])
+    assert n >= 400 and n % 200 == 0
+    traj = mdtraj.load(str(other / "samples.dcd"), top=str(other / "samples.pdb"))
+    assert n <= traj.n_frames <= n + 200
+    assert json.loads((other / "samples.json").read_text())["status"] == "running"
+
+
+def test_sample_cli_errors(run, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        sample_main([str(tmp_path / "nothing"), "--n", "5"])
+    assert exit_info.value.code == 2
+    assert "no checkpoint.pt" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="--n and --batch"):
+        sample_run(run, 0)
+
+
+def test_sample_refuses_to_overwrite_without_the_flag(sampled, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        sample_main([str(sampled), "--n", "5"])
+    assert exit_info.value.code == 2 and "--overwrite" in capsys.readouterr().err
+
+
+# -------------------------------------------------------------------------------- analyze
+def test_analyze_writes_the_report(sampled, data):
+    analyze_main([str(sampled), "--reference", str(data), "--n-workers", "1"])
+    report = sampled / "report"
+    for name in ("energies.png", "ramachandran.png", "free_energy_phi.png"):
+        assert (report / name).read_bytes()[:8] == PNG_MAGIC, name
+    metrics = json.loads((report / "metrics.json").read_text())
+    model = metrics["models"][sampled.name]
+    for key in ("energy_shift", "low_energy_fraction", "reverse_ess", "forward_ess", "kl_rama",
+                "kl_rama_reweighted", "kl_phi", "kl_phi_reweighted", "kl_psi",
+                "kl_psi_reweighted", "delta_f", "delta_f_reweighted", "chirality_violations",
+                "n_samples"):  # fmt: skip
+        assert key in model, key
+    assert model["n_samples"] == 120
+    reference = metrics["reference"]
+    for key in ("kl_rama_floor", "kl_phi_floor", "kl_psi_floor", "delta_f", "perturbed"):
+        assert key in reference, key
+    assert 0 < model["reverse_ess"] <= 1 and 0 <= model["forward_ess"] <= 1
+    text = (report / "report.md").read_text()
+    assert f"| metric | MD (reference) | {sampled.name} |" in text
+
+
+def test_analyze_works_on_md_alone(data, tmp_path):
+    out = tmp_path / "md_report"
+    analyze_main(["--reference", str(data), "--out", str(out), "--n-workers", "1"])
+    assert (out / "ramachandran.png").read_bytes()[:8] == PNG_MAGIC
+    assert json.loads((out / "metrics.json").read_text())["models"] == {}
+
+
+def test_analyze_errors_name_what_to_do(run, data, tmp_path, capsys):
+    other = tmp_path / "unsampled"
+    other.mkdir()
+    with pytest.raises(SystemExit):
+        analyze_main([str(other), "--reference", str(data)])
+    assert "python -m p4bg.sample" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        analyze_main(["--reference", str(data)])
+    assert "--out" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        analyze_main(["--reference", str(tmp_path / "none"), "--out", str(tmp_path / "r")])
+    assert "p4bg.simulate" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("module", ["p4bg.sample", "p4bg.analyze"])
+def test_command_lines_start(module):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-m", module, "--help"], env=env, capture_output=True,
+                         text=True, check=True).stdout  # fmt: skip
+    assert f"python -m {module}" in out
