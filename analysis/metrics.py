@@ -269,4 +269,20 @@ def ensemble_metrics(
     out["kl_phi_reweighted"] = math.nan if w is None else kl_1d(ref_phi, phi, w)
     out["kl_psi_reweighted"] = math.nan if w is None else kl_1d(ref_psi, psi, w)
     out["delta_f_reweighted"] = math.nan if w is None else delta_f(phi, w)
+    # The floor compares n/2 MD frames with n/2 others, and with ε = 1e-10 every empty bin on
+    # the q side weighs heavily, so the KL depends on the q sample count. For a like-for-like
+    # comparison with the floor: the first half of the MD frames against as many model samples.
+    a, b = _split_halves(len(ref_phi))
+    m = min(b.stop - b.start, len(u))
+    sub = slice(0, m)
+    out["n_matched"] = m
+    out["kl_rama_matched"] = ramachandran_kl(ref_phi[a], ref_psi[a], phi[sub], psi[sub])
+    out["kl_phi_matched"] = kl_1d(ref_phi[a], phi[sub])
+    try:
+        w_sub = normalised_weights(np.asarray(log_w)[sub])
+        out["kl_rama_reweighted_matched"] = ramachandran_kl(
+            ref_phi[a], ref_psi[a], phi[sub], psi[sub], w_sub
+        )
+    except ValueError:
+        out["kl_rama_reweighted_matched"] = math.nan
     return out

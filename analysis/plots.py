@@ -116,6 +116,7 @@ def plot_free_energy_phi(
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     centres = np.linspace(-math.pi, math.pi, bins + 1)
     centres = 0.5 * (centres[1:] + centres[:-1])
+    colours: dict[int, str] = {}
     for curve in curves:
         ok = np.isfinite(curve.phi)
         weights = None
@@ -126,8 +127,12 @@ def plot_free_energy_phi(
         with np.errstate(divide="ignore"):
             free = -np.log(hist)
         free -= free[np.isfinite(free)].min()
+        # the same ensemble raw and reweighted share a colour; reweighted is dashed
+        key = id(curve.phi)
+        colour = colours.setdefault(key, f"C{len(colours)}")
         style = "--" if curve.log_w is not None else "-"
-        ax.plot(centres, np.where(np.isfinite(free), free, np.nan), style, label=curve.label)
+        ax.plot(centres, np.where(np.isfinite(free), free, np.nan), style, color=colour,
+                label=curve.label)  # fmt: skip
     ax.set_xlabel("φ (rad)")
     ax.set_ylabel("F(φ) (kT)")
     ax.set_xlim(-math.pi, math.pi)

@@ -218,7 +218,8 @@ def main(argv: list[str] | None = None) -> None:
     for name, m in result["models"].items():
         print(f"  {name}: shift {m['energy_shift_finite']:+.2f} kT (finite), reverse ESS "
               f"{m['reverse_ess']:.2%}, forward ESS {m['forward_ess']:.2%}, Rama KL "
-              f"{m['kl_rama']:.3f} raw / {m['kl_rama_reweighted']:.3f} reweighted "
+              f"{m['kl_rama']:.3f} raw / {m['kl_rama_reweighted']:.3f} reweighted; at the "
+              f"floor's size {m['kl_rama_matched']:.3f} / {m['kl_rama_reweighted_matched']:.3f} "
               f"(floor {result['reference']['kl_rama_floor']:.3f})")  # fmt: skip
 
 

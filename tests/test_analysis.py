@@ -164,10 +164,11 @@ def test_ensemble_metrics_of_a_model_equal_to_md():
     m = ensemble_metrics(u, log_w, phi, psi, is_l, finite, reference, u.max(), log_w)
     assert m["energy_shift"] == 0 and m["reverse_ess"] == pytest.approx(1.0)
     assert m["forward_ess"] == pytest.approx(1.0)
-    for key in ("kl_rama", "kl_rama_reweighted", "kl_phi", "kl_psi_reweighted"):
+    for key in ("kl_rama", "kl_rama_reweighted", "kl_phi", "kl_psi_reweighted",
+                "kl_rama_matched", "kl_rama_reweighted_matched", "kl_phi_matched"):  # fmt: skip
         assert m[key] == pytest.approx(0.0, abs=1e-12), key
     assert m["delta_f"] == pytest.approx(m["delta_f_reweighted"]) and m["chirality_violations"] == 0
-    assert {row[0] for row in ROWS} <= set(m)
+    assert {row[0] for row in ROWS} <= set(m) and m["n_matched"] == 2000
 
 
 def test_ensemble_metrics_count_failed_and_nonfinite_samples():
