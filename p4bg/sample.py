@@ -38,7 +38,15 @@ from torch import Tensor
 from p4bg.config import ConfigError, TrainConfig, apply_overrides
 from p4bg.train import pick_device
 
-__all__ = ["LatentStream", "LoadedRun", "SampleWriter", "load_run", "main", "sample_run"]
+__all__ = [
+    "LatentStream",
+    "LoadedRun",
+    "SampleWriter",
+    "load_run",
+    "main",
+    "sample_run",
+    "verify_samples",
+]
 
 SAMPLE_ARRAYS = ("u", "log_q", "log_w", "phi", "psi", "finite", "is_l")
 
@@ -193,7 +201,8 @@ def sample_run(
     info = {
         "run": str(run), "checkpoint_step": loaded.step, "seed": seed, "requested": n,
         "batch": batch, "device": str(param.device),
-        "temperature_K": system.temperature, "kT_kJ_per_mol": system.kT,
+        "system": loaded.config.system, "temperature_K": system.temperature,
+        "kT_kJ_per_mol": system.kT,
         "command": "python -m p4bg.sample " + " ".join(sys.argv[1:]),
     }  # fmt: skip
     start = time.perf_counter()
@@ -229,6 +238,62 @@ def sample_run(
     return json.loads((run / "samples.json").read_text())
 
 
+def verify_samples(run: str | Path, limit: int | None = None) -> dict[str, float]:
+    """Recompute the stored φ/ψ with mdtraj and the energies with a fresh OpenMM Context
+    (independently of p4bg's energy bridge) from ``samples.dcd``; returns the largest deviations.
+
+    Positions are read as the DCD stores them (float32 Å) and converted to nm in float64; the
+    first ``limit`` frames are checked (all by default)."""
+    import mdtraj
+    import openmm
+    import openmm.unit as unit
+    from mdtraj.formats import DCDTrajectoryFile
+
+    from p4bg.data import _quiet_c_stdio
+    from p4bg.systems import load_system
+
+    run = Path(run)
+    info = json.loads((run / "samples.json").read_text())
+    with np.load(run / "samples.npz") as data:
+        stored = {k: data[k] for k in ("u", "phi", "psi")}
+    n = len(stored["u"]) if limit is None else min(limit, len(stored["u"]))
+    with _quiet_c_stdio(), DCDTrajectoryFile(str(run / "samples.dcd")) as f:
+        angstrom = f.read(n_frames=n)[0]
+    if len(angstrom) < n:
+        raise ConfigError(f"{run}/samples.dcd holds {len(angstrom)} frames, samples.npz {n}")
+    xyz = angstrom.astype(np.float64) / 10.0
+    topology = mdtraj.load_topology(str(run / "samples.pdb"))
+    traj = mdtraj.Trajectory(xyz, topology)
+
+    def angle_error(a: np.ndarray, b: np.ndarray) -> float:
+        d = np.abs(a - b)
+        d = np.minimum(d, 2 * np.pi - d)
+        return float(np.nanmax(d)) if np.isfinite(d).any() else 0.0
+
+    system = load_system(str(info.get("system", "alanine_dipeptide")))
+    context = openmm.Context(
+        system.openmm_system,
+        openmm.VerletIntegrator(0.001),
+        openmm.Platform.getPlatformByName(info["energy_platform"]),
+    )
+    u = np.full(n, np.inf)
+    for i, frame in enumerate(xyz):
+        if np.isfinite(frame).all():
+            context.setPositions(frame * unit.nanometer)
+            energy = context.getState(getEnergy=True).getPotentialEnergy()
+            u[i] = energy.value_in_unit(unit.kilojoule_per_mole) / info["kT_kJ_per_mol"]
+    u[~np.isfinite(u)] = np.inf
+    same_failures = bool(np.array_equal(np.isfinite(u), np.isfinite(stored["u"][:n])))
+    ok = np.isfinite(u) & np.isfinite(stored["u"][:n])
+    return {
+        "frames": n,
+        "max_abs_du_kT": float(np.max(np.abs(u[ok] - stored["u"][:n][ok]))) if ok.any() else 0.0,
+        "same_failures": same_failures,
+        "max_abs_dphi_rad": angle_error(mdtraj.compute_phi(traj)[1][:, 0], stored["phi"][:n]),
+        "max_abs_dpsi_rad": angle_error(mdtraj.compute_psi(traj)[1][:, 0], stored["psi"][:n]),
+    }
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m p4bg.sample",
@@ -245,6 +310,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace samples already in the run folder")  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="instead of sampling: recompute the stored energies and angles of RUN's samples "
+        "with OpenMM and mdtraj and print the largest deviations",
+    )
     return parser
 
 
@@ -254,6 +325,12 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     run = Path(args.run)
     try:
+        if args.verify:
+            if not (run / "samples.npz").is_file():
+                raise ConfigError(f"{run}: no samples.npz to verify; run p4bg.sample first")
+            result = verify_samples(run)
+            print(json.dumps(result, indent=2))
+            return
         if (run / "samples.npz").exists() and not args.overwrite:
             raise ConfigError(f"{run} already holds samples; pass --overwrite to replace them")
         result = sample_run(run, args.n, args.batch, args.device, args.seed, args.n_workers,

@@ -283,3 +283,11 @@ def test_command_lines_start(module):
     out = subprocess.run([sys.executable, "-m", module, "--help"], env=env, capture_output=True,
                          text=True, check=True).stdout  # fmt: skip
     assert f"python -m {module}" in out
+
+
+def test_verify_recomputes_the_samples(sampled, capsys):
+    sample_main([str(sampled), "--verify"])
+    result = json.loads(capsys.readouterr().out)
+    assert result["frames"] == 120 and result["same_failures"]
+    assert result["max_abs_du_kT"] <= 1e-4
+    assert result["max_abs_dphi_rad"] < 1e-5 and result["max_abs_dpsi_rad"] < 1e-5
