@@ -10,6 +10,7 @@ the samples that have finite angles. :func:`ensemble_metrics` reports how many t
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -52,9 +53,14 @@ def logsumexp(a: np.ndarray) -> float:
 
 
 def _clean_log_w(log_w: np.ndarray) -> np.ndarray:
-    """NaN log-weights (a sample without a density or energy) become −inf: weight 0."""
+    """NaN log-weights (a sample without a density or energy) become −inf: weight 0. If some
+    are +inf (log q underflowed to −inf at a finite energy), those samples share all the weight
+    equally, the limit of the finite case."""
     log_w = np.asarray(log_w, dtype=np.float64)
-    return np.where(np.isnan(log_w), -np.inf, log_w)
+    log_w = np.where(np.isnan(log_w), -np.inf, log_w)
+    if np.isposinf(log_w).any():
+        log_w = np.where(np.isposinf(log_w), 0.0, -np.inf)
+    return log_w
 
 
 def normalised_weights(log_w: np.ndarray) -> np.ndarray:
@@ -205,6 +211,8 @@ def reference_metrics(
     The floor compares the first and second half of the reference frames (in the order given:
     for a p4bg test split, one replica's block against the other's): the KL a perfect model
     would still show with this many correlated frames."""
+    if len(phi) < 4:
+        raise ValueError(f"reference_metrics: need at least 4 reference frames, got {len(phi)}")
     a, b = _split_halves(len(phi))
     return {
         "n": len(u),
@@ -218,6 +226,19 @@ def reference_metrics(
         "delta_f_halves": [delta_f(phi[a]), delta_f(phi[b])],
         "chirality_violations": chirality_violations(is_l),
     }
+
+
+def _or_nan(fn: Callable[..., float], *args: Any) -> float:
+    """A histogram metric, or NaN when no sample has finite angles (a diverged model)."""
+    try:
+        return fn(*args)
+    except ValueError:
+        return math.nan
+
+
+def _weighted(fn: Callable[..., float], w: np.ndarray | None, *args: Any) -> float:
+    """``fn(*args, w)``, or NaN without weights or without finite angles."""
+    return math.nan if w is None else _or_nan(fn, *args, w)
 
 
 def ensemble_metrics(
@@ -254,9 +275,9 @@ def ensemble_metrics(
         "low_energy_fraction": low_energy_fraction(u, u_train_max),
         "reverse_ess": reverse_ess(log_w),
         "forward_ess": forward_ess(log_w_reference) if log_w_reference is not None else math.nan,
-        "kl_rama": ramachandran_kl(ref_phi, ref_psi, phi, psi),
-        "kl_phi": kl_1d(ref_phi, phi),
-        "kl_psi": kl_1d(ref_psi, psi),
+        "kl_rama": _or_nan(ramachandran_kl, ref_phi, ref_psi, phi, psi),
+        "kl_phi": _or_nan(kl_1d, ref_phi, phi),
+        "kl_psi": _or_nan(kl_1d, ref_psi, psi),
         "delta_f": delta_f(phi),
         "chirality_violations": chirality_violations(is_l, finite),
     }
@@ -264,25 +285,25 @@ def ensemble_metrics(
         w = normalised_weights(log_w)
     except ValueError:  # every weight is zero: nothing can be reweighted
         w = None
-    out["kl_rama_reweighted"] = math.nan if w is None else ramachandran_kl(ref_phi, ref_psi, phi,
-                                                                            psi, w)  # fmt: skip
-    out["kl_phi_reweighted"] = math.nan if w is None else kl_1d(ref_phi, phi, w)
-    out["kl_psi_reweighted"] = math.nan if w is None else kl_1d(ref_psi, psi, w)
+    out["kl_rama_reweighted"] = _weighted(ramachandran_kl, w, ref_phi, ref_psi, phi, psi)
+    out["kl_phi_reweighted"] = _weighted(kl_1d, w, ref_phi, phi)
+    out["kl_psi_reweighted"] = _weighted(kl_1d, w, ref_psi, psi)
     out["delta_f_reweighted"] = math.nan if w is None else delta_f(phi, w)
     # The floor compares n/2 MD frames with n/2 others, and with ε = 1e-10 every empty bin on
     # the q side weighs heavily, so the KL depends on the q sample count. For a like-for-like
-    # comparison with the floor: the first half of the MD frames against as many model samples.
+    # comparison with the floor: the first half of the MD frames against as many model samples
+    # (fewer if the model has fewer; n_matched says how many).
     a, b = _split_halves(len(ref_phi))
     m = min(b.stop - b.start, len(u))
     sub = slice(0, m)
     out["n_matched"] = m
-    out["kl_rama_matched"] = ramachandran_kl(ref_phi[a], ref_psi[a], phi[sub], psi[sub])
-    out["kl_phi_matched"] = kl_1d(ref_phi[a], phi[sub])
+    out["kl_rama_matched"] = _or_nan(ramachandran_kl, ref_phi[a], ref_psi[a], phi[sub], psi[sub])
+    out["kl_phi_matched"] = _or_nan(kl_1d, ref_phi[a], phi[sub])
     try:
         w_sub = normalised_weights(np.asarray(log_w)[sub])
-        out["kl_rama_reweighted_matched"] = ramachandran_kl(
-            ref_phi[a], ref_psi[a], phi[sub], psi[sub], w_sub
-        )
     except ValueError:
-        out["kl_rama_reweighted_matched"] = math.nan
+        w_sub = None
+    out["kl_rama_reweighted_matched"] = _weighted(
+        ramachandran_kl, w_sub, ref_phi[a], ref_psi[a], phi[sub], psi[sub]
+    )
     return out

@@ -89,21 +89,27 @@ def plot_ramachandran(path: str | Path, panels: list[AngleSet], bins: int = 64) 
     edges = np.linspace(-math.pi, math.pi, bins + 1)
     image = None
     for ax, panel in zip(axes.flat, panels, strict=False):
-        weights = None if panel.log_w is None else normalised_weights(panel.log_w)
-        hist = ramachandran_histogram(panel.phi, panel.psi, weights, bins=bins)
+        ax.set_title(panel.label, fontsize=9)
+        ax.set_xlabel("φ (rad)")
+        try:
+            weights = None if panel.log_w is None else normalised_weights(panel.log_w)
+            hist = ramachandran_histogram(panel.phi, panel.psi, weights, bins=bins)
+        except ValueError:  # a diverged model: say so instead of failing the whole report
+            ax.text(0.5, 0.5, "no finite samples\nwith weight", ha="center", va="center",
+                    transform=ax.transAxes)  # fmt: skip
+            continue
         with np.errstate(divide="ignore"):
             free = -np.log(hist)
         free -= free[np.isfinite(free)].min()
         free = np.ma.masked_invalid(free)
         image = ax.pcolormesh(edges, edges, free.T, cmap="viridis", vmin=0, vmax=10)
-        ax.set_title(panel.label, fontsize=9)
-        ax.set_xlabel("φ (rad)")
         ax.set_aspect("equal")
     for ax in axes[:, 0]:
         ax.set_ylabel("ψ (rad)")
     for ax in list(axes.flat)[n:]:
         ax.set_visible(False)
-    fig.colorbar(image, ax=axes, label="−ln p (kT)", shrink=0.8)
+    if image is not None:
+        fig.colorbar(image, ax=axes, label="−ln p (kT)", shrink=0.8)
     return _save(fig, path)
 
 
@@ -121,7 +127,12 @@ def plot_free_energy_phi(
         ok = np.isfinite(curve.phi)
         weights = None
         if curve.log_w is not None:
-            weights = normalised_weights(curve.log_w)[ok]
+            try:
+                weights = normalised_weights(curve.log_w)[ok]
+            except ValueError:
+                continue  # no sample with weight: nothing to draw
+        if not ok.any() or (weights is not None and not weights.sum() > 0):
+            continue
         hist, _ = np.histogram(curve.phi[ok], bins=bins, range=(-math.pi, math.pi),
                                weights=weights, density=True)  # fmt: skip
         with np.errstate(divide="ignore"):

@@ -15,18 +15,18 @@ ROWS: list[tuple[str, str | None, str, str]] = [
     ("n_samples", "n", "samples / frames", "{:,.0f}"),
     ("n_failed_energies", None, "failed energies (u = +inf)", "{:,.0f}"),
     ("n_nonfinite_positions", None, "non-finite positions", "{:,.0f}"),
-    ("mean_u", "mean_u", "mean u (kT)", "{:.2f}"),
-    ("median_u", "median_u", "median u (kT)", "{:.2f}"),
-    ("energy_shift", None, "mean energy shift vs MD (kT)", "{:.2f}"),
-    ("energy_shift_finite", None, "… over finite samples (kT)", "{:.2f}"),
-    ("median_energy_shift", None, "median energy shift vs MD (kT)", "{:.2f}"),
+    ("mean_u", "mean_u", "mean u", "energy"),
+    ("median_u", "median_u", "median u", "energy"),
+    ("energy_shift", None, "mean energy shift vs MD", "energy"),
+    ("energy_shift_finite", None, "… over finite samples", "energy"),
+    ("median_energy_shift", None, "median energy shift vs MD", "energy"),
     ("low_energy_fraction", "low_energy_fraction", "low-energy fraction (u < max u train)",
      "{:.1%}"),
     ("reverse_ess", None, "reverse ESS", "ess"),
     ("forward_ess", None, "forward ESS (MD frames)", "ess"),
     ("kl_rama", "kl_rama_floor", "Ramachandran KL 64×64, raw (MD: floor)", "{:.4f}"),
     ("kl_rama_reweighted", None, "Ramachandran KL, reweighted", "{:.4f}"),
-    ("kl_rama_matched", "kl_rama_floor", "… at the floor's size: MD 1st half vs first n/2 samples",
+    ("kl_rama_matched", "kl_rama_floor", "… at the floor's size (MD 1st half vs n_matched samples)",
      "{:.4f}"),
     ("kl_rama_reweighted_matched", None, "… reweighted, at the floor's size", "{:.4f}"),
     ("kl_phi", "kl_phi_floor", "φ KL 200 bins, raw (MD: floor)", "{:.4f}"),
@@ -39,23 +39,28 @@ ROWS: list[tuple[str, str | None, str, str]] = [
 ]  # fmt: skip
 
 
-def _format(value: Any, fmt: str) -> str:
+def _format(value: Any, fmt: str, kT: float | None = None) -> str:
     if value is None:
         return "–"
     if isinstance(value, float) and not math.isfinite(value):
         return "nan" if math.isnan(value) else ("+inf" if value > 0 else "−inf")
+    if fmt == "energy":  # reduced units, and kJ/mol when kT is known (DESIGN.md §2)
+        return f"{value:.2f} kT" + (f" ({value * kT:.1f} kJ/mol)" if kT else "")
     if fmt == "ess":  # a fraction that can be astronomically small: keep it readable
         return f"{value:.2%}" if value == 0 or value >= 1e-4 else f"{value:.1e}"
     return fmt.format(value)
 
 
-def markdown_table(reference: dict[str, Any], models: dict[str, dict[str, Any]]) -> str:
-    """Rows = metrics, columns = MD then each model (DESIGN.md §5 definitions)."""
+def markdown_table(
+    reference: dict[str, Any], models: dict[str, dict[str, Any]], kT: float | None = None
+) -> str:
+    """Rows = metrics, columns = MD then each model (DESIGN.md §5 definitions); energies in kT
+    and, given ``kT`` (kJ/mol), in kJ/mol."""
     header = ["metric", "MD (reference)", *models]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for key, ref_key, label, fmt in ROWS:
-        cells = [label, _format(reference.get(ref_key) if ref_key else None, fmt)]
-        cells += [_format(m.get(key), fmt) for m in models.values()]
+        cells = [label, _format(reference.get(ref_key) if ref_key else None, fmt, kT)]
+        cells += [_format(m.get(key), fmt, kT) for m in models.values()]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -105,7 +110,7 @@ def write_report_md(
         lines.append(f"- `{name}`: {meta}")
     lines += [
         "",
-        markdown_table(reference, models),
+        markdown_table(reference, models, info["kT_kJ_per_mol"]),
         "",
         "Definitions (DESIGN.md §5): log w = −u − log q; reverse ESS = Kish ESS / N of the "
         "samples; forward ESS = 1/(mean w · mean 1/w) on the MD frames; KL = Σ p log((p+ε)/(q+ε)) "

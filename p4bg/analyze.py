@@ -85,10 +85,27 @@ def model_log_q(run: Path, xyz: np.ndarray, device: str, batch: int = 4096) -> n
     return np.concatenate(out)
 
 
-def read_samples(run: Path) -> dict[str, np.ndarray]:
+def read_samples(run: Path, system: str, temperature: float) -> dict[str, np.ndarray]:
+    """The arrays of ``run/samples.npz``, after checking that sampling finished and that the
+    samples were weighted for the reference's system and temperature."""
     path = run / "samples.npz"
+    redo = f"`python -m p4bg.sample {run} --overwrite`"
     if not path.is_file():
         raise ConfigError(f"{run}: no samples.npz; make them with `python -m p4bg.sample {run}`")
+    meta_path = run / "samples.json"
+    if not meta_path.is_file():
+        raise ConfigError(f"{meta_path} is missing; rerun {redo}")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("status") != "complete":
+        raise ConfigError(f"{meta_path}: sampling did not finish (status {meta.get('status')!r}); "
+                          f"rerun {redo}")  # fmt: skip
+    if meta.get("system", system) != system:
+        raise ConfigError(f"{run}: samples of system {meta.get('system')!r}, reference of "
+                          f"{system!r}")  # fmt: skip
+    t = meta.get("temperature_K")
+    if t is None or abs(float(t) - temperature) > 1e-6:
+        raise ConfigError(f"{meta_path}: samples weighted at {t} K, the reference is at "
+                          f"{temperature} K; use a dataset at the run's temperature")  # fmt: skip
     with np.load(path) as data:
         missing = [k for k in ("u", "log_q", "log_w", "phi", "psi") if k not in data]
         if missing:
@@ -120,8 +137,13 @@ def analyze(
     from analysis.plots import AngleSet, plot_energies, plot_free_energy_phi, plot_ramachandran
     from analysis.report import write_metrics_json, write_report_md
 
-    samples = {run.name: read_samples(run) for run in runs}  # fail early, before OpenMM work
+    names = [run.name for run in runs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"runs must have distinct folder names (they label the report): {names}")
     ref = load_reference(reference_path, split)
+    samples = {  # fail early, before the OpenMM work
+        run.name: read_samples(run, ref.system.name, ref.temperature) for run in runs
+    }
     ref_arrays = {"u": ref.u, "phi": ref.phi, "psi": ref.psi}
     out.mkdir(parents=True, exist_ok=True)
     u_noisy = perturbed_energies(ref, noise, seed, n_workers)
@@ -137,11 +159,6 @@ def analyze(
     run_info: dict[str, str] = {}
     for run in runs:
         s = samples[run.name]
-        meta = run / "samples.json"
-        t = json.loads(meta.read_text()).get("temperature_K") if meta.is_file() else None
-        if t is not None and abs(float(t) - ref.temperature) > 1e-6:
-            raise ConfigError(f"{run}: samples were weighted at {t} K but the reference "
-                              f"{reference_path} is at {ref.temperature} K")  # fmt: skip
         log_w_ref = -ref.u - model_log_q(run, ref.xyz, device)
         models[run.name] = ensemble_metrics(
             s["u"], s["log_w"], s["phi"], s["psi"], s["is_l"], s["finite"], ref_arrays,
@@ -154,7 +171,7 @@ def analyze(
     for name, s in samples.items():
         panels.append(AngleSet(f"{name} (raw)", s["phi"], s["psi"]))
         curves.append(AngleSet(f"{name} (raw)", s["phi"], s["psi"]))
-        if np.isfinite(s["log_w"]).any():
+        if not np.isneginf(np.nan_to_num(s["log_w"], nan=-np.inf)).all():
             panels.append(AngleSet(f"{name} (reweighted)", s["phi"], s["psi"], s["log_w"]))
             curves.append(AngleSet(f"{name} (reweighted)", s["phi"], s["psi"], s["log_w"]))
     figures = [

@@ -77,15 +77,25 @@ def load_run(run: str | Path, device: str = "auto") -> LoadedRun:
         hint = "is it a run folder?" if not run.is_dir() else "has the training saved one yet?"
         raise ConfigError(f"{run}: no checkpoint.pt ({hint}); train with `python -m p4bg.train "
                           f"--out {run}`")  # fmt: skip
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # truncated or foreign file
+        raise ConfigError(f"{path}: cannot be read ({err}); resume or retrain the run") from err
     missing = [k for k in ("config", "flow", "coordinates", "step") if k not in state]
     if missing:
         raise ConfigError(f"{path}: not a p4bg.train checkpoint (missing {missing})")
     config = apply_overrides(TrainConfig(), state["config"], str(path))
     system = load_system(config.system)
-    coordinates = MixedCoordinateTransform.from_state_dict(system, state["coordinates"])
-    flow = build_flow(config.flow, coordinates.dim, config.n_blocks, config.hidden)
-    flow.load_state_dict(state["flow"])
+    try:
+        coordinates = MixedCoordinateTransform.from_state_dict(system, state["coordinates"])
+        flow = build_flow(config.flow, coordinates.dim, config.n_blocks, config.hidden)
+        flow.load_state_dict(state["flow"])
+    except (ValueError, RuntimeError) as err:
+        raise ConfigError(
+            f"{path}: the saved model does not fit system {config.system!r} with flow "
+            f"{config.flow}, {config.n_blocks} blocks, hidden {config.hidden} ({err}); "
+            "was systems/ changed since training? Retrain the run"
+        ) from err
     dtype = getattr(torch, config.dtype)
     dev = pick_device(device)
     bg = BoltzmannGenerator(flow.to(dev, dtype), coordinates.to(dev, dtype), None).eval()
@@ -102,8 +112,8 @@ def to_dcd_precision(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 class LatentStream:
-    """Prior draws z ~ N(0, I) as one reproducible stream per seed: drawn on the CPU in fixed
-    blocks, so that the samples depend on the seed only, not on ``--batch`` or the device."""
+    """Prior draws z ~ N(0, I) as one reproducible stream per seed (and model dtype): drawn on
+    the CPU in fixed blocks, so that the samples do not depend on ``--batch`` or the device."""
 
     BLOCK = 4096
 
@@ -183,6 +193,7 @@ def sample_run(
     seed: int = 0,
     n_workers: int | None = None,
     progress: bool = True,
+    command: str | None = None,
 ) -> dict[str, Any]:
     """Draw ``n`` samples from ``run`` and write them (module docstring); returns samples.json."""
     from tqdm import tqdm
@@ -203,15 +214,16 @@ def sample_run(
         "batch": batch, "device": str(param.device),
         "system": loaded.config.system, "temperature_K": system.temperature,
         "kT_kJ_per_mol": system.kT,
-        "command": "python -m p4bg.sample " + " ".join(sys.argv[1:]),
+        "command": command or f"p4bg.sample.sample_run({str(run)!r}, {n}, batch={batch}, "
+        f"seed={seed})",
     }  # fmt: skip
     start = time.perf_counter()
     with OpenMMEnergy(system, n_workers=workers, platform=loaded.energy_platform) as energy:
         info["energy_platform"] = energy.platform
         writer = SampleWriter(run, system.topology, info)
-        status = "interrupted"
+        status = "failed"
+        bar = tqdm(total=n, desc="sampling", unit="conf", disable=not progress)
         try:
-            bar = tqdm(total=n, desc="sampling", unit="conf", disable=not progress)
             done = 0
             while done < n:
                 size = min(batch, n - done)
@@ -230,9 +242,15 @@ def sample_run(
                 done += size
                 bar.update(size)
                 bar.set_postfix(failed=energy.stats.failures)
-            bar.close()
             status = "complete"
+        except KeyboardInterrupt:
+            status = "interrupted"
+            raise
+        except Exception as err:
+            status = f"failed: {type(err).__name__}: {err}"
+            raise
         finally:
+            bar.close()
             writer.info["seconds"] = round(time.perf_counter() - start, 3)
             writer.close(status)
     return json.loads((run / "samples.json").read_text())
@@ -333,8 +351,9 @@ def main(argv: list[str] | None = None) -> None:
             return
         if (run / "samples.npz").exists() and not args.overwrite:
             raise ConfigError(f"{run} already holds samples; pass --overwrite to replace them")
+        command = "python -m p4bg.sample " + " ".join(argv if argv is not None else sys.argv[1:])
         result = sample_run(run, args.n, args.batch, args.device, args.seed, args.n_workers,
-                            progress=not args.no_progress)  # fmt: skip
+                            progress=not args.no_progress, command=command)  # fmt: skip
     except (ConfigError, SystemConfigError) as err:
         print(f"p4bg.sample: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

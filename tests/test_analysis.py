@@ -69,6 +69,13 @@ def test_reverse_ess_matches_kish_formula_and_counts_failed_samples():
     assert reverse_ess(np.full(3, -np.inf)) == 0.0
 
 
+def test_infinite_log_weights_share_the_weight():
+    """log q underflowing to −inf at a finite energy: those samples take all the weight."""
+    log_w = np.array([0.0, np.inf, 3.0, np.inf])
+    np.testing.assert_allclose(normalised_weights(log_w), [0, 0.5, 0, 0.5])
+    assert reverse_ess(log_w) == pytest.approx(0.5)
+
+
 def test_forward_ess_known_values():
     assert forward_ess(np.full(50, 2.0)) == pytest.approx(1.0)
     w = np.array([1.0, 2.0])  # 1 / (1.5 · 0.75)
@@ -187,6 +194,19 @@ def test_ensemble_metrics_count_failed_and_nonfinite_samples():
     assert math.isnan(m["forward_ess"])  # not given
 
 
+def test_a_diverged_model_gets_nan_metrics_not_an_exception():
+    rng = np.random.default_rng(10)
+    u, phi, psi = fake_ensemble(rng, 500)
+    reference = {"u": u, "phi": phi, "psi": psi}
+    nan = np.full(100, np.nan)
+    m = ensemble_metrics(np.full(100, np.inf), nan, nan, nan, np.zeros(100, bool),
+                         np.zeros(100, bool), reference, 10.0)  # fmt: skip
+    for key in ("kl_rama", "kl_rama_reweighted", "kl_phi", "kl_rama_matched", "delta_f",
+                "kl_rama_reweighted_matched", "chirality_violations"):  # fmt: skip
+        assert math.isnan(m[key]), key
+    assert m["reverse_ess"] == 0.0 and m["low_energy_fraction"] == 0.0
+
+
 def test_reference_floor_is_small_for_a_stationary_ensemble_and_reports_halves():
     rng = np.random.default_rng(8)
     u, phi, psi = fake_ensemble(rng, 100_000)
@@ -232,8 +252,9 @@ def test_metrics_json_is_strict_json_and_report_has_the_table(tmp_path):
     assert (
         data["models"]["p4inv"]["mean_u"] == "inf" and data["models"]["p4inv"]["kl_rama"] == "nan"
     )
-    table = markdown_table(reference, models)
+    table = markdown_table(reference, models, 4.99)
     assert "| metric | MD (reference) | p4inv |" in table and "3.0e-07" in table
+    assert "1.00 kT (5.0 kJ/mol)" in table  # energies in both units (DESIGN.md §2)
     info = {"reference": "data/x", "split": "test", "temperature_K": 600.0,
             "kT_kJ_per_mol": 4.99, "u_train_max": 30.0, "runs": {"p4inv": "runs/p4inv"}}  # fmt: skip
     report = write_report_md(tmp_path / "report.md", reference, models, info, ["energies.png"])

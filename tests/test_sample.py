@@ -183,7 +183,7 @@ def test_a_failure_mid_run_leaves_valid_files_of_the_finished_chunks(run, tmp_pa
     with pytest.raises(RuntimeError, match="simulated crash"):
         sample_run(other, 50, batch=10, progress=False)
     info = json.loads((other / "samples.json").read_text())
-    assert info["status"] == "interrupted" and info["n_samples"] == 20
+    assert info["status"] == "failed: RuntimeError: simulated crash" and info["n_samples"] == 20
     assert len(read_npz(other)["u"]) == 20
     traj = mdtraj.load(str(other / "samples.dcd"), top=str(other / "samples.pdb"))
     assert traj.n_frames == 20
@@ -254,6 +254,21 @@ def test_analyze_writes_the_report(sampled, data):
     assert 0 < model["reverse_ess"] <= 1 and 0 <= model["forward_ess"] <= 1
     text = (report / "report.md").read_text()
     assert f"| metric | MD (reference) | {sampled.name} |" in text
+
+
+def test_analyze_refuses_unfinished_samples_and_duplicate_names(sampled, data, tmp_path, capsys):
+    copy = tmp_path / "a" / sampled.name
+    copy.mkdir(parents=True)
+    for name in ("samples.npz", "samples.json", "checkpoint.pt"):
+        (copy / name).write_bytes((sampled / name).read_bytes())
+    with pytest.raises(SystemExit):
+        analyze_main([str(sampled), str(copy), "--reference", str(data)])
+    assert "distinct folder names" in capsys.readouterr().err
+    meta = json.loads((copy / "samples.json").read_text())
+    (copy / "samples.json").write_text(json.dumps({**meta, "status": "running"}))
+    with pytest.raises(SystemExit):
+        analyze_main([str(copy), "--reference", str(data)])
+    assert "did not finish" in capsys.readouterr().err
 
 
 def test_analyze_works_on_md_alone(data, tmp_path):

@@ -25,20 +25,21 @@ class RealNVPCoupling(Bijection):
     """Affine coupling on a half split: the first ``dim // 2`` features condition the rest.
 
     forward (latent -> configuration): ``y1 = x1``, ``y2 = x2 · exp(s(x1)) + t(x1)``;
-    ``ladj = Σ s(x1)``. ``t`` is an MLP with ReLU, ``s`` an MLP with tanh (App. H); the log-scale
+    ``ladj = Σ s(x1)``. ``t`` is an MLP with ReLU (``t_activation``; App. G's 2-D flows use tanh),
+    ``s`` an MLP with tanh (App. H); the log-scale
     is bounded, ``s = α · tanh(s_raw)`` with a learnable scalar α (init 1), so one step can
     neither overflow ``exp`` nor collapse a dimension. Both output layers start at zero, so a new
     coupling is the identity.
     """
 
-    def __init__(self, dim: int, hidden: int = 60) -> None:
+    def __init__(self, dim: int, hidden: int = 60, t_activation: type[nn.Module] = nn.ReLU) -> None:
         super().__init__()
         if dim < 2:
             raise ValueError(f"RealNVPCoupling: dim must be >= 2, got {dim}")
         self.dim = dim
         self.n_cond = dim // 2
         n_out = dim - self.n_cond
-        self.t = mlp(self.n_cond, hidden, n_out, nn.ReLU)
+        self.t = mlp(self.n_cond, hidden, n_out, t_activation)
         self.s = mlp(self.n_cond, hidden, n_out, nn.Tanh)
         self.scale = nn.Parameter(torch.ones(()))
         for net in (self.t, self.s):
