@@ -69,13 +69,17 @@ def perturbed_energies(reference: Reference, noise: float, seed: int, n_workers:
     return u
 
 
-def model_log_q(run: Path, xyz: np.ndarray, device: str, batch: int = 4096) -> np.ndarray:
-    """log q of MD frames under the run's model (float64 numpy), for the forward ESS."""
+def model_log_q(
+    run: Path, xyz: np.ndarray, device: str, prior_scale: float = 1.0, batch: int = 4096
+) -> np.ndarray:
+    """log q of MD frames under the run's model (float64 numpy), for the forward ESS; with the
+    prior scale the samples were drawn with, so that q is the density that made them."""
     import torch
 
     from p4bg.sample import load_run
 
     loaded = load_run(run, device)
+    loaded.bg.prior_scale = prior_scale
     param = next(loaded.bg.flow.parameters())
     out = []
     with torch.no_grad():
@@ -159,12 +163,15 @@ def analyze(
     run_info: dict[str, str] = {}
     for run in runs:
         s = samples[run.name]
-        log_w_ref = -ref.u - model_log_q(run, ref.xyz, device)
+        scale = float(json.loads((run / "samples.json").read_text()).get("prior_scale", 1.0))
+        log_w_ref = -ref.u - model_log_q(run, ref.xyz, device, scale)
         models[run.name] = ensemble_metrics(
             s["u"], s["log_w"], s["phi"], s["psi"], s["is_l"], s["finite"], ref_arrays,
             ref.u_train_max, log_w_ref,
         )  # fmt: skip
-        run_info[run.name] = f"{run}, {len(s['u']):,} samples"
+        run_info[run.name] = f"{run}, {len(s['u']):,} samples" + (
+            f", prior scale τ = {scale:g}" if scale != 1 else ""
+        )
     energies = {"MD": ref.u, noisy_label: u_noisy} | {k: v["u"] for k, v in samples.items()}
     panels = [AngleSet(f"MD ({split}, {len(ref.u):,} frames)", ref.phi, ref.psi)]
     curves = [AngleSet("MD", ref.phi, ref.psi)]

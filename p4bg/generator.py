@@ -41,20 +41,32 @@ class BoltzmannGenerator(nn.Module):
         coordinates: a bijection latent -> Cartesian (e.g. MixedCoordinateTransform).
         target: callable ``x [batch, 66] nm -> u [batch] kT``, differentiable (OpenMMEnergy), or
             None for likelihood-only use.
+        prior_scale: standard deviation τ of the prior N(0, τ²I). Training uses 1; τ < 1 draws
+            from a "cooler" model whose density is still exact, so its samples can be reweighted.
     """
 
     def __init__(
-        self, flow: Bijection, coordinates: Bijection, target: Callable[[Tensor], Tensor] | None
+        self,
+        flow: Bijection,
+        coordinates: Bijection,
+        target: Callable[[Tensor], Tensor] | None,
+        prior_scale: float = 1.0,
     ) -> None:
         super().__init__()
+        if not prior_scale > 0:
+            raise ValueError(f"BoltzmannGenerator: prior_scale must be > 0, got {prior_scale}")
         self.flow = flow
         self.coordinates = coordinates
         self.target = target
         self.dim = int(coordinates.dim)
+        self.prior_scale = float(prior_scale)
 
     def log_prior(self, z: Tensor) -> Tensor:
-        """log N(z; 0, I), shape [batch]."""
-        return -0.5 * z.square().sum(1) - 0.5 * self.dim * math.log(2 * math.pi)
+        """log N(z; 0, τ²I), shape [batch]."""
+        tau = self.prior_scale
+        return -0.5 * (z / tau).square().sum(1) - self.dim * (
+            0.5 * math.log(2 * math.pi) + math.log(tau)
+        )
 
     def prior_sample(
         self, n: int, device: torch.device | None = None, dtype: torch.dtype | None = None
@@ -62,7 +74,7 @@ class BoltzmannGenerator(nn.Module):
         ref = next(self.flow.parameters(), None)
         device = device or (ref.device if ref is not None else None)
         dtype = dtype or (ref.dtype if ref is not None else torch.get_default_dtype())
-        return torch.randn(n, self.dim, device=device, dtype=dtype)
+        return self.prior_scale * torch.randn(n, self.dim, device=device, dtype=dtype)
 
     def generate(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """``z`` -> (x [batch, 66] nm, log q(x) [batch])."""

@@ -194,6 +194,7 @@ def sample_run(
     n_workers: int | None = None,
     progress: bool = True,
     command: str | None = None,
+    prior_scale: float = 1.0,
 ) -> dict[str, Any]:
     """Draw ``n`` samples from ``run`` and write them (module docstring); returns samples.json."""
     from tqdm import tqdm
@@ -203,15 +204,18 @@ def sample_run(
 
     if n < 1 or batch < 1:
         raise ConfigError(f"--n and --batch must be >= 1, got {n} and {batch}")
+    if not 0 < prior_scale <= 10:
+        raise ConfigError(f"--prior-scale must be in (0, 10], got {prior_scale}")
     run = Path(run)
     loaded = load_run(run, device)
     system, bg = loaded.system, loaded.bg
+    bg.prior_scale = float(prior_scale)  # log q below is the density of this tempered model
     workers = loaded.config.n_workers if n_workers is None else n_workers
     param = next(bg.flow.parameters())
     stream = LatentStream(seed, bg.dim, param.dtype)
     info = {
         "run": str(run), "checkpoint_step": loaded.step, "seed": seed, "requested": n,
-        "batch": batch, "device": str(param.device),
+        "batch": batch, "device": str(param.device), "prior_scale": float(prior_scale),
         "system": loaded.config.system, "temperature_K": system.temperature,
         "kT_kJ_per_mol": system.kT,
         "command": command or f"p4bg.sample.sample_run({str(run)!r}, {n}, batch={batch}, "
@@ -228,7 +232,8 @@ def sample_run(
             while done < n:
                 size = min(batch, n - done)
                 with torch.no_grad():
-                    x, log_q = bg.generate(stream.take(size).to(param.device))
+                    z = prior_scale * stream.take(size).to(param.device)
+                    x, log_q = bg.generate(z)
                 angstrom, xyz = to_dcd_precision(x.cpu().numpy())
                 log_q = log_q.double().cpu().numpy()
                 u, _ = energy.evaluate(xyz.reshape(size, -1), forces=False)
@@ -323,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (auto)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the prior draws; samples depend on it alone (0)")  # fmt: skip
+    parser.add_argument("--prior-scale", type=float, default=1.0,
+                        help="standard deviation τ of the prior N(0, τ²I) (1: the trained model; "
+                        "< 1 favours low energies, log q and log w stay exact)")  # fmt: skip
     parser.add_argument("--n-workers", type=int, default=None,
                         help="energy worker processes (default: the run's n_workers)")  # fmt: skip
     parser.add_argument("--overwrite", action="store_true",
@@ -353,7 +361,8 @@ def main(argv: list[str] | None = None) -> None:
             raise ConfigError(f"{run} already holds samples; pass --overwrite to replace them")
         command = "python -m p4bg.sample " + " ".join(argv if argv is not None else sys.argv[1:])
         result = sample_run(run, args.n, args.batch, args.device, args.seed, args.n_workers,
-                            progress=not args.no_progress, command=command)  # fmt: skip
+                            progress=not args.no_progress, command=command,
+                            prior_scale=args.prior_scale)  # fmt: skip
     except (ConfigError, SystemConfigError) as err:
         print(f"p4bg.sample: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

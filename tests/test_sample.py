@@ -306,3 +306,25 @@ def test_verify_recomputes_the_samples(sampled, capsys):
     assert result["frames"] == 120 and result["same_failures"]
     assert result["max_abs_du_kT"] <= 1e-4
     assert result["max_abs_dphi_rad"] < 1e-5 and result["max_abs_dpsi_rad"] < 1e-5
+
+
+def test_prior_scale_keeps_log_q_exact(run, tmp_path):
+    """With z ~ N(0, τ²I), log q is the tempered model's density: it must equal log_prob of the
+    stored positions under the same τ, and differ from the τ = 1 density."""
+    other = tmp_path / "cool"
+    other.mkdir()
+    (other / "checkpoint.pt").write_bytes((run / "checkpoint.pt").read_bytes())
+    info = sample_run(other, 40, batch=40, seed=5, progress=False, prior_scale=0.7)
+    assert info["prior_scale"] == 0.7
+    loaded = load_run(other, "cpu")
+    traj = mdtraj.load(str(other / "samples.dcd"), top=str(other / "samples.pdb"))
+    x = torch.from_numpy(traj.xyz.reshape(traj.n_frames, -1)).float()
+    with torch.no_grad():
+        log_q_unit = loaded.bg.log_prob(x).double().numpy()
+        loaded.bg.prior_scale = 0.7
+        log_q_cool = loaded.bg.log_prob(x).double().numpy()
+    stored = read_npz(other)["log_q"]
+    np.testing.assert_allclose(log_q_cool, stored, atol=0.05)
+    assert np.abs(log_q_unit - stored).max() > 1.0
+    with pytest.raises(ConfigError, match="prior-scale"):
+        sample_run(other, 5, prior_scale=0.0)
