@@ -488,6 +488,9 @@ def main(argv: list[str] | None = None) -> None:
         print(trainer.describe())
         return
     print(trainer.describe())
+    if trainer.step >= config.total_steps:
+        print(f"{config.out} already finished all {config.total_steps} steps; nothing to do")
+        return
     result = trainer.run()
     status = "finished" if trainer.step >= config.total_steps else "interrupted"
     val = result.get("val_nll", float("nan"))
