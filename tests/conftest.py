@@ -27,3 +27,14 @@ def no_leftover_worker_processes():
         text=True,
     ).stdout.split()
     assert not found, f"energy worker processes left behind: {found}"
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory):
+    """A tiny MD dataset (2 replicas x 0.02 ns, 200 frames) shared by the CLI tests."""
+    from p4bg.simulate import main as simulate_main
+
+    out = tmp_path_factory.mktemp("md") / "ala"
+    simulate_main(["--ns", "0.04", "--replicas", "2", "--chunk-frames", "100", "--equilibration-ps",
+                   "1", "--no-progress", "--out", str(out)])  # fmt: skip
+    return out

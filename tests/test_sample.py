@@ -23,20 +23,11 @@ from p4bg.analyze import main as analyze_main
 from p4bg.config import ConfigError
 from p4bg.sample import load_run, sample_run
 from p4bg.sample import main as sample_main
-from p4bg.simulate import main as simulate_main
 from p4bg.systems import load_system
 from p4bg.train import main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("md") / "ala"
-    simulate_main(["--ns", "0.04", "--replicas", "2", "--chunk-frames", "100", "--equilibration-ps", "1",
-                   "--no-progress", "--out", str(out)])  # fmt: skip
-    return out
 
 
 @pytest.fixture(scope="module")

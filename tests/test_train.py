@@ -11,18 +11,9 @@ import pytest
 import torch
 
 from p4bg.config import PRESETS, ConfigError, TrainConfig, apply_overrides, load_toml, to_toml
-from p4bg.simulate import main as simulate_main
 from p4bg.train import Trainer, main, parse_args, resolve_config
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("md") / "ala"
-    simulate_main(["--ns", "0.04", "--replicas", "2", "--chunk-frames", "100", "--equilibration-ps", "1",
-                   "--no-progress", "--out", str(out)])  # fmt: skip
-    return out
 
 
 def smoke_config(data: Path, out: Path, **changes) -> TrainConfig:
