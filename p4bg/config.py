@@ -33,6 +33,7 @@ class TrainConfig:
     flow: str = "p4inv"  # "p4inv" or "swap"
     n_blocks: int = 25
     hidden: int = 60
+    init: str = ""  # a run folder whose trained model this run starts from ("" = fresh model)
     # optimisation (paper App. H)
     batch_size: int = 256
     nll_steps: int = 40_000

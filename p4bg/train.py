@@ -230,6 +230,8 @@ class Trainer:
         self.energy_platform = "auto"
         if resume:
             self._load(self.out / "checkpoint.pt")
+        elif config.init:
+            self._init_from(Path(config.init))
 
     # ------------------------------------------------------------------- state
     def state(self) -> dict:
@@ -270,6 +272,24 @@ class Trainer:
         self.step = int(state["step"])
         self.counters = dict(state["counters"])
         self.seconds = float(state["seconds"])
+
+    def _init_from(self, run: Path) -> None:
+        """Start from another run's trained model (weights, P4Inv buffers, coordinate fit) with
+        a fresh optimizer and step 0: fine-tuning, e.g. more energy training after the paper."""
+        path = run / "checkpoint.pt"
+        if not path.is_file():
+            raise ConfigError(f"init={run}: no checkpoint.pt there; give a trained run folder")
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        saved = state["config"]
+        keys = ("system", "flow", "n_blocks", "hidden")
+        different = {k: (saved.get(k), getattr(self.config, k)) for k in keys
+                     if saved.get(k) != getattr(self.config, k)}  # fmt: skip
+        if different:
+            raise ConfigError(f"init={run}: its model differs in {different} (saved, now); "
+                              "set those keys as the run had them")  # fmt: skip
+        self.flow.load_state_dict(state["flow"])
+        self.coordinates.load_state_dict(state["coordinates"])
+        self.energy_platform = state.get("energy_platform", self.energy_platform)
 
     def save(self) -> None:
         save_checkpoint(self.out / "checkpoint.pt", self.state())

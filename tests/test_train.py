@@ -153,3 +153,22 @@ def test_train_step_benchmark_smoke(data):
                             timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "p4inv" in result.stdout and "energy share" in result.stdout
+
+
+def test_init_starts_from_another_runs_model(data, tmp_path):
+    first = Trainer(smoke_config(data, tmp_path / "a"), progress=False)
+    first.run()
+    config = smoke_config(data, tmp_path / "b", init=str(tmp_path / "a"), nll_steps=0,
+                          mixed_steps=2, seed=3)  # fmt: skip
+    tuned = Trainer(config, progress=False)
+    assert tuned.step == 0
+    for name, tensor in first.flow.state_dict().items():
+        assert torch.equal(tensor, tuned.flow.state_dict()[name]), name
+    assert torch.equal(first.coordinates.pca_std, tuned.coordinates.pca_std)
+    tuned.run()
+    assert tuned.step == 2
+    with pytest.raises(ConfigError, match="differs in"):
+        Trainer(smoke_config(data, tmp_path / "c", init=str(tmp_path / "a"), hidden=8),
+                progress=False)  # fmt: skip
+    with pytest.raises(ConfigError, match=r"no checkpoint\.pt"):
+        Trainer(smoke_config(data, tmp_path / "d", init=str(tmp_path / "none")), progress=False)
