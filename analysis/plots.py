@@ -14,7 +14,13 @@ import numpy as np
 
 from analysis.metrics import normalised_weights, ramachandran_histogram
 
-__all__ = ["AngleSet", "plot_energies", "plot_free_energy_phi", "plot_ramachandran"]
+__all__ = [
+    "AngleSet",
+    "plot_energies",
+    "plot_free_energy_phi",
+    "plot_ramachandran",
+    "plot_training",
+]
 
 
 class AngleSet(NamedTuple):
@@ -150,4 +156,29 @@ def plot_free_energy_phi(
     ax.set_ylim(0, max_kT)
     ax.legend(fontsize=8)
     ax.set_title("Free energy along φ")
+    return _save(fig, path)
+
+
+def plot_training(path: str | Path, runs: dict[str, dict[str, np.ndarray]]) -> Path:
+    """Training (thin) and validation (thick) NLL against step per run, from metrics.csv columns
+    ``step``, ``nll`` and ``val_nll`` (NaN where a row has none); a falling training NLL under
+    a rising validation NLL is overfitting."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for i, (label, m) in enumerate(runs.items()):
+        colour = f"C{i}"
+        ok = np.isfinite(m["nll"])
+        ax.plot(m["step"][ok], m["nll"][ok], color=colour, lw=0.6, alpha=0.6,
+                label=f"{label} train")  # fmt: skip
+        ok = np.isfinite(m["val_nll"])
+        ax.plot(m["step"][ok], m["val_nll"][ok], color=colour, lw=2, label=f"{label} val")
+    values = np.concatenate([m[k][np.isfinite(m[k])] for m in runs.values()
+                             for k in ("nll", "val_nll")])  # fmt: skip
+    if len(values):
+        low, high = np.percentile(values, [0.5, 97])
+        ax.set_ylim(low - 2, high + 2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("NLL (nats, 60-dim latent space)")
+    ax.legend(fontsize=8)
+    ax.set_title("Training curves")
     return _save(fig, path)

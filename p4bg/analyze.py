@@ -4,7 +4,8 @@
     python -m p4bg.analyze --reference data/alanine_dipeptide_600K --out report_md   # MD alone
 
 Writes ``runs/NAME/report/`` for the first run given (or ``--out``): energies.png,
-ramachandran.png, free_energy_phi.png, metrics.json (every metric of DESIGN.md §5 per model,
+ramachandran.png, free_energy_phi.png, training.png (NLL curves from each run's metrics.csv),
+metrics.json (every metric of DESIGN.md §5 per model,
 with sample counts) and report.md (a table comparing the runs). Each run needs samples from
 ``python -m p4bg.sample``. The reference is the ``--split`` (default: the held-out test frames)
 of an MD dataset; the training frames give the low-energy threshold (their maximum u). The
@@ -125,6 +126,25 @@ def read_samples(run: Path, system: str, temperature: float) -> dict[str, np.nda
     return arrays
 
 
+def read_training_metrics(run: Path) -> dict[str, np.ndarray] | None:
+    """``step``, ``nll``, ``val_nll`` columns of ``run/metrics.csv`` (NaN where empty), or None
+    when the run folder has no metrics (e.g. a copy holding only the checkpoint)."""
+    import csv
+
+    path = run / "metrics.csv"
+    if not path.is_file():
+        return None
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return None
+
+    def column(key: str) -> np.ndarray:
+        return np.array([float(r[key]) if r.get(key) else np.nan for r in rows])
+
+    return {"step": column("step"), "nll": column("nll"), "val_nll": column("val_nll")}
+
+
 def analyze(
     runs: list[Path],
     reference_path: str | Path,
@@ -138,7 +158,13 @@ def analyze(
     """Gather the arrays, compute the metrics (analysis.metrics), write the report; returns
     the content of metrics.json."""
     from analysis.metrics import ensemble_metrics, reference_metrics
-    from analysis.plots import AngleSet, plot_energies, plot_free_energy_phi, plot_ramachandran
+    from analysis.plots import (
+        AngleSet,
+        plot_energies,
+        plot_free_energy_phi,
+        plot_ramachandran,
+        plot_training,
+    )
     from analysis.report import write_metrics_json, write_report_md
 
     names = [run.name for run in runs]
@@ -186,6 +212,10 @@ def analyze(
         plot_ramachandran(out / "ramachandran.png", panels).name,
         plot_free_energy_phi(out / "free_energy_phi.png", curves).name,
     ]
+    training = {run.name: read_training_metrics(run) for run in runs}
+    training = {k: v for k, v in training.items() if v is not None}
+    if training:
+        figures.append(plot_training(out / "training.png", training).name)
     info = {
         "reference": str(reference_path), "split": split, "temperature_K": ref.temperature,
         "kT_kJ_per_mol": ref.kT, "u_train_max": ref.u_train_max, "runs": run_info,

@@ -26,7 +26,13 @@ from analysis.metrics import (
     reference_metrics,
     reverse_ess,
 )
-from analysis.plots import AngleSet, plot_energies, plot_free_energy_phi, plot_ramachandran
+from analysis.plots import (
+    AngleSet,
+    plot_energies,
+    plot_free_energy_phi,
+    plot_ramachandran,
+    plot_training,
+)
 from analysis.report import ROWS, markdown_table, write_metrics_json, write_report_md
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -231,6 +237,16 @@ def test_figures_are_valid_pngs(tmp_path):
         ),
         plot_free_energy_phi(
             tmp_path / "f.png", [AngleSet("MD", phi, psi), AngleSet("m", phi, psi, log_w)]
+        ),
+        plot_training(
+            tmp_path / "t.png",
+            {
+                "run": {
+                    "step": np.arange(10.0),
+                    "nll": -np.arange(10.0),
+                    "val_nll": np.where(np.arange(10) % 5 == 0, 1.0, np.nan),
+                }
+            },
         ),
     ]
     for path in paths:

@@ -229,7 +229,7 @@ def test_sample_refuses_to_overwrite_without_the_flag(sampled, capsys):
 def test_analyze_writes_the_report(sampled, data):
     analyze_main([str(sampled), "--reference", str(data), "--n-workers", "1"])
     report = sampled / "report"
-    for name in ("energies.png", "ramachandran.png", "free_energy_phi.png"):
+    for name in ("energies.png", "ramachandran.png", "free_energy_phi.png", "training.png"):
         assert (report / name).read_bytes()[:8] == PNG_MAGIC, name
     metrics = json.loads((report / "metrics.json").read_text())
     model = metrics["models"][sampled.name]
