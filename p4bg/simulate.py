@@ -249,6 +249,8 @@ def simulate(args: argparse.Namespace) -> dict:
                 f"--resume: {out} was made with different {', '.join(changed)}; "
                 "use the same options as the original run, or another --out"
             )
+        if old.get("status") == "complete":  # nothing to do; keep its record as it is
+            return {**old, "already_complete": True}
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write_test"
@@ -437,7 +439,9 @@ def main(argv: list[str] | None = None) -> None:
             file=sys.stderr,
         )
         raise SystemExit(130) from None
-    if meta["status"] == "complete":
+    if meta.get("already_complete"):
+        print(f"{args.out} is already complete; nothing to do")
+    elif meta["status"] == "complete":
         frames = sum(r["frames"] for r in meta["replicas"])
         print(
             f"wrote {frames} frames to {args.out} on {meta['platform']} "

@@ -253,9 +253,12 @@ class Trainer:
         if not path.is_file():
             raise ConfigError(f"--resume: {path} does not exist; start the run without --resume")
         state = torch.load(path, map_location="cpu", weights_only=False)  # RNG states stay on CPU
-        saved, now = dict(state["config"]), asdict(self.config)
+        saved, now, default = dict(state["config"]), asdict(self.config), asdict(TrainConfig())
+        # a key added to TrainConfig after the checkpoint was written counts as its default
         changed = [
-            k for k in now if k not in _RESUME_OVERRIDES | {"out"} and saved.get(k) != now[k]
+            k
+            for k in now
+            if k not in _RESUME_OVERRIDES | {"out"} and saved.get(k, default[k]) != now[k]
         ]
         if changed:
             raise ConfigError(

@@ -92,6 +92,13 @@ def test_resume_after_interruption_gives_the_same_frames(dataset, tmp_path):
     np.testing.assert_array_equal(resumed.energies, reference.energies)
 
 
+def test_resume_of_a_complete_dataset_changes_nothing(dataset, capsys):
+    before = (dataset / "metadata.json").read_bytes()
+    main([*ARGS, "--out", str(dataset), "--resume"])
+    assert "already complete" in capsys.readouterr().out
+    assert (dataset / "metadata.json").read_bytes() == before  # timings of the real run kept
+
+
 def test_resume_after_sigkill(tmp_path):
     """Kill the whole process group mid-run, as a scheduler or the OOM killer would, then resume."""
     out = tmp_path / "killed"

@@ -172,3 +172,14 @@ def test_init_starts_from_another_runs_model(data, tmp_path):
                 progress=False)  # fmt: skip
     with pytest.raises(ConfigError, match=r"no checkpoint\.pt"):
         Trainer(smoke_config(data, tmp_path / "d", init=str(tmp_path / "none")), progress=False)
+
+
+def test_resume_accepts_checkpoints_from_before_a_config_key_existed(data, tmp_path):
+    """A key added to TrainConfig later (e.g. init) is its default for old checkpoints."""
+    first = Trainer(smoke_config(data, tmp_path / "a", mixed_steps=0, nll_steps=4), progress=False)
+    first.run()
+    state = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)
+    del state["config"]["init"]
+    torch.save(state, tmp_path / "a" / "checkpoint.pt")
+    config = resolve_config(*parse_args(["--resume", str(tmp_path / "a")]))
+    assert Trainer(config, resume=True, progress=False).step == 4
