@@ -84,17 +84,23 @@ def plot_energies(path: str | Path, energies: dict[str, np.ndarray], u_train_max
     return _save(fig, path)
 
 
-def plot_ramachandran(path: str | Path, panels: list[AngleSet], bins: int = 64) -> Path:
+def plot_ramachandran(
+    path: str | Path, panels: list[AngleSet | None], bins: int = 64, columns: int | None = None
+) -> Path:
     """Ramachandran maps side by side as free energies ``−ln p(φ, ψ)`` (kT, minimum 0);
-    empty bins are white. A panel with log-weights is reweighted to the target."""
+    empty bins are white. A panel with log-weights is reweighted to the target; ``None`` leaves
+    its cell empty (to line up raw and reweighted maps in a grid of ``columns``)."""
     plt = _pyplot()
     n = len(panels)
-    cols = min(n, 4)
+    cols = columns or min(n, 4)
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.2 * rows), squeeze=False)
     edges = np.linspace(-math.pi, math.pi, bins + 1)
     image = None
     for ax, panel in zip(axes.flat, panels, strict=False):
+        if panel is None:
+            ax.set_visible(False)
+            continue
         ax.set_title(panel.label, fontsize=9)
         ax.set_xlabel("φ (rad)")
         try:
@@ -110,8 +116,10 @@ def plot_ramachandran(path: str | Path, panels: list[AngleSet], bins: int = 64) 
         free = np.ma.masked_invalid(free)
         image = ax.pcolormesh(edges, edges, free.T, cmap="viridis", vmin=0, vmax=10)
         ax.set_aspect("equal")
-    for ax in axes[:, 0]:
+    for row, ax in enumerate(axes[:, 0]):
         ax.set_ylabel("ψ (rad)")
+        if panels[row * cols] is None and cols > 1:
+            axes[row, 1].set_ylabel("ψ (rad)")
     for ax in list(axes.flat)[n:]:
         ax.set_visible(False)
     if image is not None:

@@ -199,17 +199,24 @@ def analyze(
             f", prior scale τ = {scale:g}" if scale != 1 else ""
         )
     energies = {"MD": ref.u, noisy_label: u_noisy} | {k: v["u"] for k, v in samples.items()}
-    panels = [AngleSet(f"MD ({split}, {len(ref.u):,} frames)", ref.phi, ref.psi)]
+    # Ramachandran grid: MD and every model's raw map in the first row, the reweighted maps
+    # under their raw ones.
+    raw: list[AngleSet | None] = [AngleSet(f"MD ({split}, {len(ref.u):,} frames)", ref.phi,
+                                           ref.psi)]  # fmt: skip
+    reweighted: list[AngleSet | None] = [None]
     curves = [AngleSet("MD", ref.phi, ref.psi)]
     for name, s in samples.items():
-        panels.append(AngleSet(f"{name} (raw)", s["phi"], s["psi"]))
+        raw.append(AngleSet(f"{name} (raw)", s["phi"], s["psi"]))
         curves.append(AngleSet(f"{name} (raw)", s["phi"], s["psi"]))
-        if not np.isneginf(np.nan_to_num(s["log_w"], nan=-np.inf)).all():
-            panels.append(AngleSet(f"{name} (reweighted)", s["phi"], s["psi"], s["log_w"]))
-            curves.append(AngleSet(f"{name} (reweighted)", s["phi"], s["psi"], s["log_w"]))
+        if np.isneginf(np.nan_to_num(s["log_w"], nan=-np.inf)).all():
+            reweighted.append(None)  # no sample has weight
+            continue
+        reweighted.append(AngleSet(f"{name} (reweighted)", s["phi"], s["psi"], s["log_w"]))
+        curves.append(AngleSet(f"{name} (reweighted)", s["phi"], s["psi"], s["log_w"]))
+    panels = raw + reweighted if samples else raw
     figures = [
         plot_energies(out / "energies.png", energies, ref.u_train_max).name,
-        plot_ramachandran(out / "ramachandran.png", panels).name,
+        plot_ramachandran(out / "ramachandran.png", panels, columns=len(raw)).name,
         plot_free_energy_phi(out / "free_energy_phi.png", curves).name,
     ]
     training = {run.name: read_training_metrics(run) for run in runs}
