@@ -272,6 +272,10 @@ def ensemble_metrics(
         "energy_shift": mean_energy_shift(u, ref_u),
         "energy_shift_finite": mean_energy_shift(u[ok_u], ref_u) if ok_u.any() else math.nan,
         "median_energy_shift": float(np.median(u) - np.median(ref_u)),
+        # the bulk of the distribution, as a violin plot clipped at the training maximum shows it
+        "energy_shift_low": mean_energy_shift(u[u < u_train_max], ref_u)
+        if (u < u_train_max).any()
+        else math.nan,
         "low_energy_fraction": low_energy_fraction(u, u_train_max),
         "reverse_ess": reverse_ess(log_w),
         "forward_ess": forward_ess(log_w_reference) if log_w_reference is not None else math.nan,

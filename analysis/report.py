@@ -20,6 +20,7 @@ ROWS: list[tuple[str, str | None, str, str]] = [
     ("energy_shift", None, "mean energy shift vs MD", "energy"),
     ("energy_shift_finite", None, "… over finite samples", "energy"),
     ("median_energy_shift", None, "median energy shift vs MD", "energy"),
+    ("energy_shift_low", None, "mean shift of the low-energy samples vs MD", "energy"),
     ("low_energy_fraction", "low_energy_fraction", "low-energy fraction (u < max u train)",
      "{:.1%}"),
     ("reverse_ess", None, "reverse ESS", "ess"),

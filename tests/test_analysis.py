@@ -197,6 +197,8 @@ def test_ensemble_metrics_count_failed_and_nonfinite_samples():
     assert m["n_samples"] == 1000 and m["n_failed_energies"] == 5
     assert m["n_nonfinite_positions"] == 3 and m["chirality_violations"] == 0
     assert m["mean_u"] == math.inf and math.isfinite(m["energy_shift_finite"])
+    low = u < 10.0
+    assert m["energy_shift_low"] == pytest.approx(u[low].mean() - reference["u"].mean())
     assert math.isnan(m["forward_ess"])  # not given
 
 
