@@ -58,3 +58,25 @@ def test_energy_throughput_benchmark_smoke():
 def test_flow_step_benchmark_smoke():
     out = run("benchmarks/flow_step.py", "--repeats", "2", "--batch", "8")
     assert "train step" in out and "735,050" in out and "744,050" in out
+
+
+def test_densities_2d_benchmark_smoke(tmp_path):
+    out = run("benchmarks/densities_2d.py", "--datasets", "moons", "--steps", "12",
+              "--no-progress", "--out", str(tmp_path))  # fmt: skip
+    assert "RNVP 1,230, P4Inv 1,200, P4Inv via inv 1,200" in out
+    assert "| moons" in out and "merges accepted" in out
+    assert (tmp_path / "densities_2d.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_densities_2d_samplers_have_the_right_shape():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import numpy as np
+        from densities_2d import DATASETS
+    finally:
+        sys.path.pop(0)
+    rng = np.random.default_rng(0)
+    for name, sampler in DATASETS.items():
+        xy = sampler(rng, 500)
+        assert xy.shape == (500, 2) and np.isfinite(xy).all(), name
+        assert np.abs(xy).max() < 6, name  # inside the plotted and trained range
