@@ -226,7 +226,7 @@ def analyze(
     info = {
         "reference": str(reference_path), "split": split, "temperature_K": ref.temperature,
         "kT_kJ_per_mol": ref.kT, "u_train_max": ref.u_train_max, "runs": run_info,
-        "noise_nm": noise, "seed": seed,
+        "noise_nm": noise, "seed": seed, "figures": figures,
     }  # fmt: skip
     result = {"info": info, "reference": reference, "models": models}
     write_metrics_json(out / "metrics.json", result)
@@ -274,8 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigError, DatasetError, SystemConfigError) as err:
         print(f"p4bg.analyze: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    print(f"report in {out}/: report.md, metrics.json, energies.png, ramachandran.png, "
-          "free_energy_phi.png")  # fmt: skip
+    print(f"report in {out}/: report.md, metrics.json, {', '.join(result['info']['figures'])}")
     for name, m in result["models"].items():
         print(f"  {name}: shift {m['energy_shift_finite']:+.2f} kT (finite), reverse ESS "
               f"{m['reverse_ess']:.2%}, forward ESS {m['forward_ess']:.2%}, Rama KL "
