@@ -23,6 +23,7 @@ __all__ = [
     "delta_f",
     "ensemble_metrics",
     "forward_ess",
+    "forward_weight_diagnostics",
     "kl_1d",
     "kl_divergence",
     "logsumexp",
@@ -228,6 +229,23 @@ def reference_metrics(
     }
 
 
+def forward_weight_diagnostics(
+    log_w: np.ndarray, phi: np.ndarray, top: int = 10
+) -> dict[str, float]:
+    """Why a forward ESS is small: the spread of log w over the MD frames (max − median, nats)
+    and the share of φ > 0 frames among the ``top`` frames of largest weight, i.e. the frames
+    the model most under-represents."""
+    log_w = np.asarray(log_w, dtype=np.float64)
+    ok = np.isfinite(log_w)
+    if not ok.any():
+        return {"forward_log_w_spread": math.nan, "forward_top_phi_positive": math.nan}
+    order = np.argsort(np.where(ok, log_w, -np.inf))[::-1][: min(top, int(ok.sum()))]
+    return {
+        "forward_log_w_spread": float(np.max(log_w[ok]) - np.median(log_w[ok])),
+        "forward_top_phi_positive": float(np.mean(phi[order] > 0)),
+    }
+
+
 def _or_nan(fn: Callable[..., float], *args: Any) -> float:
     """A histogram metric, or NaN when no sample has finite angles (a diverged model)."""
     try:
@@ -285,6 +303,8 @@ def ensemble_metrics(
         "delta_f": delta_f(phi),
         "chirality_violations": chirality_violations(is_l, finite),
     }
+    if log_w_reference is not None:
+        out.update(forward_weight_diagnostics(log_w_reference, ref_phi))
     try:
         w = normalised_weights(log_w)
     except ValueError:  # every weight is zero: nothing can be reweighted

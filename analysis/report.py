@@ -25,6 +25,8 @@ ROWS: list[tuple[str, str | None, str, str]] = [
      "{:.1%}"),
     ("reverse_ess", None, "reverse ESS", "ess"),
     ("forward_ess", None, "forward ESS (MD frames)", "ess"),
+    ("forward_log_w_spread", None, "… max − median log w over MD frames (nats)", "{:.1f}"),
+    ("forward_top_phi_positive", None, "… φ > 0 share of the 10 heaviest MD frames", "{:.0%}"),
     ("kl_rama", "kl_rama_floor", "Ramachandran KL 64×64, raw (MD: floor)", "{:.4f}"),
     ("kl_rama_reweighted", None, "Ramachandran KL, reweighted", "{:.4f}"),
     ("kl_rama_matched", "kl_rama_floor", "… at the floor's size (MD 1st half vs n_matched samples)",

@@ -15,6 +15,7 @@ from analysis.metrics import (
     delta_f,
     ensemble_metrics,
     forward_ess,
+    forward_weight_diagnostics,
     kl_1d,
     kl_divergence,
     logsumexp,
@@ -87,6 +88,15 @@ def test_forward_ess_known_values():
     w = np.array([1.0, 2.0])  # 1 / (1.5 · 0.75)
     assert forward_ess(np.log(w) - 40.0) == pytest.approx(1 / 1.125)
     assert forward_ess(np.array([0.0, np.inf])) == 0.0  # a frame of zero model density
+
+
+def test_forward_weight_diagnostics_find_the_underrepresented_frames():
+    phi = np.array([-1.0] * 20 + [1.0] * 5)
+    log_w = np.zeros(25)
+    log_w[20:] = [30.0, 40.0, 50.0, 60.0, 70.0]  # the φ > 0 frames are the heaviest
+    d = forward_weight_diagnostics(log_w, phi, top=5)
+    assert d["forward_top_phi_positive"] == 1.0 and d["forward_log_w_spread"] == 70.0
+    assert forward_weight_diagnostics(log_w, phi, top=10)["forward_top_phi_positive"] == 0.5
 
 
 def test_normalised_weights_sum_to_one_and_reject_all_zero():
