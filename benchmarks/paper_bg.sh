@@ -80,21 +80,25 @@ for run in "${runs[@]}"; do
 done
 $PY -m p4bg.analyze "${runs[@]}" "${more[@]}" --reference "$DATA" --out "${OUT}_morekl"
 
-# The P4Inv model further still (one model, for time): 4,000 more mixed steps each at a larger
-# energy weight, w_e/w_l = 0.2 and then 0.5, each stage starting from the previous one.
-prev=runs/paper_p4inv_morekl
-chain=(runs/paper_p4inv "$prev")
-for ratio in 0.2 0.5; do
-    dest=runs/paper_p4inv_morekl_w${ratio/./}
-    if [ -f "$dest/checkpoint.pt" ]; then
-        $PY -m p4bg.train --resume "$dest" --no-progress
-    else
-        $PY -m p4bg.train --preset paper --flow p4inv --init="$prev" --nll_steps=0 \
-            --mixed_steps=4000 --mixed_lr=1e-4 --energy_weight_ratio="$ratio" --data "$DATA" \
-            --out "$dest" --no-progress
-    fi
-    complete "$dest" "$N" 1 || $PY -m p4bg.sample "$dest" --n "$N" --seed 0 --overwrite
-    chain+=("$dest")
-    prev=$dest
+# Both models further still: 4,000 more mixed steps each at a larger energy weight, w_e/w_l = 0.2
+# and then 0.5, each stage starting from the previous one.
+chain=()
+for run in "${runs[@]}"; do
+    flow=$(grep '^flow' "$run/config.toml" | cut -d'"' -f2)
+    prev=${run}_morekl
+    chain+=("$run" "$prev")
+    for ratio in 0.2 0.5; do
+        dest=${run}_morekl_w${ratio/./}
+        if [ -f "$dest/checkpoint.pt" ]; then
+            $PY -m p4bg.train --resume "$dest" --no-progress
+        else
+            $PY -m p4bg.train --preset paper --flow "$flow" --init="$prev" --nll_steps=0 \
+                --mixed_steps=4000 --mixed_lr=1e-4 --energy_weight_ratio="$ratio" \
+                --data "$DATA" --out "$dest" --no-progress
+        fi
+        complete "$dest" "$N" 1 || $PY -m p4bg.sample "$dest" --n "$N" --seed 0 --overwrite
+        chain+=("$dest")
+        prev=$dest
+    done
 done
 $PY -m p4bg.analyze "${chain[@]}" --reference "$DATA" --out "${OUT}_energy_weight"
