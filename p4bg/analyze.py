@@ -90,9 +90,12 @@ def model_log_q(
     return np.concatenate(out)
 
 
-def read_samples(run: Path, system: str, temperature: float) -> dict[str, np.ndarray]:
-    """The arrays of ``run/samples.npz``, after checking that sampling finished and that the
-    samples were weighted for the reference's system and temperature."""
+def read_samples(
+    run: Path, system: str, temperature: float
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The arrays of ``run/samples.npz`` and the content of ``samples.json``, after checking
+    that sampling finished and that the samples were weighted for the reference's system and
+    temperature."""
     path = run / "samples.npz"
     redo = f"`python -m p4bg.sample {run} --overwrite`"
     if not path.is_file():
@@ -123,7 +126,7 @@ def read_samples(run: Path, system: str, temperature: float) -> dict[str, np.nda
     bad = [k for k, v in arrays.items() if len(v) != n]
     if bad:
         raise ConfigError(f"{path}: arrays {bad} do not have {n} entries like u; rerun p4bg.sample")
-    return arrays
+    return arrays, meta
 
 
 def read_training_metrics(run: Path) -> dict[str, np.ndarray] | None:
@@ -171,9 +174,10 @@ def analyze(
     if len(set(names)) != len(names):
         raise ConfigError(f"runs must have distinct folder names (they label the report): {names}")
     ref = load_reference(reference_path, split)
-    samples = {  # fail early, before the OpenMM work
+    read = {  # fail early, before the OpenMM work
         run.name: read_samples(run, ref.system.name, ref.temperature) for run in runs
     }
+    samples = {name: arrays for name, (arrays, _) in read.items()}
     ref_arrays = {"u": ref.u, "phi": ref.phi, "psi": ref.psi}
     out.mkdir(parents=True, exist_ok=True)
     u_noisy = perturbed_energies(ref, noise, seed, n_workers)
@@ -189,7 +193,7 @@ def analyze(
     run_info: dict[str, str] = {}
     for run in runs:
         s = samples[run.name]
-        scale = float(json.loads((run / "samples.json").read_text()).get("prior_scale", 1.0))
+        scale = float(read[run.name][1].get("prior_scale", 1.0))
         log_w_ref = -ref.u - model_log_q(run, ref.xyz, device, scale)
         models[run.name] = ensemble_metrics(
             s["u"], s["log_w"], s["phi"], s["psi"], s["is_l"], s["finite"], ref_arrays,

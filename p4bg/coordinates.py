@@ -173,9 +173,8 @@ class MixedCoordinateTransform(Bijection):
 
     def __init__(self, system: MolecularSystem, xyz_train: np.ndarray | Tensor) -> None:
         super().__init__()
-        z_matrix = np.asarray(system.z_matrix, dtype=np.int64)
-        rigid = np.asarray(system.rigid_atoms, dtype=np.int64)
-        n_atoms = int(system.n_atoms)
+        self._set_layout(system)
+        z_matrix, rigid, n_atoms = self.z_matrix, self.rigid, self.n_atoms
         xyz = np.asarray(
             xyz_train.detach().cpu().numpy() if isinstance(xyz_train, Tensor) else xyz_train,
             dtype=np.float64,
@@ -187,7 +186,6 @@ class MixedCoordinateTransform(Bijection):
             )
         if not np.isfinite(xyz).all():
             raise ValueError("MixedCoordinateTransform: xyz_train contains non-finite positions")
-        self._set_layout(system)
         frames = torch.from_numpy(xyz.reshape(len(xyz), n_atoms, 3))
 
         internal, _, _ = cartesian_to_zmatrix(frames, z_matrix)

@@ -276,6 +276,10 @@ def verify_samples(run: str | Path, limit: int | None = None) -> dict[str, float
     from p4bg.systems import load_system
 
     run = Path(run)
+    missing = [f for f in ("samples.json", "samples.npz", "samples.dcd", "samples.pdb")
+               if not (run / f).is_file()]  # fmt: skip
+    if missing:
+        raise ConfigError(f"{run}: {missing} missing; nothing to verify (run p4bg.sample first)")
     info = json.loads((run / "samples.json").read_text())
     with np.load(run / "samples.npz") as data:
         stored = {k: data[k] for k in ("u", "phi", "psi")}
@@ -352,8 +356,6 @@ def main(argv: list[str] | None = None) -> None:
     run = Path(args.run)
     try:
         if args.verify:
-            if not (run / "samples.npz").is_file():
-                raise ConfigError(f"{run}: no samples.npz to verify; run p4bg.sample first")
             result = verify_samples(run)
             print(json.dumps(result, indent=2))
             return

@@ -217,6 +217,9 @@ def test_sample_cli_errors(run, tmp_path, capsys):
     assert "no checkpoint.pt" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="--n and --batch"):
         sample_run(run, 0)
+    with pytest.raises(SystemExit):
+        sample_main([str(tmp_path), "--verify"])
+    assert "nothing to verify" in capsys.readouterr().err
 
 
 def test_sample_refuses_to_overwrite_without_the_flag(sampled, capsys):
