@@ -167,12 +167,33 @@ def plot_free_energy_phi(
     return _save(fig, path)
 
 
+def _finite(m: dict[str, np.ndarray], key: str) -> np.ndarray:
+    """A column's values where finite (empty when the column is absent)."""
+    v = m.get(key)
+    return np.zeros(0) if v is None else np.asarray(v, dtype=np.float64)[np.isfinite(v)]
+
+
+ESS_CURVES = (("val_ess", "-", "reverse ESS"),
+              ("val_ess_clipped", "--", "reverse ESS (clipped top 1e-4)"))  # fmt: skip
+
+
 def plot_training(path: str | Path, runs: dict[str, dict[str, np.ndarray]]) -> Path:
-    """Training (thin) and validation (thick) NLL against step per run, from metrics.csv columns
-    ``step``, ``nll`` and ``val_nll`` (NaN where a row has none); a falling training NLL under
-    a rising validation NLL is overfitting."""
+    """Training curves per run from metrics.csv columns (NaN where a row has none).
+
+    Left panel: training (thin) and validation (thick) NLL against ``step`` from ``nll`` and
+    ``val_nll``; a falling training NLL under a rising validation NLL is overfitting. When the
+    columns exist, the per-basin validation NLL ``val_nll_phi_pos`` (dashed) and
+    ``val_nll_phi_neg`` (dotted) join it. Right panel, when any run has them: the validation
+    reverse ESS ``val_ess`` (solid) and ``val_ess_clipped`` (dashed, clipped top 1e-4), stored
+    as fractions and drawn in % on a log axis. Older runs without these columns get the NLL
+    panel alone."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    ess_keys = ("val_ess", "val_ess_clipped")
+    has_ess = any(len(_finite(m, k)) for m in runs.values() for k in ess_keys)
+    fig, axes = plt.subplots(1, 2 if has_ess else 1, figsize=(12.0 if has_ess else 6.4, 4.0),
+                             squeeze=False)  # fmt: skip
+    ax = axes[0, 0]
+    nll_keys = ("nll", "val_nll", "val_nll_phi_pos", "val_nll_phi_neg")
     for i, (label, m) in enumerate(runs.items()):
         colour = f"C{i}"
         ok = np.isfinite(m["nll"])
@@ -180,8 +201,13 @@ def plot_training(path: str | Path, runs: dict[str, dict[str, np.ndarray]]) -> P
                 label=f"{label} train")  # fmt: skip
         ok = np.isfinite(m["val_nll"])
         ax.plot(m["step"][ok], m["val_nll"][ok], color=colour, lw=2, label=f"{label} val")
-    values = np.concatenate([m[k][np.isfinite(m[k])] for m in runs.values()
-                             for k in ("nll", "val_nll")])  # fmt: skip
+        for key, style, text in (("val_nll_phi_pos", "--", "val φ>0"),
+                                 ("val_nll_phi_neg", ":", "val φ<0")):  # fmt: skip
+            if key in m and np.isfinite(m[key]).any():
+                ok = np.isfinite(m[key])
+                ax.plot(m["step"][ok], m[key][ok], style, color=colour, lw=1.4,
+                        label=f"{label} {text}")  # fmt: skip
+    values = np.concatenate([_finite(m, k) for m in runs.values() for k in nll_keys])
     if len(values):
         low, high = np.percentile(values, [0.5, 97])
         ax.set_ylim(low - 2, high + 2)
@@ -189,4 +215,19 @@ def plot_training(path: str | Path, runs: dict[str, dict[str, np.ndarray]]) -> P
     ax.set_ylabel("NLL (nats, 60-dim latent space)")
     ax.legend(fontsize=8)
     ax.set_title("Training curves")
+    if has_ess:
+        ax = axes[0, 1]
+        for i, (label, m) in enumerate(runs.items()):
+            for key, style, text in ESS_CURVES:
+                if key not in m:
+                    continue
+                ok = np.isfinite(m[key]) & (m[key] > 0)  # a log axis cannot show 0
+                if ok.any():
+                    ax.plot(m["step"][ok], 100 * m[key][ok], style, color=f"C{i}",
+                            label=f"{label} {text}")  # fmt: skip
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel("validation reverse ESS (%)")
+        ax.legend(fontsize=8)
+        ax.set_title("Reverse ESS during training")
     return _save(fig, path)

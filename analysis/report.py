@@ -8,10 +8,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ROWS", "markdown_table", "write_metrics_json", "write_report_md"]
+__all__ = ["ROWS", "bg_value_lines", "markdown_table", "write_metrics_json", "write_report_md"]
 
-# (key in a model's metrics, key in the reference metrics or None, label, format)
-ROWS: list[tuple[str, str | None, str, str]] = [
+# (key in a model's metrics or None, key in the reference metrics or None, label, format).
+# Format "delta_f" prints "x ± y kT" with the error from the key + "_err".
+ROWS: list[tuple[str | None, str | None, str, str]] = [
     ("n_samples", "n", "samples / frames", "{:,.0f}"),
     ("n_failed_energies", None, "failed energies (u = +inf)", "{:,.0f}"),
     ("n_nonfinite_positions", None, "non-finite positions", "{:,.0f}"),
@@ -21,12 +22,20 @@ ROWS: list[tuple[str, str | None, str, str]] = [
     ("energy_shift_finite", None, "… over finite samples", "energy"),
     ("median_energy_shift", None, "median energy shift vs MD", "energy"),
     ("energy_shift_low", None, "mean shift of the low-energy samples vs MD", "energy"),
+    ("u_train_max", "u_train_max", "max u of the training data (threshold)", "energy"),
     ("low_energy_fraction", "low_energy_fraction", "low-energy fraction (u < max u train)",
      "{:.1%}"),
+    ("high_energy_fraction", "high_energy_fraction",
+     "share above max u train (u ≥ max u train or failed)", "{:.1%}"),
     ("reverse_ess", None, "reverse ESS", "ess"),
+    ("reverse_ess_clipped", None, "reverse ESS (clipped top 1e-4)", "ess"),
     ("forward_ess", None, "forward ESS (MD frames)", "ess"),
     ("forward_log_w_spread", None, "… max − median log w over MD frames (nats)", "{:.1f}"),
     ("forward_top_phi_positive", None, "… φ > 0 share of the 10 heaviest MD frames", "{:.0%}"),
+    ("log_z_reverse", None, "log Ẑ reverse = LSE(log w) − ln N (samples)", "{:.3f}"),
+    ("log_z_forward", None, "log Ẑ forward = −(LSE(−log w) − ln M) (MD frames)", "{:.3f}"),
+    ("log_z_gap", None, "log Z gap forward − reverse (clearly < 0: log q not normalised)",
+     "{:+.3f}"),
     ("kl_rama", "kl_rama_floor", "Ramachandran KL 64×64, raw (MD: floor)", "{:.4f}"),
     ("kl_rama_reweighted", None, "Ramachandran KL, reweighted", "{:.4f}"),
     ("kl_rama_matched", "kl_rama_floor", "… at the floor's size (MD 1st half vs n_matched samples)",
@@ -36,15 +45,28 @@ ROWS: list[tuple[str, str | None, str, str]] = [
     ("kl_phi_reweighted", None, "φ KL, reweighted", "{:.4f}"),
     ("kl_psi", "kl_psi_floor", "ψ KL 200 bins, raw (MD: floor)", "{:.4f}"),
     ("kl_psi_reweighted", None, "ψ KL, reweighted", "{:.4f}"),
-    ("delta_f", "delta_f", "ΔF φ>0 vs φ<0, raw (kT)", "{:.2f}"),
-    ("delta_f_reweighted", None, "ΔF, reweighted (kT)", "{:.2f}"),
+    ("delta_f", "delta_f", "ΔF φ>0 vs φ<0, raw", "delta_f"),
+    ("delta_f_reweighted", None, "ΔF, reweighted", "delta_f"),
     ("chirality_violations", "chirality_violations", "D-form share", "{:.2%}"),
+    (None, "tau_phi_frames", "MD τ of the φ>0 indicator (1 + 2Σρ, frames)", "{:.1f}"),
+    (None, "tau_phi_ps", "… in ps", "{:.1f}"),
+    (None, "basin_transitions", "MD φ>0 ↔ φ<0 changes between frames", "{:,.0f}"),
+    (None, "independent_samples", "MD independent samples (frames / τ)", "{:,.0f}"),
+    (None, "seconds_per_frame", "MD wall seconds per frame (all workers)", "{:.3g}"),
+    ("md_independent_samples_per_second", "independent_samples_per_second",
+     "MD independent samples / s", "{:.3g}"),
+    ("sampling_seconds", None, "BG sampling wall time (s)", "{:.1f}"),
+    ("bg_effective_samples_per_second", None, "BG effective samples / s (reverse ESS · N / s)",
+     "{:.3g}"),
+    ("bg_value", None, "BG value (BG effective / MD independent samples per s)", "{:.3g}"),
 ]  # fmt: skip
 
 
-def _format(value: Any, fmt: str, kT: float | None = None) -> str:
+def _format(value: Any, fmt: str, kT: float | None = None, err: Any = None) -> str:
     if value is None:
         return "–"
+    if fmt == "delta_f":  # every ΔF carries its uncertainty (DESIGN.md §5), even an infinite one
+        return f"{_format(value, '{:.2f}')} ± {_format(err, '{:.2f}')} kT"
     if isinstance(value, float) and not math.isfinite(value):
         return "nan" if math.isnan(value) else ("+inf" if value > 0 else "−inf")
     if fmt == "energy":  # reduced units, and kJ/mol when kT is known (DESIGN.md §2)
@@ -54,18 +76,67 @@ def _format(value: Any, fmt: str, kT: float | None = None) -> str:
     return fmt.format(value)
 
 
+def _cell(metrics: dict[str, Any], key: str | None, fmt: str, kT: float | None) -> str:
+    if key is None:
+        return "–"
+    err = metrics.get(key + "_err", math.nan) if fmt == "delta_f" else None
+    return _format(metrics.get(key), fmt, kT, err)
+
+
 def markdown_table(
     reference: dict[str, Any], models: dict[str, dict[str, Any]], kT: float | None = None
 ) -> str:
     """Rows = metrics, columns = MD then each model (DESIGN.md §5 definitions); energies in kT
-    and, given ``kT`` (kJ/mol), in kJ/mol."""
+    and, given ``kT`` (kJ/mol), in kJ/mol; ΔF as "x ± y kT"."""
     header = ["metric", "MD (reference)", *models]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for key, ref_key, label, fmt in ROWS:
-        cells = [label, _format(reference.get(ref_key) if ref_key else None, fmt, kT)]
-        cells += [_format(m.get(key), fmt, kT) for m in models.values()]
+        cells = [label, _cell(reference, ref_key, fmt, kT)]
+        cells += [_cell(m, key, fmt, kT) for m in models.values()]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _tau_warning(reference: dict[str, Any]) -> str:
+    tau = reference.get("tau_phi_frames")
+    if tau is None:
+        return ""
+    if not (isinstance(tau, float) and math.isfinite(tau)):
+        return (" (τ could not be estimated: no change of φ basin, or series too short for "
+                "an autocorrelation window)")  # fmt: skip
+    if not reference.get("tau_phi_reliable", True):
+        return " (replicas shorter than 50 τ: τ is likely underestimated, MD flattered)"
+    return ""
+
+
+def bg_value_lines(reference: dict[str, Any], models: dict[str, dict[str, Any]]) -> list[str]:
+    """The headline: each run's BG value with its ingredients."""
+    md = reference.get("independent_samples_per_second", math.nan)
+    f = _format
+    lines = [
+        "## BG value",
+        "",
+        "BG effective samples per wall second (reverse ESS · N / sampling seconds, the seconds "
+        "covering sampling, energies and weights) divided by MD independent samples per wall "
+        "second (frames / τ of the φ>0 indicator, τ = 1 + 2Σρ, over the MD seconds of those "
+        "frames = frames · steps per frame / total steps per second of the dataset's run).",
+        "",
+        f"- MD: τ = {f(reference.get('tau_phi_frames'), '{:.1f}')} frames = "
+        f"{f(reference.get('tau_phi_ps'), '{:.1f}')} ps, "
+        f"{f(reference.get('independent_samples'), '{:,.0f}')} independent samples in "
+        f"{f(reference.get('md_seconds'), '{:,.1f}')} s "
+        f"({f(reference.get('seconds_per_frame'), '{:.3g}')} s/frame) → "
+        f"{f(md, '{:.3g}')} independent samples / s" + _tau_warning(reference),
+    ]
+    for name, m in models.items():
+        lines.append(
+            f"- `{name}`: reverse ESS {f(m.get('reverse_ess'), 'ess')} · "
+            f"{f(m.get('n_samples'), '{:,.0f}')} samples / "
+            f"{f(m.get('sampling_seconds'), '{:.1f}')} s = "
+            f"{f(m.get('bg_effective_samples_per_second'), '{:.3g}')} effective samples / s → "
+            f"**BG value {f(m.get('bg_value'), '{:.3g}')}**"
+        )
+    return lines
 
 
 def _jsonable(value: Any) -> Any:
@@ -106,20 +177,34 @@ def write_report_md(
         "",
         f"Reference: `{info['reference']}` ({info['split']} split, {reference['n']:,} frames, "
         f"T = {info['temperature_K']:g} K, kT = {info['kT_kJ_per_mol']:.4f} kJ/mol). "
-        f"Low-energy threshold: max u of the training frames = {info['u_train_max']:.2f} kT.",
+        f"Low-energy threshold of the MD column and energies.png: max u of the training frames "
+        f"= {info['u_train_max']:.2f} kT ({info.get('u_train_max_source', 'training split')}); "
+        "each run's own threshold is in the table.",
         "",
     ]
     for name, meta in info.get("runs", {}).items():
         lines.append(f"- `{name}`: {meta}")
+    notes = info.get("notes", [])
+    if notes:
+        lines += ["", *[f"> Note: {n}" for n in notes]]
+    lines += ["", *bg_value_lines(reference, models)]
     lines += [
+        "",
+        "## Metrics",
         "",
         markdown_table(reference, models, info["kT_kJ_per_mol"]),
         "",
         "Definitions (DESIGN.md §5): log w = −u − log q; reverse ESS = Kish ESS / N of the "
-        "samples; forward ESS = 1/(mean w · mean 1/w) on the MD frames; KL = Σ p log((p+ε)/(q+ε)) "
-        "ΔφΔψ with p = MD, q = model; the MD column's KL is the floor (first vs second half of "
-        "the reference frames); 'at the floor's size' compares the model with as many samples "
-        "as the floor has (the KL grows as samples get fewer); ΔF = −ln(P(φ>0)/P(φ<0)). "
+        "samples; 'clipped top 1e-4' = the same after setting the ceil(1e-4·N) largest weights "
+        "to the smallest of them (TA-BG's convention); forward ESS = 1/(mean w · mean 1/w) on "
+        "the MD frames; log Ẑ reverse ≤ log Z ≤ log Ẑ forward in expectation, so a clearly "
+        "negative gap means log q is not a normalised density of the samples; KL = "
+        "Σ p log((p+ε)/(q+ε)) ΔφΔψ with p = MD, q = model; the MD column's KL is the floor "
+        "(first vs second half of the reference frames); 'at the floor's size' compares the "
+        "model with as many samples as the floor has (the KL grows as samples get fewer); "
+        "ΔF = −ln(P(φ>0)/P(φ<0)) ± one standard error: for MD the larger of block averaging "
+        "(Flyvbjerg–Petersen, per replica) and the spread between replicas, for samples the "
+        "delta method with the (importance) weights, ≈ sqrt(p(1−p)/n_eff)/(p(1−p)). "
         "Failed samples count in N with weight 0.",
         "",
     ]

@@ -6,17 +6,23 @@
 Writes ``runs/NAME/report/`` for the first run given (or ``--out``): energies.png,
 ramachandran.png, free_energy_phi.png, training.png (NLL curves from each run's metrics.csv),
 metrics.json (every metric of DESIGN.md §5 per model,
-with sample counts) and report.md (a table comparing the runs). Each run needs samples from
-``python -m p4bg.sample``. The reference is the ``--split`` (default: the held-out test frames)
-of an MD dataset; the training frames give the low-energy threshold (their maximum u). The
+with sample counts) and report.md (the BG value and a table comparing the runs). Each run needs
+samples from ``python -m p4bg.sample``. The reference is the ``--split`` (default: the held-out
+test frames; ``all``: every frame, for a reference dataset simulated independently of the
+training data, DESIGN.md §5) of an MD dataset. The low-energy threshold of a run is the maximum
+u of its own training frames: the train split of the dataset named by ``data`` in the run's
+config.toml, or, when that dataset is not here, the reference's train split (with a note). The
 metrics themselves live in ``analysis/`` (no torch); this CLI only gathers the arrays: it
-evaluates the MD frames perturbed by Gaussian noise (``--noise`` nm) with OpenMM, and each
-model's log q on the MD frames (for the forward ESS).
+evaluates the MD frames perturbed by Gaussian noise (``--noise`` nm) with OpenMM, each model's
+log q on the MD frames (forward ESS, forward log Z), the replica time series of the reference
+(uncertainty of ΔF, MD's autocorrelation time) and the wall times of MD (metadata.json) and of
+sampling (samples.json) for the BG value.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -26,11 +32,39 @@ import numpy as np
 
 from p4bg.config import ConfigError
 
-__all__ = ["Reference", "analyze", "build_parser", "load_reference", "main"]
+__all__ = [
+    "Reference",
+    "analyze",
+    "build_parser",
+    "load_reference",
+    "main",
+    "replica_segments",
+    "training_threshold",
+]
+
+
+ROOT = Path(__file__).resolve().parents[1]
+SPLITS = ("train", "val", "test", "all")
+
+
+def replica_segments(frames_per_replica: list[int], idx: np.ndarray) -> list[np.ndarray]:
+    """Positions in ``idx`` (global frame indices, in order) of each contiguous time series:
+    the frames of one replica, cut where the indices are not consecutive."""
+    offsets = np.cumsum([0, *frames_per_replica])
+    segments = []
+    for a, b in itertools.pairwise(offsets):
+        pos = np.nonzero((idx >= a) & (idx < b))[0]
+        if pos.size:
+            cuts = np.nonzero(np.diff(idx[pos]) != 1)[0] + 1
+            segments += [part for part in np.split(pos, cuts) if part.size]
+    return segments
 
 
 class Reference:
-    """MD frames of one split: xyz [frames, atoms, 3] nm float64, u (kT), φ/ψ (radians), L-form."""
+    """MD frames of one split (or ``all``): xyz [frames, atoms, 3] nm float64, u (kT), φ/ψ
+    (radians), L-form; ``segments`` (positions of each replica's contiguous time series),
+    ``ps_per_frame`` and the MD wall ``seconds_per_frame`` (total production steps over total
+    steps per second of the simulation, all its workers together; None if not recorded)."""
 
     def __init__(self, path: str | Path, split: str, system_name: str | None) -> None:
         from analysis.geometry import dihedral, is_l_chirality
@@ -39,19 +73,89 @@ class Reference:
 
         meta = load_metadata(path)
         data = load_dataset(path)
-        if split not in data.split:
-            raise ConfigError(f"--split must be one of {sorted(data.split)}, got {split!r}")
-        self.path, self.split = str(path), split
+        if split not in SPLITS:
+            raise ConfigError(f"--split must be one of {list(SPLITS)}, got {split!r}")
+        self.path, self.split, self.meta = str(path), split, meta
         self.system = load_system(system_name or meta["system"])
         self.temperature = float(meta["temperature_K"])
         self.kT = float(meta["kT_kJ_per_mol"])
-        idx = data.split[split]
+        idx = np.arange(len(data.xyz)) if split == "all" else data.split[split]
         self.xyz = data.xyz[idx].astype(np.float64).reshape(len(idx), -1, 3)
         self.u = data.energies[idx] / self.kT
+        # the fallback threshold, for runs whose training data is not here
         self.u_train_max = float(np.max(data.energies[data.split["train"]]) / self.kT)
         self.phi = dihedral(self.xyz, self.system.phi_atoms)
         self.psi = dihedral(self.xyz, self.system.psi_atoms)
         self.is_l = is_l_chirality(self.xyz)
+        self.segments = replica_segments([int(r["frames"]) for r in meta["replicas"]], idx)
+        self.ps_per_frame = meta.get("save_every_ps")
+        steps, rate = meta.get("steps_per_frame"), meta.get("steps_per_second_total")
+        ok = isinstance(rate, int | float) and rate > 0 and steps
+        self.seconds_per_frame = float(steps) / float(rate) if ok else None
+        total_steps = sum(int(r["frames"]) for r in meta["replicas"]) * int(steps or 0)
+        self.timing = {
+            "md_steps_per_frame": steps, "md_steps_per_second_total": rate,
+            "md_workers": meta.get("workers"), "md_wall_seconds_recorded": meta.get("wall_seconds"),
+            "md_total_production_steps": total_steps,
+            "md_total_production_seconds": total_steps / float(rate) if ok else None,
+            "md_seconds_per_frame": self.seconds_per_frame,
+        }  # fmt: skip
+
+
+def _resolve_dataset(name: str) -> Path | None:
+    """The dataset folder a run's ``data`` setting names: as given if absolute, else relative
+    to the working directory or to the project root; None if neither holds a dataset."""
+    path = Path(name)
+    for candidate in [path] if path.is_absolute() else [Path.cwd() / path, ROOT / path]:
+        if (candidate / "metadata.json").is_file():
+            return candidate
+    return None
+
+
+def training_threshold(run: Path, ref: Reference, cache: dict[Path, float]) -> dict[str, Any]:
+    """Maximum u (kT, at the reference's temperature) of the run's training frames: the train
+    split of the dataset named by ``data`` in ``run/config.toml``; when that is missing or
+    unreadable, the reference's train split, with a note saying so."""
+    import tomllib
+
+    from p4bg.data import DatasetError, load_dataset
+
+    name, why = None, ""
+    config = run / "config.toml"
+    try:
+        name = tomllib.loads(config.read_text()).get("data") if config.is_file() else None
+    except tomllib.TOMLDecodeError as err:
+        why = f"{config} cannot be read ({err})"
+    path = _resolve_dataset(str(name)) if name else None
+    if path is not None:
+        try:
+            same = path.resolve() == Path(ref.path).resolve()
+            if same:  # already loaded: its train split gave ref.u_train_max
+                cache[path.resolve()] = ref.u_train_max * ref.kT
+            if path.resolve() not in cache:
+                data = load_dataset(path)
+                cache[path.resolve()] = float(np.max(data.energies[data.split["train"]]))
+            return {
+                "value": cache[path.resolve()] / ref.kT,
+                "source": "training data",
+                "dataset": str(name),
+                "note": f"{run.name}: the reference {ref.path} is its own training dataset, not "
+                "an independent MD run (DESIGN.md §5)"
+                if same
+                else None,
+            }  # fmt: skip
+        except DatasetError as err:
+            why = f"its training data {name} cannot be loaded ({err})"
+    elif not why:
+        why = (f"its training data {name!r} is not here" if name
+               else f"{config} is missing or names no data")  # fmt: skip
+    return {
+        "value": ref.u_train_max,
+        "source": "reference train split (fallback)",
+        "dataset": str(name) if name else None,
+        "note": f"{run.name}: {why}; its low-energy threshold is the maximum u of the "
+        f"reference's train split instead",
+    }
 
 
 def load_reference(path: str | Path, split: str = "test", system: str | None = None) -> Reference:
@@ -129,9 +233,13 @@ def read_samples(
     return arrays, meta
 
 
+OPTIONAL_TRAINING_COLUMNS = ("val_ess", "val_ess_clipped", "val_nll_phi_pos", "val_nll_phi_neg")
+
+
 def read_training_metrics(run: Path) -> dict[str, np.ndarray] | None:
-    """``step``, ``nll``, ``val_nll`` columns of ``run/metrics.csv`` (NaN where empty), or None
-    when the run folder has no metrics (e.g. a copy holding only the checkpoint)."""
+    """``step``, ``nll``, ``val_nll`` columns of ``run/metrics.csv`` (NaN where empty), and those
+    of OPTIONAL_TRAINING_COLUMNS that the file has, or None when the run folder has no metrics
+    (e.g. a copy holding only the checkpoint)."""
     import csv
 
     path = run / "metrics.csv"
@@ -145,7 +253,8 @@ def read_training_metrics(run: Path) -> dict[str, np.ndarray] | None:
     def column(key: str) -> np.ndarray:
         return np.array([float(r[key]) if r.get(key) else np.nan for r in rows])
 
-    return {"step": column("step"), "nll": column("nll"), "val_nll": column("val_nll")}
+    out = {"step": column("step"), "nll": column("nll"), "val_nll": column("val_nll")}
+    return out | {k: column(k) for k in OPTIONAL_TRAINING_COLUMNS if k in rows[0]}
 
 
 def analyze(
@@ -179,28 +288,59 @@ def analyze(
     }
     samples = {name: arrays for name, (arrays, _) in read.items()}
     ref_arrays = {"u": ref.u, "phi": ref.phi, "psi": ref.psi}
+    notes: list[str] = []
+    cache: dict[Path, float] = {}
+    thresholds = {run.name: training_threshold(run, ref, cache) for run in runs}
+    for t in thresholds.values():
+        if t["note"]:
+            notes.append(t["note"])
+    if thresholds:  # the MD column and energies.png use the first run's threshold
+        first = next(iter(thresholds))
+        u_train_max = thresholds[first]["value"]
+        threshold_source = f"of `{first}`: {thresholds[first]['source']}"
+        if len({t["value"] for t in thresholds.values()}) > 1:
+            notes.append(f"the runs have different training data; the MD column and "
+                         f"energies.png use the threshold of {first}")  # fmt: skip
+    else:
+        u_train_max, threshold_source = ref.u_train_max, "the reference's train split"
+    if ref.seconds_per_frame is None:
+        notes.append(f"{reference_path}/metadata.json records no steps_per_second_total; no "
+                     "MD wall time, so no BG value")  # fmt: skip
+    for note in notes:
+        print(f"p4bg.analyze: note: {note}", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
     u_noisy = perturbed_energies(ref, noise, seed, n_workers)
-    reference = reference_metrics(ref.u, ref.phi, ref.psi, ref.is_l, ref.u_train_max)
+    reference = reference_metrics(ref.u, ref.phi, ref.psi, ref.is_l, u_train_max, ref.segments,
+                                  ref.ps_per_frame, ref.seconds_per_frame)  # fmt: skip
     noisy_label = f"MD + {noise:g} nm noise"
     reference["perturbed"] = {
         "noise_nm": noise,
         "mean_u": float(np.mean(u_noisy)),
         "median_u": float(np.median(u_noisy)),
-        "low_energy_fraction": float(np.mean(u_noisy < ref.u_train_max)),
+        "low_energy_fraction": float(np.mean(u_noisy < u_train_max)),
     }
     models: dict[str, dict[str, Any]] = {}
     run_info: dict[str, str] = {}
     for run in runs:
         s = samples[run.name]
-        scale = float(read[run.name][1].get("prior_scale", 1.0))
+        meta = read[run.name][1]
+        scale = float(meta.get("prior_scale", 1.0))
+        seconds = meta.get("wall_seconds", meta.get("seconds"))
         log_w_ref = -ref.u - model_log_q(run, ref.xyz, device, scale)
+        threshold = thresholds[run.name]
         models[run.name] = ensemble_metrics(
             s["u"], s["log_w"], s["phi"], s["psi"], s["is_l"], s["finite"], ref_arrays,
-            ref.u_train_max, log_w_ref,
+            threshold["value"], log_w_ref, seconds, reference["independent_samples_per_second"],
         )  # fmt: skip
-        run_info[run.name] = f"{run}, {len(s['u']):,} samples" + (
-            f", prior scale τ = {scale:g}" if scale != 1 else ""
+        models[run.name]["u_train_max_source"] = threshold["source"]
+        models[run.name]["u_train_max_dataset"] = threshold["dataset"]
+        models[run.name]["sampling_device"] = meta.get("device")
+        run_info[run.name] = (
+            f"{run}, {len(s['u']):,} samples"
+            + (f", prior scale τ = {scale:g}" if scale != 1 else "")
+            + (f", sampled on {meta['device']}" if meta.get("device") else "")
+            + f"; threshold from {threshold['source']}"
+            + (f" ({threshold['dataset']})" if threshold["dataset"] else "")
         )
     energies = {"MD": ref.u, noisy_label: u_noisy} | {k: v["u"] for k, v in samples.items()}
     # Ramachandran grid: MD and every model's raw map in the first row, the reweighted maps
@@ -219,7 +359,7 @@ def analyze(
         curves.append(AngleSet(f"{name} (reweighted)", s["phi"], s["psi"], s["log_w"]))
     panels = raw + reweighted if samples else raw
     figures = [
-        plot_energies(out / "energies.png", energies, ref.u_train_max).name,
+        plot_energies(out / "energies.png", energies, u_train_max).name,
         plot_ramachandran(out / "ramachandran.png", panels, columns=len(raw)).name,
         plot_free_energy_phi(out / "free_energy_phi.png", curves).name,
     ]
@@ -229,8 +369,10 @@ def analyze(
         figures.append(plot_training(out / "training.png", training).name)
     info = {
         "reference": str(reference_path), "split": split, "temperature_K": ref.temperature,
-        "kT_kJ_per_mol": ref.kT, "u_train_max": ref.u_train_max, "runs": run_info,
-        "noise_nm": noise, "seed": seed, "figures": figures,
+        "kT_kJ_per_mol": ref.kT, "u_train_max": u_train_max,
+        "u_train_max_source": threshold_source, "runs": run_info, "noise_nm": noise,
+        "seed": seed, "figures": figures, "notes": notes, "md_timing": ref.timing,
+        "n_replica_series": len(ref.segments),
     }  # fmt: skip
     result = {"info": info, "reference": reference, "models": models}
     write_metrics_json(out / "metrics.json", result)
@@ -247,7 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--reference", required=True, help="MD dataset folder from p4bg.simulate (data/NAME_600K)"
     )
-    parser.add_argument("--split", default="test", help="reference frames: train|val|test (test)")
+    parser.add_argument("--split", default="test", choices=SPLITS,
+                        help="reference frames: train|val|test|all (test); 'all' for a "
+                        "reference dataset simulated apart from the training data")  # fmt: skip
     parser.add_argument("--out", type=Path, default=None,
                         help="report folder (default: RUN/report of the first run)")  # fmt: skip
     parser.add_argument(
@@ -279,12 +423,18 @@ def main(argv: list[str] | None = None) -> None:
         print(f"p4bg.analyze: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     print(f"report in {out}/: report.md, metrics.json, {', '.join(result['info']['figures'])}")
+    ref = result["reference"]
+    print(f"  MD: ΔF {ref['delta_f']:.2f} ± {ref['delta_f_err']:.2f} kT, τ(φ>0) "
+          f"{ref['tau_phi_ps']:.1f} ps, {ref['independent_samples_per_second']:.3g} independent "
+          "samples/s")  # fmt: skip
     for name, m in result["models"].items():
         print(f"  {name}: shift {m['energy_shift_finite']:+.2f} kT (finite), reverse ESS "
-              f"{m['reverse_ess']:.2%}, forward ESS {m['forward_ess']:.2%}, Rama KL "
-              f"{m['kl_rama']:.3f} raw / {m['kl_rama_reweighted']:.3f} reweighted; at the "
+              f"{m['reverse_ess']:.2%} (clipped top 1e-4: {m['reverse_ess_clipped']:.2%}), "
+              f"forward ESS {m['forward_ess']:.2%}, log Z gap {m['log_z_gap']:+.3f}, ΔF "
+              f"reweighted {m['delta_f_reweighted']:.2f} ± {m['delta_f_reweighted_err']:.2f} kT, "
+              f"Rama KL {m['kl_rama']:.3f} raw / {m['kl_rama_reweighted']:.3f} reweighted; at the "
               f"floor's size {m['kl_rama_matched']:.3f} / {m['kl_rama_reweighted_matched']:.3f} "
-              f"(floor {result['reference']['kl_rama_floor']:.3f})")  # fmt: skip
+              f"(floor {ref['kl_rama_floor']:.3f}); BG value {m['bg_value']:.3g}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -29,6 +29,9 @@ class TrainConfig:
     system: str = "alanine_dipeptide"
     data: str = "data/alanine_dipeptide_600K"
     out: str = "runs/p4inv"
+    temperature: float = 600.0  # K, of the data and of the target energy; checked against both
+    train_fraction: float = 1.0  # first fraction of each replica's training block (shorter MD)
+    train_stride: int = 1  # every k-th training frame (sparser saving)
     # model (paper App. H)
     flow: str = "p4inv"  # "p4inv" or "swap"
     n_blocks: int = 25
@@ -44,6 +47,12 @@ class TrainConfig:
     energy_high: float = 1e3  # lin-log cut of u (kT) in the KL term
     energy_max: float = 1e9
     max_grad_norm: float = 0.0  # 0: no clipping (the paper does not clip)
+    lr_schedule: str = "constant"  # "constant" (the paper) or "cosine" (decay within each phase)
+    lr_final_factor: float = 0.01  # cosine: the phase ends at lr × this factor
+    warmup_steps: int = 0  # linear warm-up at the start of the NLL phase
+    weight_decay: float = 0.0  # decoupled (AdamW) on conditioner weight matrices only
+    kl_batch_size: int = 0  # samples of the KL term per mixed step (0: batch_size)
+    energy_ramp_steps: int = 0  # w_e rises linearly from 0 over the first mixed steps
     # P4Inv merges (paper App. H)
     merge_every: int = 100
     force_every: int = 10
@@ -52,6 +61,8 @@ class TrainConfig:
     reset_optimizer: bool = True
     # bookkeeping
     val_every: int = 500
+    val_frames: int = 0  # validation frames used (0: all; else an evenly strided subset)
+    val_samples: int = 4096  # fresh samples for the reverse ESS at every validation (0: none)
     log_every: int = 100
     checkpoint_every: int = 1_000
     sample_batch: int = 256  # samples whose mean energy is logged every val_every steps
@@ -62,6 +73,16 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for values that cannot work."""
+        if not self.temperature > 0:
+            raise ConfigError(f"temperature must be > 0 K, got {self.temperature}")
+        if not 0 < self.train_fraction <= 1:
+            raise ConfigError(f"train_fraction must be in (0, 1], got {self.train_fraction}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ConfigError(
+                f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}"
+            )
+        if not 0 < self.lr_final_factor <= 1:
+            raise ConfigError(f"lr_final_factor must be in (0, 1], got {self.lr_final_factor}")
         if self.flow not in ("p4inv", "swap"):
             raise ConfigError(f"flow must be 'p4inv' or 'swap', got {self.flow!r}")
         if self.dtype not in ("float32", "float64"):
@@ -69,11 +90,13 @@ class TrainConfig:
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         positive = ("n_blocks", "hidden", "batch_size", "merge_every", "val_every", "log_every",
-                    "checkpoint_every", "sample_batch")  # fmt: skip
+                    "checkpoint_every", "sample_batch", "train_stride")  # fmt: skip
         for key in positive:
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("nll_steps", "mixed_steps", "force_every", "correct_every", "n_workers"):
+        for key in ("nll_steps", "mixed_steps", "force_every", "correct_every", "n_workers",
+                    "warmup_steps", "kl_batch_size", "energy_ramp_steps", "val_frames",
+                    "val_samples"):  # fmt: skip
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
         for key in ("nll_lr", "mixed_lr"):
@@ -85,8 +108,9 @@ class TrainConfig:
                 raise ConfigError(f"{f.name} must be a finite number, got {value}")
         if not 0 <= self.seed < 2**63:
             raise ConfigError(f"seed must be in [0, 2**63), got {self.seed}")
-        if self.energy_weight_ratio < 0 or self.penalty < 0 or self.max_grad_norm < 0:
-            raise ConfigError("energy_weight_ratio, penalty and max_grad_norm must be >= 0")
+        for key in ("energy_weight_ratio", "penalty", "max_grad_norm", "weight_decay"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
         if not self.energy_high < self.energy_max:
             raise ConfigError("energy_high must be < energy_max")
         if self.nll_steps + self.mixed_steps < 1:
@@ -121,6 +145,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "log_every": 5,
         "checkpoint_every": 10,
         "sample_batch": 16,
+        "val_samples": 64,
         "n_workers": 1,
         "out": "runs/smoke",
     },

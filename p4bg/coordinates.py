@@ -23,8 +23,10 @@ Latent layout: ``[bonds (17) | angles (17) | torsions (17) | rigid block (9)]``.
   PCA-whitened. ``ladj`` of the 9 → 15 embedding is ``½ Σ log λ`` (λ: PCA variances).
 
 Densities live on the 60-dim space modulo rigid motion; the energy is invariant to that motion.
-Near-degenerate geometry (collinear reference atoms, angles at 0 or π) is clamped, counted in
-``n_clamped``, and never produces NaN.
+Near-degenerate geometry (collinear reference atoms, angles at 0 or π) and torsion tails beyond
+the dtype's resolution (|y| > 5.3 in float32, 8.2 in float64: closer to the cut than one
+rounding unit of π) are clamped,
+counted in ``n_clamped``, and never produce NaN.
 """
 
 from __future__ import annotations
@@ -193,7 +195,7 @@ class MixedCoordinateTransform(Bijection):
         log_b = torch.log(bonds)
         logit_a = torch.logit(angles / math.pi)
         centre = _torsion_centres(torsions)
-        probit = _torsion_probit(_wrap(torsions - centre))
+        probit, _ = _torsion_probit(_wrap(torsions - centre))
         self.register_buffer("bond_mu", log_b.mean(0))
         self.register_buffer("bond_s", log_b.std(0).clamp(min=1e-6))
         self.register_buffer("angle_mu", logit_a.mean(0))
@@ -228,6 +230,11 @@ class MixedCoordinateTransform(Bijection):
         self.register_buffer("n_clamped", torch.zeros((), dtype=torch.int64), persistent=False)
 
     def _set_layout(self, system: MolecularSystem) -> None:
+        from p4bg.equivalent import equivalent_groups
+
+        # Methyl hydrogens may come labelled in another order (other tools); the inverse brings
+        # them to the system PDB's labelling, which the flow's density is defined on.
+        self.equivalent_groups = equivalent_groups(system)
         self.z_matrix = np.asarray(system.z_matrix, dtype=np.int64)
         self.rigid = np.asarray(system.rigid_atoms, dtype=np.int64)
         self.n_atoms = int(system.n_atoms)
@@ -282,8 +289,13 @@ class MixedCoordinateTransform(Bijection):
         return xyz.reshape(-1, self.cartesian_dim), ladj + ladj_z
 
     def inverse(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Cartesian [batch, 66] nm, any orientation -> latent [batch, 60]."""
+        """Cartesian [batch, 66] nm, any orientation and any labelling of equivalent hydrogens
+        -> latent [batch, 60]."""
+        from p4bg.equivalent import canonicalize_equivalent_atoms_torch
+
         check_input(x, self.cartesian_dim, "MixedCoordinateTransform.inverse")
+        if self.equivalent_groups:
+            x = canonicalize_equivalent_atoms_torch(x, self.equivalent_groups)
         xyz = x.reshape(-1, self.n_atoms, 3)
         internal, ladj_z, clamped = cartesian_to_zmatrix(xyz, self.z_matrix)
         aligned = kabsch_align(xyz[:, self.rigid], self.reference)
@@ -300,13 +312,10 @@ class MixedCoordinateTransform(Bijection):
         yb = self.bond_mu + self.bond_s * zb
         ya = self.angle_mu + self.angle_s * za
         yt = self.torsion_mu + self.torsion_s * zt
+        rel, clamped = _torsion_from_probit(yt)
+        self._count(clamped.sum(1))
         internal = torch.stack(
-            [
-                torch.exp(yb),
-                math.pi * torch.sigmoid(ya),
-                self.torsion_centre + _torsion_from_probit(yt),
-            ],
-            -1,
+            [torch.exp(yb), math.pi * torch.sigmoid(ya), self.torsion_centre + rel], -1
         )
         c = self.c_mean + (zr * self.pca_std) @ self.pca_vectors.T
         rigid_xyz = self.reference + (c @ self.basis.T).reshape(-1, len(self.rigid), 3)
@@ -319,7 +328,8 @@ class MixedCoordinateTransform(Bijection):
         yb = torch.log(bonds)
         frac = angles / math.pi  # in (0, 1): cartesian_to_zmatrix clamps θ away from 0 and π
         ya = torch.log(frac) - torch.log1p(-frac)
-        yt = _torsion_probit(_wrap(torsions - self.torsion_centre))
+        yt, clamped = _torsion_probit(_wrap(torsions - self.torsion_centre))
+        self._count(clamped.sum(1))
         c = (aligned - self.reference).reshape(len(aligned), -1) @ self.basis
         z = torch.cat(
             [
@@ -355,25 +365,44 @@ def _wrap(angle: Tensor) -> Tensor:
 
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
-_U_MIN = 1e-300  # smallest probability handed to the normal quantile (float64 reaches ~±37)
 
 
-def _torsion_probit(rel: Tensor) -> Tensor:
+def _probit_limit(dtype: torch.dtype) -> float:
+    """Largest |y| that the torsion map resolves in ``dtype``: φ' = π − 2π Φ(−y) differs from
+    the cut at π by at least one unit in the last place of π only while Φ(−y) ≥ eps/π, i.e.
+    |y| ≤ 5.3 in float32 and 8.2 in float64. Beyond it forward and inverse no longer agree, so
+    y is clamped there and counted instead of passing a saturated value on silently."""
+    eps = torch.finfo(dtype).eps
+    return float(-torch.special.ndtri(torch.tensor(eps / math.pi, dtype=torch.float64)))
+
+
+def _torsion_probit(rel: Tensor) -> tuple[Tensor, Tensor]:
     """Normal quantile of the torsion's position in its cut interval: ``Φ⁻¹((φ' + π)/2π)`` for
     φ' in [−π, π). A uniform torsion becomes N(0, 1); each tail is computed from its own side so
-    that angles next to the cut keep their precision."""
-    lower = torch.clamp((rel + math.pi) / (2 * math.pi), min=_U_MIN)
-    upper = torch.clamp((math.pi - rel) / (2 * math.pi), min=_U_MIN)
-    return torch.where(rel < 0, torch.special.ndtri(lower), -torch.special.ndtri(upper))
+    that angles next to the cut keep their precision. Returns (y, clamped mask): y is clamped to
+    ±:func:`_probit_limit` of the dtype, which only angles within one rounding unit of the cut
+    reach."""
+    limit = _probit_limit(rel.dtype)
+    tiny = torch.finfo(rel.dtype).tiny
+    lower = torch.clamp((rel + math.pi) / (2 * math.pi), min=tiny)
+    upper = torch.clamp((math.pi - rel) / (2 * math.pi), min=tiny)
+    y = torch.where(rel < 0, torch.special.ndtri(lower), -torch.special.ndtri(upper))
+    clamped = y.abs() > limit
+    return torch.clamp(y, -limit, limit), clamped
 
 
-def _torsion_from_probit(y: Tensor) -> Tensor:
-    """Inverse of :func:`_torsion_probit`: φ' = 2π Φ(y) − π, in (−π, π)."""
-    return torch.where(
+def _torsion_from_probit(y: Tensor) -> tuple[Tensor, Tensor]:
+    """Inverse of :func:`_torsion_probit`: φ' = 2π Φ(y) − π, in (−π, π). Returns (φ', clamped
+    mask, and y is clamped to ±:func:`_probit_limit` first, where Φ is still exact)."""
+    limit = _probit_limit(y.dtype)
+    clamped = y.abs() > limit
+    y = torch.clamp(y, -limit, limit)
+    rel = torch.where(
         y < 0,
         2 * math.pi * torch.special.ndtr(y) - math.pi,
         math.pi - 2 * math.pi * torch.special.ndtr(-y),
     )
+    return rel, clamped
 
 
 def _torsion_centres(torsions: Tensor, bins: int = 72) -> Tensor:

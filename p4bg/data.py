@@ -10,6 +10,10 @@ Layout of a dataset folder (written by ``python -m p4bg.simulate``)::
 
 A chunk is complete when its ``.npz`` exists; both files are written atomically (temporary file,
 then ``os.replace``), the ``.npz`` last.
+
+Frames are loaded in the system PDB's labelling of equivalent hydrogens (``p4bg.equivalent``,
+DESIGN.md §5): frames written by another tool with a methyl group's hydrogens in the other order
+are relabelled (with a warning), and frames whose labelling is undefined are refused.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import contextlib
 import json
 import os
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -187,10 +192,14 @@ def load_metadata(path: str | Path) -> dict:
     return json.loads(meta.read_text())
 
 
-def load_dataset(path: str | Path) -> Dataset:
+def load_dataset(path: str | Path, canonicalize: bool = True) -> Dataset:
     """Load a dataset folder written by ``p4bg.simulate`` (see the module docstring).
 
     Returns ``Dataset(xyz (frames, 3·n_atoms) nm float32, energies (frames,) kJ/mol, split)``.
+    With ``canonicalize`` (the default) the equivalent hydrogens of every frame are brought to
+    the labelling of the system named in ``metadata.json`` (a ``UserWarning`` says how many
+    frames were relabelled; p4bg's own MD needs none), and a frame whose labelling is undefined
+    raises :class:`DatasetError`. Energies are unchanged by the relabelling.
     """
     path = Path(path)
     meta = load_metadata(path)
@@ -226,4 +235,43 @@ def load_dataset(path: str | Path) -> Dataset:
         )
         for name in SPLIT_NAMES
     }
-    return Dataset(np.concatenate(xyz_parts), np.concatenate(energy_parts), split)
+    xyz = np.concatenate(xyz_parts)
+    if canonicalize:
+        xyz = _canonical_labels(path, meta, xyz)
+    return Dataset(xyz, np.concatenate(energy_parts), split)
+
+
+def _canonical_labels(path: Path, meta: dict, xyz: np.ndarray) -> np.ndarray:
+    """``xyz`` (frames, 3·n_atoms) in the PDB's labelling of the system ``meta`` names."""
+    from p4bg.equivalent import (
+        EquivalentAtomsError,
+        canonicalize_equivalent_atoms,
+        equivalent_groups,
+    )
+    from p4bg.systems import load_system
+
+    system_path = meta.get("system_path")
+    name = system_path if system_path and Path(system_path).is_dir() else meta.get("system")
+    if name is None:
+        raise DatasetError(
+            f"{path}/metadata.json names no system, so equivalent hydrogens cannot be checked; "
+            'add a "system" key or load with canonicalize=False'
+        )
+    system = load_system(name)
+    if xyz.shape[1] != system.dim:
+        raise DatasetError(
+            f"{path}: frames have {xyz.shape[1] // 3} atoms, system {system.name!r} has "
+            f"{system.n_atoms}"
+        )
+    try:
+        xyz, n_swapped = canonicalize_equivalent_atoms(xyz, equivalent_groups(system))
+    except EquivalentAtomsError as err:
+        raise DatasetError(f"{path}: {err}") from err
+    if n_swapped:
+        warnings.warn(
+            f"{path}: {n_swapped} of {len(xyz)} frames had a methyl group's hydrogens labelled "
+            f"in the other order than {system.name}'s PDB; relabelled (DESIGN.md §5)",
+            UserWarning,
+            stacklevel=3,
+        )
+    return xyz

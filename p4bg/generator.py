@@ -93,15 +93,25 @@ class BoltzmannGenerator(nn.Module):
         return -self.log_prob(x).mean()
 
     def reverse_kl(
-        self, n: int, high: float = 1e3, max_energy: float = 1e9
+        self, n: int, high: float = 1e3, max_energy: float = 1e9, z: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         """Energy-based loss J_e = E_z[u_cut(x) + log q(x)] (the reverse KL up to log Z), with the
-        target energy regularised by :func:`linlogcut`. Returns (loss, raw u of the samples)."""
+        target energy regularised by :func:`linlogcut`. Returns (loss, raw u of the samples).
+
+        ``z``: prior draws to use (from the caller's own random stream); default: ``n`` fresh
+        ones. Samples whose energy evaluation failed (u = +inf) carry no gradient, so they are
+        left out of the mean instead of adding linlogcut's cap (1e9) to the loss; the caller
+        counts them. If every evaluation failed the loss is NaN (and the step is skipped).
+        """
         if self.target is None:
             raise RuntimeError("BoltzmannGenerator.reverse_kl: no target energy was given")
-        x, log_q = self.generate(self.prior_sample(n))
+        x, log_q = self.generate(self.prior_sample(n) if z is None else z)
         u = self.target(x)
-        return (linlogcut(u, high, max_energy) + log_q).mean(), u.detach()
+        ok = torch.isfinite(u) & torch.isfinite(log_q)
+        terms = linlogcut(u, high, max_energy) + log_q
+        if not bool(ok.any()):
+            return terms.sum() * float("nan"), u.detach()
+        return terms[ok].mean(), u.detach()
 
     @torch.no_grad()
     def sample(self, n: int, with_energy: bool = True) -> Samples:

@@ -35,10 +35,15 @@ from p4bg.config import PRESETS, ConfigError, TrainConfig, apply_overrides, load
 __all__ = ["Trainer", "main", "parse_args"]
 
 METRIC_COLUMNS = [
-    "step", "phase", "loss", "nll", "kl", "val_nll", "mean_u", "grad_norm", "lr",
+    "step", "phase", "loss", "nll", "kl", "val_nll", "val_nll_phi_pos", "val_nll_phi_neg",
+    "val_ess", "val_ess_clipped", "val_logz_reverse", "val_logz_forward", "val_failures",
+    "best_val_nll", "mean_u", "grad_norm", "lr", "w_e",
     "merges_accepted", "merges_skipped", "merges_forced", "merge_resets", "max_residual",
     "energy_failures", "skipped_steps", "seconds",
 ]  # fmt: skip
+# Random streams of their own (seed offsets), so that e.g. validation settings never change the
+# training trajectory: minibatches, prior draws of the KL term, validation samples, P4Inv resets.
+_STREAMS = {"batches": 1, "kl": 2, "validation": 3, "merges": 4}
 _FLAGS = {"--preset", "--config", "--resume", "--dry-run", "--no-progress", "--help", "-h"}
 # Settings that do not change the computation and may differ when a run is resumed.
 _RESUME_OVERRIDES = {"device", "n_workers"}
@@ -182,17 +187,93 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def check_temperature(config: TrainConfig) -> None:
+    """The data's temperature (metadata.json) must be the training temperature: a flow fitted to
+    300 K frames trained against 600 K energies would be a silent mix of two distributions."""
+    from p4bg.data import load_metadata
+
+    meta = load_metadata(config.data)
+    data_t = meta.get("temperature_K")
+    if data_t is None:
+        raise ConfigError(f"data={config.data}: metadata.json records no temperature_K; "
+                          "regenerate the dataset with p4bg.simulate")  # fmt: skip
+    if abs(float(data_t) - config.temperature) > 1e-6:
+        raise ConfigError(
+            f"data={config.data} was simulated at {float(data_t):g} K but temperature="
+            f"{config.temperature:g} K; the target energy must be at the data's temperature: "
+            f"pass --temperature={float(data_t):g} or use a dataset made at "
+            f"{config.temperature:g} K"
+        )
+
+
+def training_frames(train: np.ndarray, fraction: float = 1.0, stride: int = 1) -> np.ndarray:
+    """Indices of the training frames used: the first ``fraction`` of every contiguous block of
+    ``train`` (one block per replica: a shorter MD run), then every ``stride``-th frame of each
+    block (sparser saving). ``train``: sorted frame indices of the dataset's training split."""
+    if len(train) == 0:
+        return train
+    breaks = np.flatnonzero(np.diff(train) != 1) + 1
+    kept = [block[: max(1, round(len(block) * fraction))][::stride]
+            for block in np.split(train, breaks)]  # fmt: skip
+    return np.concatenate(kept)
+
+
+def make_optimizer(flow: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """Adam (the paper); with ``weight_decay`` AdamW, decaying only the conditioners' weight
+    matrices: biases, coupling scales and P4Inv's u, v, b are left alone (decaying v would
+    shrink the rank-one update that P4Inv trains through)."""
+    if config.weight_decay == 0:
+        return torch.optim.Adam(flow.parameters(), lr=config.nll_lr)
+    from p4bg.nn import P4Inv
+
+    p4 = {id(p) for m in flow.modules() if isinstance(m, P4Inv) for p in m.parameters()}
+    decay = [p for p in flow.parameters() if p.ndim == 2 and id(p) not in p4]
+    rest = [p for p in flow.parameters() if p.ndim != 2 or id(p) in p4]
+    groups = [{"params": decay, "weight_decay": config.weight_decay},
+              {"params": rest, "weight_decay": 0.0}]  # fmt: skip
+    return torch.optim.AdamW(groups, lr=config.nll_lr)
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): per phase constant or cosine-decayed
+    to ``lr × lr_final_factor``; a linear warm-up over the first ``warmup_steps``."""
+    if step < config.nll_steps:
+        base, start, length = config.nll_lr, 0, config.nll_steps
+    else:
+        base, start, length = config.mixed_lr, config.nll_steps, config.mixed_steps
+    lr = base
+    if config.lr_schedule == "cosine" and length > 1:
+        t = (step - start) / (length - 1)
+        f = config.lr_final_factor
+        lr = base * (f + (1.0 - f) * 0.5 * (1.0 + math.cos(math.pi * t)))
+    if step < min(config.warmup_steps, config.nll_steps):
+        lr *= (step + 1) / config.warmup_steps
+    return lr
+
+
+def energy_weight(config: TrainConfig, step: int) -> float:
+    """w_e of the mixed loss ``(1 − w_e)·NLL + w_e·KL`` at ``step``: ``r / (1 + r)`` for
+    ``r = energy_weight_ratio``, reached linearly over ``energy_ramp_steps`` mixed steps."""
+    if step < config.nll_steps:
+        return 0.0
+    w_e = config.energy_weight_ratio / (1.0 + config.energy_weight_ratio)
+    if config.energy_ramp_steps > 0:
+        w_e *= min(1.0, (step - config.nll_steps + 1) / config.energy_ramp_steps)
+    return w_e
+
+
 # --------------------------------------------------------------------------------- trainer
 class Trainer:
     """Owns the model, optimizer, merge schedule, data and reporters of one run."""
 
     def __init__(self, config: TrainConfig, resume: bool = False, progress: bool = True) -> None:
+        from analysis.geometry import dihedral
         from p4bg.coordinates import MixedCoordinateTransform
         from p4bg.data import load_dataset
         from p4bg.flows import build_flow
         from p4bg.generator import BoltzmannGenerator
         from p4bg.nn import P4Merger
-        from p4bg.systems import load_system
+        from p4bg.systems import MOLAR_GAS_CONSTANT, load_system
 
         self.config = config
         self.progress = progress
@@ -201,28 +282,53 @@ class Trainer:
         torch.manual_seed(config.seed)
         np.random.seed(config.seed % 2**32)
         random.seed(config.seed)
-        self.system = load_system(config.system)
+        self.system = load_system(config.system, config.temperature)
+        check_temperature(config)
         data = load_dataset(config.data)
         if data.xyz.shape[1] != self.system.dim:
             raise ConfigError(f"data={config.data}: frames have {data.xyz.shape[1]} coordinates, "
                               f"system {config.system} needs {self.system.dim}")  # fmt: skip
-        train = data.xyz[data.split["train"]]
-        self.n_train, self.n_val = len(train), len(data.split["val"])
+        train_idx = training_frames(data.split["train"], config.train_fraction, config.train_stride)
+        val_idx = data.split["val"]
+        if config.val_frames and len(val_idx) > config.val_frames:
+            val_idx = val_idx[np.linspace(0, len(val_idx) - 1, config.val_frames).astype(np.int64)]
+        if len(train_idx) < 10 or len(val_idx) < 1:
+            raise ConfigError(
+                f"data={config.data}: {len(train_idx)} training and {len(val_idx)} validation "
+                "frames; simulate more or raise train_fraction"
+            )
+        train = data.xyz[train_idx]
+        self.n_train, self.n_val = len(train), len(val_idx)
         dtype = getattr(torch, config.dtype)
-        self.coordinates = MixedCoordinateTransform(self.system, train).to(self.device, dtype)
+        # The transform's normalisation is fitted on at most 200,000 frames (evenly strided):
+        # more changes its statistics by nothing visible and costs minutes of Procrustes fits.
+        fit = train[:: max(1, len(train) // 200_000)]
+        self.coordinates = MixedCoordinateTransform(self.system, fit).to(self.device, dtype)
         self.train_x = torch.from_numpy(train).to(self.device, dtype)  # moved to the device once
-        self.val_x = torch.from_numpy(data.xyz[data.split["val"]]).to(self.device, dtype)
+        self.val_x = torch.from_numpy(data.xyz[val_idx]).to(self.device, dtype)
+        kT = MOLAR_GAS_CONSTANT * config.temperature
+        self.val_u = torch.from_numpy(data.energies[val_idx] / kT).double()
+        val_phi = dihedral(data.xyz[val_idx].reshape(len(val_idx), -1, 3).astype(np.float64),
+                           self.system.phi_atoms)  # fmt: skip
+        self.val_phi_pos = torch.from_numpy(val_phi > 0)
+        self.u_train_max = float(np.max(data.energies[train_idx]) / kT)
         flow = build_flow(config.flow, self.coordinates.dim, config.n_blocks, config.hidden)
         self.flow = flow.to(self.device, dtype)
         self.target = None
         self.bg = BoltzmannGenerator(self.flow, self.coordinates, None)
-        self.optimizer = torch.optim.Adam(self.flow.parameters(), lr=config.nll_lr)
+        self.optimizer = make_optimizer(self.flow, config)
+        self.streams = {
+            name: torch.Generator().manual_seed(config.seed + offset)
+            for name, offset in _STREAMS.items()
+        }
+        self.batches = self.streams["batches"]
         self.merger = P4Merger(self.flow, self.optimizer, every=config.merge_every,
                                force_every=config.force_every, correct_every=config.correct_every,
-                               reset_optimizer=config.reset_optimizer)  # fmt: skip
-        self.batches = torch.Generator().manual_seed(config.seed + 1)
+                               reset_optimizer=config.reset_optimizer,
+                               generator=self.streams["merges"])  # fmt: skip
         self.step = 0
         self.counters = {"skipped_steps": 0, "energy_failures": 0}
+        self.best = {"val_nll": float("inf"), "step": 0}
         self.seconds = 0.0
         self.stop_requested = False
         # The OpenMM platform is measured once and then kept, so that a resumed run evaluates
@@ -244,7 +350,10 @@ class Trainer:
             "merger": self.merger.state_dict(),
             "rng": _rng_state(self.device),
             "batches": self.batches.get_state(),
+            "streams": {name: g.get_state() for name, g in self.streams.items()},
             "counters": dict(self.counters),
+            "best": dict(self.best),
+            "temperature_K": self.config.temperature,
             "seconds": self.seconds,
             "energy_platform": self.energy_platform,
         }
@@ -272,8 +381,11 @@ class Trainer:
         self.merger.load_state_dict(state["merger"])
         _set_rng_state(state["rng"])
         self.batches.set_state(state["batches"])
+        for name, g_state in state.get("streams", {}).items():
+            self.streams[name].set_state(g_state)
         self.step = int(state["step"])
         self.counters = dict(state["counters"])
+        self.best = dict(state.get("best", self.best))
         self.seconds = float(state["seconds"])
 
     def _init_from(self, run: Path) -> None:
@@ -294,8 +406,8 @@ class Trainer:
         self.coordinates.load_state_dict(state["coordinates"])
         self.energy_platform = state.get("energy_platform", self.energy_platform)
 
-    def save(self) -> None:
-        save_checkpoint(self.out / "checkpoint.pt", self.state())
+    def save(self, name: str = "checkpoint.pt") -> None:
+        save_checkpoint(self.out / name, self.state())
 
     # -------------------------------------------------------------------- steps
     def energy(self) -> Any:
@@ -317,7 +429,8 @@ class Trainer:
         """One optimizer step; returns its losses (non-finite steps are skipped and counted)."""
         cfg = self.config
         phase = self.phase(self.step)
-        lr = cfg.nll_lr if phase == "nll" else cfg.mixed_lr
+        lr = learning_rate(cfg, self.step)
+        w_e = energy_weight(cfg, self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         idx = torch.randint(self.n_train, (cfg.batch_size,), generator=self.batches).to(self.device)
@@ -325,10 +438,10 @@ class Trainer:
         nll = self.bg.nll(self.train_x[idx])
         kl = torch.zeros((), device=self.device)
         if phase == "mixed":
-            w_e = cfg.energy_weight_ratio / (1.0 + cfg.energy_weight_ratio)
             energy = self.energy()
             before = energy.stats.failures
-            kl, _ = self.bg.reverse_kl(cfg.batch_size, cfg.energy_high, cfg.energy_max)
+            z = self._prior(cfg.kl_batch_size or cfg.batch_size, "kl")
+            kl, _ = self.bg.reverse_kl(len(z), cfg.energy_high, cfg.energy_max, z=z)
             self.counters["energy_failures"] += energy.stats.failures - before
             loss = (1.0 - w_e) * nll + w_e * kl
         else:
@@ -338,7 +451,7 @@ class Trainer:
 
             loss = loss + cfg.penalty * p4inv_penalty(self.flow)
         row = {"phase": phase, "loss": float(loss.detach()), "nll": float(nll.detach()),
-               "kl": float(kl.detach()), "lr": lr}  # fmt: skip
+               "kl": float(kl.detach()), "lr": lr, "w_e": w_e}  # fmt: skip
         if not math.isfinite(row["loss"]):
             self.counters["skipped_steps"] += 1
             row["grad_norm"] = float("nan")
@@ -359,20 +472,49 @@ class Trainer:
                        max_residual=stats.max_residual)  # fmt: skip
         return row
 
-    @torch.no_grad()
-    def validation_nll(self) -> float:
-        total = 0.0
-        for chunk in torch.split(self.val_x, 4096):
-            total += float(-self.bg.log_prob(chunk).sum())
-        return total / len(self.val_x)
+    def _prior(self, n: int, stream: str) -> torch.Tensor:
+        """``n`` prior draws from the named random stream (drawn on the CPU, so a stream gives
+        the same numbers on every device)."""
+        z = torch.randn(n, self.coordinates.dim, generator=self.streams[stream],
+                        dtype=torch.float64)  # fmt: skip
+        return (self.bg.prior_scale * z).to(self.device, self.train_x.dtype)
 
     @torch.no_grad()
-    def mean_sample_energy(self) -> float:
-        self.energy()
-        u = self.bg.sample(self.config.sample_batch).u
-        finite = u[torch.isfinite(u)]
-        self.counters["energy_failures"] += int((~torch.isfinite(u)).sum())
-        return float(finite.mean()) if len(finite) else float("nan")
+    def validate(self) -> dict[str, float]:
+        """Validation NLL (all frames, and the φ > 0 and φ < 0 frames apart) and, from
+        ``val_samples`` fresh samples, the reverse ESS (unclipped and with the top 1e-4 of the
+        weights clipped), the log Z sandwich and the mean sample energy (kT)."""
+        from analysis.metrics import log_z_forward, log_z_reverse, reverse_ess, reverse_ess_clipped
+
+        log_q = torch.cat([self.bg.log_prob(c) for c in torch.split(self.val_x, 4096)]).double()
+        log_q = log_q.cpu()
+        pos = self.val_phi_pos
+        row = {
+            "val_nll": float(-log_q.mean()),
+            "val_nll_phi_pos": float(-log_q[pos].mean()) if pos.any() else float("nan"),
+            "val_nll_phi_neg": float(-log_q[~pos].mean()) if (~pos).any() else float("nan"),
+        }
+        row["val_logz_forward"] = log_z_forward((-self.val_u - log_q).numpy())
+        n = self.config.val_samples or self.config.sample_batch
+        energy = self.energy()
+        before = energy.stats.failures
+        u_s, lq_s = [], []
+        for chunk in range(0, n, 4096):
+            x, lq = self.bg.generate(self._prior(min(4096, n - chunk), "validation"))
+            u_s.append(energy(x).double().cpu())
+            lq_s.append(lq.double().cpu())
+        u, lq = torch.cat(u_s), torch.cat(lq_s)
+        failures = energy.stats.failures - before
+        self.counters["energy_failures"] += failures
+        finite = torch.isfinite(u)
+        row["mean_u"] = float(u[finite].mean()) if finite.any() else float("nan")
+        row["val_failures"] = failures
+        if self.config.val_samples:
+            log_w = (-u - lq).numpy()
+            row["val_ess"] = reverse_ess(log_w)
+            row["val_ess_clipped"] = reverse_ess_clipped(log_w)
+            row["val_logz_reverse"] = log_z_reverse(log_w)
+        return row
 
     # --------------------------------------------------------------------- loop
     def run(self) -> dict[str, float]:
@@ -404,10 +546,19 @@ class Trainer:
                 last = row
                 at_end = self.step == cfg.total_steps
                 if self.step % cfg.val_every == 0 or at_end:
-                    row["val_nll"] = self.validation_nll()
-                    row["mean_u"] = self.mean_sample_energy()
-                    log.info("step %d %s: loss %.4f, val NLL %.4f, mean u %.2f kT", self.step,
-                             row["phase"], row["loss"], row["val_nll"], row["mean_u"])  # fmt: skip
+                    row.update(self.validate())
+                    if row["val_nll"] < self.best["val_nll"]:
+                        self.best = {"val_nll": row["val_nll"], "step": self.step}
+                        self.save("best.pt")
+                    row["best_val_nll"] = self.best["val_nll"]
+                    log.info(
+                        "step %d %s: loss %.4f, val NLL %.4f (phi>0 %.2f, phi<0 %.2f; best %.4f "
+                        "at %d), reverse ESS %.3g%% (clipped top 1e-4: %.3g%%), mean u %.2f kT",
+                        self.step, row["phase"], row["loss"], row["val_nll"],
+                        row["val_nll_phi_pos"], row["val_nll_phi_neg"], self.best["val_nll"],
+                        self.best["step"], 100 * row.get("val_ess", float("nan")),
+                        100 * row.get("val_ess_clipped", float("nan")), row["mean_u"],
+                    )  # fmt: skip
                 if (
                     self.step % cfg.log_every == 0
                     or "val_nll" in row
@@ -461,11 +612,20 @@ class Trainer:
             f"hidden {cfg.hidden}, latent dim {self.coordinates.dim}",
             f"parameters: RNVP {counts['rnvp']:,}, P4Inv {counts['p4inv']:,} ({p4} layers), "
             f"total {counts['total']:,}",
-            f"data {cfg.data}: {self.n_train:,} train, {self.n_val:,} val frames; "
-            f"device {self.device}",
+            f"data {cfg.data} at {cfg.temperature:g} K: {self.n_train:,} train frames "
+            f"(first {cfg.train_fraction:g} of each replica, every {cfg.train_stride}), "
+            f"{self.n_val:,} val frames; device {self.device}",
             f"plan: {cfg.nll_steps:,} NLL steps at lr {cfg.nll_lr:g}, then {cfg.mixed_steps:,} "
-            f"mixed steps at lr {cfg.mixed_lr:g} (w_e/w_l = {cfg.energy_weight_ratio:g}); "
-            f"batch {cfg.batch_size}",
+            f"mixed steps at lr {cfg.mixed_lr:g} ({cfg.lr_schedule}"
+            + (f" to x{cfg.lr_final_factor:g}" if cfg.lr_schedule == "cosine" else "")
+            + (f", warm-up {cfg.warmup_steps}" if cfg.warmup_steps else "")
+            + f"); w_e/w_l = {cfg.energy_weight_ratio:g}"
+            + (f" reached over {cfg.energy_ramp_steps:,} steps" if cfg.energy_ramp_steps else "")
+            + f"; batch {cfg.batch_size}, KL batch {cfg.kl_batch_size or cfg.batch_size}"
+            + (f"; AdamW weight decay {cfg.weight_decay:g}" if cfg.weight_decay else "; Adam")
+            + (f"; grad clip {cfg.max_grad_norm:g}" if cfg.max_grad_norm else ""),
+            f"validation every {cfg.val_every} steps: NLL by basin, reverse ESS of "
+            f"{cfg.val_samples:,} samples; best model kept in best.pt",
             f"merges every {cfg.merge_every} steps, forced every {cfg.force_every}, "
             f"corrected every {cfg.correct_every} merges, penalty {cfg.penalty:g}",
             f"output {cfg.out}: config.toml, checkpoint.pt every {cfg.checkpoint_every}, "

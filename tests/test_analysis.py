@@ -12,20 +12,31 @@ import pytest
 
 from analysis.geometry import is_l_chirality
 from analysis.metrics import (
+    basin_transitions,
+    bg_value,
+    block_standard_error,
     delta_f,
+    delta_f_with_error,
     ensemble_metrics,
     forward_ess,
     forward_weight_diagnostics,
+    high_energy_fraction,
+    integrated_autocorrelation_time,
     kl_1d,
     kl_divergence,
+    log_z_forward,
+    log_z_reverse,
     logsumexp,
     low_energy_fraction,
+    md_delta_f,
+    md_efficiency,
     mean_energy_shift,
     normalised_weights,
     ramachandran_histogram,
     ramachandran_kl,
     reference_metrics,
     reverse_ess,
+    reverse_ess_clipped,
 )
 from analysis.plots import (
     AngleSet,
@@ -191,7 +202,7 @@ def test_ensemble_metrics_of_a_model_equal_to_md():
                 "kl_rama_matched", "kl_rama_reweighted_matched", "kl_phi_matched"):  # fmt: skip
         assert m[key] == pytest.approx(0.0, abs=1e-12), key
     assert m["delta_f"] == pytest.approx(m["delta_f_reweighted"]) and m["chirality_violations"] == 0
-    assert {row[0] for row in ROWS} <= set(m) and m["n_matched"] == 2000
+    assert {row[0] for row in ROWS} - {None} <= set(m) and m["n_matched"] == 2000
 
 
 def test_ensemble_metrics_count_failed_and_nonfinite_samples():
@@ -288,3 +299,280 @@ def test_metrics_json_is_strict_json_and_report_has_the_table(tmp_path):
     report = write_report_md(tmp_path / "report.md", reference, models, info, ["energies.png"])
     text = report.read_text()
     assert "![energies](energies.png)" in text and table in text
+
+
+# ------------------------------------------------------------------------- log Z sandwich
+def gaussian_log_density(x, mean, sigma):
+    d = x.shape[1]
+    return -0.5 * np.sum(((x - mean) / sigma) ** 2, axis=1) - d * math.log(sigma * math.sqrt(
+        2 * math.pi))  # fmt: skip
+
+
+def gaussian_case(rng, n=200_000, mean=(0.3, -0.2), sigma=1.2):
+    """q = N(0, I) exactly normalised; target exp(−u), u = |x − μ|²/(2σ²), Z = (2πσ²)^(d/2).
+    Returns log w of q-samples, log w of target samples (the 'MD frames') and log Z."""
+    mean = np.array(mean)
+    d = len(mean)
+    x_q = rng.normal(size=(n, d))
+    x_p = mean + sigma * rng.normal(size=(n, d))
+
+    def log_w(x):
+        u = 0.5 * np.sum(((x - mean) / sigma) ** 2, axis=1)
+        return -u - gaussian_log_density(x, 0.0, 1.0)
+
+    return log_w(x_q), log_w(x_p), d / 2 * math.log(2 * math.pi * sigma**2)
+
+
+def test_log_z_sandwich_recovers_a_known_normalisation():
+    log_w, log_w_md, log_z = gaussian_case(np.random.default_rng(20))
+    assert log_z_reverse(log_w) == pytest.approx(log_z, abs=0.02)
+    assert log_z_forward(log_w_md) == pytest.approx(log_z, abs=0.02)
+
+
+def test_log_z_of_an_unnormalised_q_moves_both_estimates_by_minus_c():
+    log_w, log_w_md, _ = gaussian_case(np.random.default_rng(21), n=20_000)
+    c = 3.7  # log q + c  =>  log w − c
+    assert log_z_reverse(log_w - c) == pytest.approx(log_z_reverse(log_w) - c, abs=1e-9)
+    assert log_z_forward(log_w_md - c) == pytest.approx(log_z_forward(log_w_md) - c, abs=1e-9)
+    rng = np.random.default_rng(22)
+    x = rng.normal(size=(1000, 1))
+    u = 0.5 * x[:, 0] ** 2  # Z = sqrt(2π); with an exact q every log w equals log Z
+    m = ensemble_metrics(u, -u - gaussian_log_density(x, 0, 1), x[:, 0], x[:, 0],
+                         np.ones(1000, bool), np.ones(1000, bool),
+                         {"u": u, "phi": x[:, 0], "psi": x[:, 0]}, 10.0,
+                         -u - gaussian_log_density(x, 0, 1) - c)  # fmt: skip
+    assert m["log_z_reverse"] == pytest.approx(0.5 * math.log(2 * math.pi))
+    assert m["log_z_gap"] == pytest.approx(-c)  # only the MD side got the shift
+
+
+def test_log_z_gap_is_clearly_negative_when_log_q_is_not_the_sampling_density():
+    """Samples from p = N(0, 1) (Z = 1, u = x²/2 + ln √(2π)) but log q of N(0, 2²): reverse
+    → ln ∫p²/q = ln(2/√1.75) = 0.413, forward → −ln ∫q = 0, gap −0.413."""
+    rng = np.random.default_rng(23)
+    x = rng.normal(size=(400_000, 1))
+    u = 0.5 * x[:, 0] ** 2 + 0.5 * math.log(2 * math.pi)
+    log_w = -u - gaussian_log_density(x, 0.0, 2.0)
+    expected = math.log(2 / math.sqrt(1.75))
+    assert log_z_reverse(log_w) == pytest.approx(expected, abs=0.02)
+    assert log_z_forward(log_w) == pytest.approx(0.0, abs=0.02)
+    assert log_z_forward(log_w) - log_z_reverse(log_w) < -0.35
+
+
+def test_log_z_nonfinite_values():
+    # failed samples (−inf, NaN) have weight 0 and stay in N
+    assert log_z_reverse(np.array([0.0, -np.inf, np.nan, 0.0])) == pytest.approx(-math.log(2))
+    assert log_z_reverse(np.array([0.0, np.inf])) == math.inf
+    assert math.isnan(log_z_reverse(np.array([])))
+    # an MD frame of zero model density has 1/w = 0 and stays in M
+    assert log_z_forward(np.array([0.0, np.inf])) == pytest.approx(math.log(2))
+    assert log_z_forward(np.array([0.0, -np.inf])) == -math.inf
+    assert math.isnan(log_z_forward(np.array([0.0, np.nan])))  # no stand-in: not a silent 0
+    assert math.isnan(forward_ess(np.array([0.0, np.nan])))
+    assert forward_ess(np.array([0.0, -np.inf])) == 0.0
+
+
+# ------------------------------------------------------------------------ clipped ESS
+def test_reverse_ess_clipped_known_values():
+    n = 20_000  # k = ceil(1e-4 · n) = 2: the two largest weights become the 2nd largest
+    w = np.ones(n)
+    w[5], w[9] = 100.0, 50.0
+    clipped = w.copy()
+    clipped[5] = 50.0
+    kish = lambda v: v.sum() ** 2 / (v**2).sum() / len(v)  # noqa: E731
+    assert reverse_ess_clipped(np.log(w) - 7.0) == pytest.approx(kish(clipped), rel=1e-12)
+    assert reverse_ess(np.log(w)) == pytest.approx(kish(w), rel=1e-12)
+    assert reverse_ess_clipped(np.log(w)) > reverse_ess(np.log(w))
+    small = np.log(np.arange(1.0, 101.0))  # N ≤ 1e4: k = 1, nothing changes
+    assert reverse_ess_clipped(small) == pytest.approx(reverse_ess(small), rel=1e-12)
+    # failed samples stay in N (weight 0) and are never among the largest
+    failed = np.concatenate([np.log(w[:10_000]), np.full(10_000, -np.inf)])
+    part = w[:10_000].copy()
+    part[5] = 50.0  # k = 2: the two largest (100, 50) become 50
+    assert reverse_ess_clipped(failed) == pytest.approx(kish(part) / 2, rel=1e-12)
+    assert reverse_ess_clipped(np.full(5, -np.inf)) == 0.0
+    with pytest.raises(ValueError, match="fraction"):
+        reverse_ess_clipped(small, fraction=0.0)
+
+
+def test_high_energy_fraction_is_the_complement_of_the_low_energy_fraction():
+    u = np.array([0.0, 1.0, 5.0, np.inf, np.nan])
+    assert high_energy_fraction(u, 2.0) == pytest.approx(0.6)
+    assert low_energy_fraction(u, 2.0) + high_energy_fraction(u, 2.0) == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------ correlated series, ΔF errors
+def ar1(rng, n, rho):
+    from scipy.signal import lfilter
+
+    e = rng.normal(size=n)
+    e[0] /= math.sqrt(1 - rho**2)  # start in the stationary distribution
+    return lfilter([1.0], [1.0, -rho], e)
+
+
+def two_state_chain(rng, n, a, b):
+    """0 → 1 with probability a, 1 → 0 with probability b per step; stationary P(1) = a/(a+b),
+    autocorrelation λ^t with λ = 1 − a − b."""
+    r = rng.random(n)
+    s = np.empty(n, dtype=bool)
+    s[0] = rng.random() < a / (a + b)
+    for i in range(1, n):
+        s[i] = (r[i] >= b) if s[i - 1] else (r[i] < a)
+    return s
+
+
+def test_chi2_quantile_approximation():
+    chi2 = pytest.importorskip("scipy.stats").chi2
+    from analysis.metrics import _chi2_quantile_99
+
+    for df in range(1, 40):
+        assert _chi2_quantile_99(df) == pytest.approx(chi2.ppf(0.99, df), rel=0.01)
+
+
+def test_integrated_autocorrelation_time_of_ar1():
+    rng = np.random.default_rng(30)
+    for rho in (0.0, 0.5, 0.9):
+        x = ar1(rng, 200_000, rho)
+        tau = (1 + rho) / (1 - rho)
+        assert integrated_autocorrelation_time(x) == pytest.approx(tau, rel=0.1), rho
+    parts = [ar1(rng, 50_000, 0.8) for _ in range(4)]  # independent replicas share τ = 9
+    assert integrated_autocorrelation_time(parts) == pytest.approx(9.0, rel=0.1)
+    assert math.isnan(integrated_autocorrelation_time(np.ones(100)))  # no variance
+    short = ar1(rng, 30, 0.99)  # too short to find a window, or flagged as unreliable
+    assert not md_efficiency(short)["tau_phi_reliable"]
+    assert md_efficiency(ar1(rng, 100_000, 0.5))["tau_phi_reliable"]
+
+
+def test_block_standard_error_known_answers():
+    rng = np.random.default_rng(31)
+    x = rng.normal(size=2**16)
+    b = block_standard_error(x)
+    assert b.converged and b.se == pytest.approx(x.std(ddof=1) / math.sqrt(len(x)), rel=0.05)
+    assert b.block_size <= 2
+    rho, n = 0.9, 2**17
+    y = ar1(rng, n, rho)
+    expected = math.sqrt(1 / (1 - rho**2) * (1 + rho) / (1 - rho) / n)  # σ²τ/n
+    b = block_standard_error(y)
+    assert b.converged and b.se == pytest.approx(expected, rel=0.15) and b.block_size >= 32
+    assert block_standard_error(np.full(100, 1.0)).se == 0.0
+    assert math.isnan(block_standard_error(np.array([1.0])).se)
+    with pytest.raises(ValueError, match="non-finite"):
+        block_standard_error(np.array([1.0, np.nan]))
+
+
+def test_md_statistics_of_a_two_state_markov_chain():
+    a, b, n = 0.02, 0.05, 400_000
+    s = two_state_chain(np.random.default_rng(32), n, a, b)
+    phi = np.where(s, 1.0, -1.0)
+    lam = 1 - a - b
+    tau, p = (1 + lam) / (1 - lam), a / (a + b)
+    assert basin_transitions([phi]) == pytest.approx(n * 2 * a * b / (a + b), rel=0.05)
+    segments = np.array_split(np.arange(n), 4)
+    eff = md_efficiency(phi, segments, ps_per_frame=0.2, seconds_per_frame=0.01)
+    assert eff["tau_phi_frames"] == pytest.approx(tau, rel=0.1)
+    assert eff["tau_phi_ps"] == pytest.approx(0.2 * eff["tau_phi_frames"])
+    assert eff["independent_samples"] == pytest.approx(n / eff["tau_phi_frames"])
+    assert eff["independent_samples_per_second"] == pytest.approx(
+        1 / (eff["tau_phi_frames"] * 0.01)
+    )
+    assert eff["basin_transitions"] == sum(basin_transitions([phi[i]]) for i in segments)
+    md = md_delta_f(phi, segments)
+    expected_err = math.sqrt(p * (1 - p) * tau / n) / (p * (1 - p))  # δp / (p(1−p))
+    assert md["delta_f"] == pytest.approx(-math.log(p / (1 - p)), abs=4 * expected_err)
+    assert md["delta_f_err_block"] == pytest.approx(expected_err, rel=0.2)
+    assert md["n_replicas"] == 4 and md["blocking_converged"]
+    assert md["delta_f_err"] == max(md["delta_f_err_block"], md["delta_f_err_replicas"])
+
+
+def test_md_delta_f_sees_replicas_stuck_in_different_basins():
+    phi = np.concatenate([np.full(1000, 1.0), np.full(1000, -1.0)])
+    md = md_delta_f(phi, [np.arange(1000), np.arange(1000, 2000)])
+    assert md["delta_f"] == pytest.approx(0.0) and md["delta_f_err_block"] == 0.0
+    # p_r = 1, 0: δp = std/√2 = 0.5, δΔF = 0.5 / (0.5 · 0.5) = 2
+    assert md["delta_f_err_replicas"] == pytest.approx(2.0) and md["delta_f_err"] == 2.0
+    assert md["delta_f_replicas"] == [-math.inf, math.inf]
+    one = md_delta_f(np.full(10, -1.0))
+    assert one["delta_f"] == math.inf and math.isnan(one["delta_f_err"])
+
+
+def test_delta_f_with_error_known_answers():
+    n = 1000
+    phi = np.where(np.arange(n) < 250, 1.0, -1.0)  # p = 1/4 exactly
+    value, err = delta_f_with_error(phi)
+    assert value == pytest.approx(math.log(3.0))
+    assert err == pytest.approx(1 / math.sqrt(n * 0.25 * 0.75))  # binomial δp / (p(1−p))
+    # doubling the weight of every φ>0 sample: p = 2/5; δp² = Σ w̄²(I − p)²
+    w = np.where(phi > 0, 2.0, 1.0)
+    value, err = delta_f_with_error(phi, w)
+    wn = w / w.sum()
+    dp = math.sqrt(np.sum(wn**2 * ((phi > 0) - 0.4) ** 2))
+    assert value == pytest.approx(math.log(1.5)) and err == pytest.approx(dp / 0.24)
+    assert delta_f_with_error(np.array([1.0, np.nan]))[0] == -math.inf
+    assert all(math.isnan(v) for v in delta_f_with_error(np.full(3, np.nan)))
+
+
+def test_delta_f_error_of_reweighted_samples_matches_the_spread_of_repeats():
+    """Uniform proposal, von Mises target: the reported error is the std of ΔF over repeats."""
+    rng = np.random.default_rng(33)
+    values, errors = [], []
+    for _ in range(300):
+        x = rng.uniform(-np.pi, np.pi, 2000)
+        value, err = delta_f_with_error(x, normalised_weights(1.5 * np.cos(x + 1.0)))
+        values.append(value)
+        errors.append(err)
+    assert np.std(values) == pytest.approx(np.mean(errors), rel=0.15)
+
+
+def test_bg_value_known_answer():
+    v = bg_value(0.5, 1000, 10.0, 5.0)
+    assert v["bg_effective_samples_per_second"] == 50.0 and v["bg_value"] == 10.0
+    assert math.isnan(bg_value(0.5, 1000, None, 5.0)["bg_value"])
+    assert math.isnan(bg_value(0.5, 1000, 10.0, math.nan)["bg_value"])
+
+
+def test_new_keys_in_ensemble_and_reference_metrics():
+    rng = np.random.default_rng(34)
+    u, phi, psi = fake_ensemble(rng, 2000)
+    ref = reference_metrics(u, phi, psi, np.ones(len(u), bool), 5.0,
+                            [np.arange(1000), np.arange(1000, 2000)], 0.2, 0.01)  # fmt: skip
+    for key in ("delta_f_err", "delta_f_err_block", "delta_f_err_replicas", "tau_phi_frames",
+                "tau_phi_ps", "basin_transitions", "independent_samples",
+                "independent_samples_per_second", "high_energy_fraction", "d_form_fraction"):  # fmt: skip
+        assert key in ref, key
+    assert ref["low_energy_fraction"] + ref["high_energy_fraction"] == pytest.approx(1.0)
+    # i.i.d. frames: τ ≈ 1
+    assert ref["tau_phi_frames"] == pytest.approx(1.0, abs=0.3)
+    log_w = rng.normal(size=len(u))
+    m = ensemble_metrics(u, log_w, phi, psi, np.ones(len(u), bool), np.ones(len(u), bool),
+                         {"u": u, "phi": phi, "psi": psi}, 5.0, log_w, 4.0,
+                         ref["independent_samples_per_second"])  # fmt: skip
+    assert m["log_z_gap"] == pytest.approx(m["log_z_forward"] - m["log_z_reverse"])
+    assert m["reverse_ess_clipped"] >= m["reverse_ess"] and m["forward_n_nonfinite"] == 0
+    assert m["bg_value"] == pytest.approx(
+        m["reverse_ess"] * 2000 / 4.0 / ref["independent_samples_per_second"]
+    )
+    assert m["high_energy_fraction"] == pytest.approx(np.mean(u >= 5.0))
+    assert m["d_form_fraction"] == m["chirality_violations"] == 0.0
+    assert math.isfinite(m["delta_f_err"]) and math.isfinite(m["delta_f_reweighted_err"])
+    assert {row[1] for row in ROWS} - {None} <= set(ref)
+    table = markdown_table(ref, {"model": m}, 4.99)
+    assert "reverse ESS (clipped top 1e-4)" in table
+    assert f"{m['delta_f_reweighted']:.2f} ± {m['delta_f_reweighted_err']:.2f} kT" in table
+    assert f"{ref['delta_f']:.2f} ± {ref['delta_f_err']:.2f} kT" in table
+
+
+def test_training_figure_with_ess_and_per_basin_columns(tmp_path):
+    import matplotlib.image
+
+    step = np.arange(20.0)
+    val = np.where(np.arange(20) % 5 == 0, 1.0, np.nan)
+    runs = {
+        "new": {"step": step, "nll": -step, "val_nll": val, "val_ess": val * 1e-3,
+                "val_ess_clipped": val * 2e-3, "val_nll_phi_pos": val + 3,
+                "val_nll_phi_neg": val - 1},
+        "old": {"step": step, "nll": -step, "val_nll": val},  # an older run: no such columns
+        "zero": {"step": step, "nll": -step, "val_nll": val, "val_ess": val * 0.0},
+    }  # fmt: skip
+    path = plot_training(tmp_path / "t.png", runs)
+    wide = matplotlib.image.imread(path).shape[1]
+    narrow = matplotlib.image.imread(plot_training(tmp_path / "o.png", {"old": runs["old"]}))
+    assert wide > 1.5 * narrow.shape[1]  # the ESS panel is there only with ESS columns

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from p4bg.analyze import main as analyze_main
+from p4bg.analyze import replica_segments
 from p4bg.config import ConfigError
 from p4bg.sample import load_run, sample_run
 from p4bg.sample import main as sample_main
@@ -248,6 +249,78 @@ def test_analyze_writes_the_report(sampled, data):
     assert 0 < model["reverse_ess"] <= 1 and 0 <= model["forward_ess"] <= 1
     text = (report / "report.md").read_text()
     assert f"| metric | MD (reference) | {sampled.name} |" in text
+
+
+def test_analyze_reports_the_reweighting_diagnostics(sampled, data, tmp_path, capsys):
+    """The issue "Samples that reweight": log Z sandwich, clipped ESS, ΔF ± error, MD τ, the
+    BG value, the share above the training maximum; --split all; the training threshold from
+    the run's own training data (here the reference itself, which the report notes)."""
+    out = tmp_path / "all"
+    analyze_main([str(sampled), "--reference", str(data), "--split", "all", "--out", str(out),
+                  "--n-workers", "1"])  # fmt: skip
+    assert "its own training dataset" in capsys.readouterr().err
+    metrics = json.loads((out / "metrics.json").read_text())
+    model = metrics["models"][sampled.name]
+    for key in ("log_z_reverse", "log_z_forward", "log_z_gap", "reverse_ess",
+                "reverse_ess_clipped", "forward_n_nonfinite", "delta_f_err",
+                "delta_f_reweighted_err", "high_energy_fraction", "low_energy_fraction",
+                "d_form_fraction", "u_train_max", "u_train_max_source", "sampling_seconds",
+                "bg_effective_samples_per_second", "md_independent_samples_per_second",
+                "bg_value"):  # fmt: skip
+        assert key in model, key
+    assert model["u_train_max_source"] == "training data"
+    assert model["u_train_max_dataset"] == str(data)
+    assert model["low_energy_fraction"] + model["high_energy_fraction"] == pytest.approx(1.0)
+    assert model["sampling_seconds"] > 0 and model["bg_effective_samples_per_second"] > 0
+    for key in ("log_z_reverse", "log_z_forward", "log_z_gap"):
+        assert isinstance(model[key], float), key  # finite for a working model
+    reference = metrics["reference"]
+    for key in ("delta_f", "delta_f_err", "delta_f_err_block", "delta_f_err_replicas",
+                "tau_phi_frames", "tau_phi_ps", "basin_transitions", "independent_samples",
+                "seconds_per_frame", "independent_samples_per_second", "high_energy_fraction",
+                "d_form_fraction"):  # fmt: skip
+        assert key in reference, key
+    assert reference["n"] == 200 and reference["n_replicas"] == 2
+    assert metrics["info"]["split"] == "all" and metrics["info"]["n_replica_series"] == 2
+    assert reference["seconds_per_frame"] > 0  # from metadata.json's steps_per_second_total
+    text = (out / "report.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| ΔF")]
+    assert len(rows) == 2 and all(row.count("±") == row.count("kT") >= 1 for row in rows)
+    assert "| reverse ESS (clipped top 1e-4) |" in text and "## BG value" in text
+    assert "log Z gap forward − reverse" in text
+
+
+def test_analyze_threshold_falls_back_to_the_reference_with_a_note(sampled, data, tmp_path,
+                                                                   capsys):  # fmt: skip
+    copy = tmp_path / "elsewhere"
+    copy.mkdir()
+    for name in ("samples.npz", "samples.json", "checkpoint.pt"):
+        (copy / name).write_bytes((sampled / name).read_bytes())
+    (copy / "config.toml").write_text('data = "no/such/dataset"\n')
+    analyze_main([str(copy), "--reference", str(data), "--n-workers", "1"])
+    assert "reference's train split instead" in capsys.readouterr().err
+    metrics = json.loads((copy / "report" / "metrics.json").read_text())
+    model = metrics["models"]["elsewhere"]
+    assert model["u_train_max_source"] == "reference train split (fallback)"
+    assert model["u_train_max_dataset"] == "no/such/dataset"
+    assert any("no/such/dataset" in note for note in metrics["info"]["notes"])
+
+
+def test_training_metrics_read_the_optional_columns(tmp_path):
+    from p4bg.analyze import read_training_metrics
+
+    (tmp_path / "metrics.csv").write_text("step,nll,val_nll,val_ess\n1,2.0,,\n2,1.5,1.7,0.01\n")
+    m = read_training_metrics(tmp_path)
+    assert set(m) == {"step", "nll", "val_nll", "val_ess"}  # absent columns stay absent
+    np.testing.assert_array_equal(m["val_ess"], [np.nan, 0.01])
+
+
+def test_replica_segments_cut_the_reference_into_time_series():
+    as_lists = lambda segs: [s.tolist() for s in segs]  # noqa: E731
+    # test blocks of two replicas of 10 frames: positions 0-1 and 2-3 of the reference arrays
+    assert as_lists(replica_segments([10, 10], np.array([8, 9, 18, 19]))) == [[0, 1], [2, 3]]
+    assert as_lists(replica_segments([3, 2], np.arange(5))) == [[0, 1, 2], [3, 4]]  # --split all
+    assert as_lists(replica_segments([10], np.array([0, 1, 5, 6]))) == [[0, 1], [2, 3]]
 
 
 def test_analyze_refuses_unfinished_samples_and_duplicate_names(sampled, data, tmp_path, capsys):

@@ -183,3 +183,111 @@ def test_resume_accepts_checkpoints_from_before_a_config_key_existed(data, tmp_p
     torch.save(state, tmp_path / "a" / "checkpoint.pt")
     config = resolve_config(*parse_args(["--resume", str(tmp_path / "a")]))
     assert Trainer(config, resume=True, progress=False).step == 4
+
+
+# ------------------------------------------------------------------ recipe and diagnostics
+def test_temperature_must_match_the_data(data, tmp_path):
+    with pytest.raises(ConfigError, match=r"simulated at 600 K but temperature=300 K"):
+        Trainer(smoke_config(data, tmp_path / "run", temperature=300.0), progress=False)
+    r = run_cli("--preset", "smoke", "--data", str(data), "--out", str(tmp_path / "x"),
+                "--temperature=300")  # fmt: skip
+    assert r.returncode == 2 and "--temperature=600" in r.stderr
+
+
+def test_training_frames_cut_each_replica_block():
+    from p4bg.train import training_frames
+
+    train = torch.cat([torch.arange(0, 80), torch.arange(100, 180)]).numpy()
+    assert training_frames(train).tolist() == train.tolist()
+    half = training_frames(train, fraction=0.5)
+    assert half.tolist() == list(range(0, 40)) + list(range(100, 140))
+    assert training_frames(train, 0.25, 5).tolist() == [0, 5, 10, 15, 100, 105, 110, 115]
+
+
+def test_learning_rate_and_energy_weight_schedules():
+    from p4bg.train import energy_weight, learning_rate
+
+    c = apply_overrides(TrainConfig(), {"nll_steps": 101, "mixed_steps": 11, "nll_lr": 1e-3,
+                        "mixed_lr": 1e-4, "lr_schedule": "cosine", "lr_final_factor": 0.1,
+                        "warmup_steps": 10, "energy_weight_ratio": 1.0,
+                        "energy_ramp_steps": 4}, "test")  # fmt: skip
+    assert learning_rate(c, 0) == pytest.approx(1e-3 * (1 / 10) * (0.1 + 0.9 * 1.0))
+    assert learning_rate(c, 50) == pytest.approx(1e-3 * 0.55)  # half-way: mean of the ends
+    assert learning_rate(c, 100) == pytest.approx(1e-4)  # end of the phase: lr × 0.1
+    assert learning_rate(c, 101) == pytest.approx(1e-4) and learning_rate(c, 111) == pytest.approx(
+        1e-5
+    )
+    assert [energy_weight(c, s) for s in (100, 101, 102, 104, 111)] == [0.0, 0.125, 0.25, 0.5, 0.5]
+    paper = TrainConfig()
+    assert {learning_rate(paper, s) for s in (0, 39_999)} == {1e-3}
+    assert learning_rate(paper, 40_000) == 1e-5
+    assert energy_weight(paper, 40_000) == pytest.approx(0.05 / 1.05)
+
+
+def test_validation_settings_do_not_change_the_training_trajectory(data, tmp_path):
+    a = Trainer(smoke_config(data, tmp_path / "a", val_samples=32), progress=False)
+    a.run()
+    b = Trainer(smoke_config(data, tmp_path / "b", val_samples=100, val_every=3), progress=False)
+    b.run()
+    for (name, x), (_, y) in zip(a.flow.state_dict().items(), b.flow.state_dict().items(),
+                                 strict=True):  # fmt: skip
+        assert torch.equal(x, y), name
+
+
+def test_validation_diagnostics_and_best_checkpoint(data, tmp_path):
+    run = tmp_path / "run"
+    Trainer(smoke_config(data, run, weight_decay=0.01, lr_schedule="cosine", warmup_steps=3,
+                         kl_batch_size=8, energy_ramp_steps=3, max_grad_norm=10.0),
+            progress=False).run()  # fmt: skip
+    rows = [r for r in read_metrics(run) if r["val_nll"]]
+    assert len(rows) == 3  # steps 10, 20 and the end
+    for r in rows:
+        ess, clipped = float(r["val_ess"]), float(r["val_ess_clipped"])
+        assert 0 < ess <= 1 and ess <= clipped <= 1
+        assert float(r["val_nll_phi_neg"]) == float(r["val_nll_phi_neg"])  # phi < 0 frames exist
+        assert float(r["val_logz_reverse"]) < float("inf")
+        assert float(r["best_val_nll"]) <= float(r["val_nll"])
+    best = torch.load(run / "best.pt", weights_only=False)
+    assert best["best"]["val_nll"] == min(float(r["val_nll"]) for r in rows)
+    assert best["step"] == best["best"]["step"]
+    assert best["temperature_K"] == 600.0 and best["config"]["temperature"] == 600.0
+    assert "reverse ESS" in (run / "train.log").read_text()
+
+
+def test_weight_decay_spares_p4inv_and_biases(data, tmp_path):
+    from p4bg.nn import P4Inv
+
+    trainer = Trainer(smoke_config(data, tmp_path / "run", weight_decay=0.1), progress=False)
+    decayed = {id(p) for g in trainer.optimizer.param_groups if g["weight_decay"] > 0
+               for p in g["params"]}  # fmt: skip
+    p4 = [p for m in trainer.flow.modules() if isinstance(m, P4Inv) for p in m.parameters()]
+    assert p4 and not any(id(p) in decayed for p in p4)
+    assert decayed and all(p.ndim == 2 for g in trainer.optimizer.param_groups
+                           if g["weight_decay"] > 0 for p in g["params"])  # fmt: skip
+
+
+def test_failed_energies_are_left_out_of_the_kl_loss():
+    from p4bg.flows import build_flow
+    from p4bg.generator import BoltzmannGenerator
+    from p4bg.nn import Sequential
+
+    class Identity(torch.nn.Module):
+        dim = 4
+
+        def forward(self, z):
+            return z, z.new_zeros(len(z))
+
+    def target(x):  # the second sample "fails", as OpenMMEnergy reports it: +inf
+        u = x.square().sum(1)
+        return torch.where(torch.arange(len(x)) == 1, torch.full_like(u, float("inf")), u)
+
+    flow: Sequential = build_flow("swap", 4, 1, 4)
+    bg = BoltzmannGenerator(flow, Identity(), target)
+    z = torch.randn(3, 4)
+    loss, u = bg.reverse_kl(3, z=z)
+    x, log_q = bg.generate(z)
+    expected = (x.square().sum(1) + log_q)[[0, 2]].mean()
+    assert torch.isinf(u[1]) and float(loss) == pytest.approx(float(expected))
+    loss.backward()  # finite, with gradients
+    bg_all_fail = BoltzmannGenerator(flow, Identity(), lambda x: torch.full((len(x),), torch.inf))
+    assert torch.isnan(bg_all_fail.reverse_kl(2, z=z[:2])[0])

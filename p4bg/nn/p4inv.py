@@ -289,17 +289,25 @@ class P4Inv(Bijection):
 
     # --------------------------------------------------------------------------------- merge
     @torch.no_grad()
-    def reset_perturbation(self) -> None:
-        """``u = 0``, ``v ~ N(0, I)``: W becomes A again (paper §3.2)."""
+    def reset_perturbation(self, generator: torch.Generator | None = None) -> None:
+        """``u = 0``, ``v ~ N(0, I)``: W becomes A again (paper §3.2). ``generator`` (a CPU
+        ``torch.Generator``) gives the draws their own random stream, so that other consumers
+        of random numbers (validation, sampling) cannot change the training trajectory."""
         self.u.zero_()
-        self.v.normal_()
+        if generator is None:
+            self.v.normal_()
+        else:
+            self.v.copy_(torch.randn(self.dim, generator=generator, dtype=self.v.dtype))
 
     @torch.no_grad()
-    def merge_step(self, force: bool = False) -> MergeResult:
-        """Try to fold ``u vᵀ`` into ``A``, and say what happened (see :class:`MergeResult`)."""
+    def merge_step(
+        self, force: bool = False, generator: torch.Generator | None = None
+    ) -> MergeResult:
+        """Try to fold ``u vᵀ`` into ``A``, and say what happened (see :class:`MergeResult`).
+        ``generator``: the random stream of the new ``v`` (see :meth:`reset_perturbation`)."""
         u, v = self.u.double(), self.v.double()
         if not (torch.isfinite(u).all() and torch.isfinite(v).all()):
-            self.reset_perturbation()
+            self.reset_perturbation(generator)
             return MergeResult.RESET_NONFINITE
         Ainv_u = self.Ainv @ u
         vT_Ainv = v @ self.Ainv
@@ -316,7 +324,7 @@ class P4Inv(Bijection):
         self.log_abs_det_A.fill_(log_det)
         self.sign_A.mul_(math.copysign(1.0, G))
         self.n_merges.add_(1)
-        self.reset_perturbation()
+        self.reset_perturbation(generator)
         return MergeResult.ACCEPTED if sane else MergeResult.FORCED
 
     def merge(self, force: bool = False) -> bool:
@@ -490,6 +498,7 @@ class P4Merger:
     non-finite values (``reset_optimizer``), leaving other parameters' state untouched. After
     every ``correct_every``-th merge of a layer (0: never) its inverse is corrected.
     ``track_residual`` measures max |I − A·Ainv| at each merge event (O(n³) per layer).
+    ``generator`` (CPU) draws the new ``v`` of merged layers from a stream of their own.
     """
 
     def __init__(
@@ -502,6 +511,7 @@ class P4Merger:
         reset_optimizer: bool = True,
         correction_threshold: float = 1e-6,
         track_residual: bool = True,
+        generator: torch.Generator | None = None,
     ) -> None:
         for name, value, low in (
             ("every", every, 1),
@@ -523,6 +533,7 @@ class P4Merger:
         self.reset_optimizer = reset_optimizer
         self.correction_threshold = correction_threshold
         self.track_residual = track_residual
+        self.generator = generator
         self.steps = 0
         self.events = 0
         self.totals = MergeStats()
@@ -541,7 +552,7 @@ class P4Merger:
             force = self.force_every > 0 and self.events % self.force_every == 0
         stats = MergeStats()
         for layer in self.layers:
-            result = layer.merge_step(force)
+            result = layer.merge_step(force, self.generator)
             stats.attempts += 1
             counter = {
                 MergeResult.ACCEPTED: "accepted",
