@@ -175,15 +175,21 @@ def perturbed_energies(reference: Reference, noise: float, seed: int, n_workers:
 
 
 def model_log_q(
-    run: Path, xyz: np.ndarray, device: str, prior_scale: float = 1.0, batch: int = 4096
+    run: Path,
+    xyz: np.ndarray,
+    device: str,
+    prior_scale: float = 1.0,
+    batch: int = 4096,
+    checkpoint: str = "last",
 ) -> np.ndarray:
     """log q of MD frames under the run's model (float64 numpy), for the forward ESS; with the
-    prior scale the samples were drawn with, so that q is the density that made them."""
+    prior scale and checkpoint the samples were drawn with, so that q is the density that made
+    them."""
     import torch
 
     from p4bg.sample import load_run
 
-    loaded = load_run(run, device)
+    loaded = load_run(run, device, checkpoint)
     loaded.bg.prior_scale = prior_scale
     param = next(loaded.bg.flow.parameters())
     out = []
@@ -326,7 +332,9 @@ def analyze(
         meta = read[run.name][1]
         scale = float(meta.get("prior_scale", 1.0))
         seconds = meta.get("wall_seconds", meta.get("seconds"))
-        log_w_ref = -ref.u - model_log_q(run, ref.xyz, device, scale)
+        log_w_ref = -ref.u - model_log_q(
+            run, ref.xyz, device, scale, checkpoint=meta.get("checkpoint", "last")
+        )
         threshold = thresholds[run.name]
         models[run.name] = ensemble_metrics(
             s["u"], s["log_w"], s["phi"], s["psi"], s["is_l"], s["finite"], ref_arrays,

@@ -61,8 +61,9 @@ class LoadedRun(NamedTuple):
     energy_platform: str
 
 
-def load_run(run: str | Path, device: str = "auto") -> LoadedRun:
-    """Load ``runs/NAME/checkpoint.pt`` into a BoltzmannGenerator on ``device``.
+def load_run(run: str | Path, device: str = "auto", checkpoint: str = "last") -> LoadedRun:
+    """Load ``runs/NAME/checkpoint.pt`` (``checkpoint="last"``) or ``best.pt`` (``"best"``: the
+    model at the lowest validation NLL) into a BoltzmannGenerator on ``device``.
 
     The configuration comes from the checkpoint (the one its weights belong to); the coordinate
     transform is rebuilt from its saved buffers, so the training data need not be present."""
@@ -72,7 +73,12 @@ def load_run(run: str | Path, device: str = "auto") -> LoadedRun:
     from p4bg.systems import load_system
 
     run = Path(run)
-    path = run / "checkpoint.pt"
+    if checkpoint not in ("last", "best"):
+        raise ConfigError(f"--checkpoint must be 'last' or 'best', got {checkpoint!r}")
+    path = run / ("checkpoint.pt" if checkpoint == "last" else "best.pt")
+    if checkpoint == "best" and not path.is_file() and (run / "checkpoint.pt").is_file():
+        raise ConfigError(f"{run}: no best.pt (the run was trained before p4bg kept one, or has "
+                          "not validated yet); use --checkpoint last")  # fmt: skip
     if not path.is_file():
         hint = "is it a run folder?" if not run.is_dir() else "has the training saved one yet?"
         raise ConfigError(f"{run}: no checkpoint.pt ({hint}); train with `python -m p4bg.train "
@@ -85,7 +91,7 @@ def load_run(run: str | Path, device: str = "auto") -> LoadedRun:
     if missing:
         raise ConfigError(f"{path}: not a p4bg.train checkpoint (missing {missing})")
     config = apply_overrides(TrainConfig(), state["config"], str(path))
-    system = load_system(config.system)
+    system = load_system(config.system, config.temperature)  # the temperature it trained at
     try:
         coordinates = MixedCoordinateTransform.from_state_dict(system, state["coordinates"])
         flow = build_flow(config.flow, coordinates.dim, config.n_blocks, config.hidden)
@@ -195,8 +201,10 @@ def sample_run(
     progress: bool = True,
     command: str | None = None,
     prior_scale: float = 1.0,
+    checkpoint: str = "last",
 ) -> dict[str, Any]:
-    """Draw ``n`` samples from ``run`` and write them (module docstring); returns samples.json."""
+    """Draw ``n`` samples from ``run`` and write them (module docstring); returns samples.json.
+    ``checkpoint``: "last" (checkpoint.pt) or "best" (best.pt, lowest validation NLL)."""
     from tqdm import tqdm
 
     from analysis.geometry import dihedral, is_l_chirality
@@ -207,14 +215,15 @@ def sample_run(
     if not 0 < prior_scale <= 10:
         raise ConfigError(f"--prior-scale must be in (0, 10], got {prior_scale}")
     run = Path(run)
-    loaded = load_run(run, device)
+    loaded = load_run(run, device, checkpoint)
     system, bg = loaded.system, loaded.bg
     bg.prior_scale = float(prior_scale)  # log q below is the density of this tempered model
     workers = loaded.config.n_workers if n_workers is None else n_workers
     param = next(bg.flow.parameters())
     stream = LatentStream(seed, bg.dim, param.dtype)
     info = {
-        "run": str(run), "checkpoint_step": loaded.step, "seed": seed, "requested": n,
+        "run": str(run), "checkpoint": checkpoint, "checkpoint_step": loaded.step, "seed": seed,
+        "requested": n,
         "batch": batch, "device": str(param.device), "prior_scale": float(prior_scale),
         "system": loaded.config.system, "temperature_K": system.temperature,
         "kT_kJ_per_mol": system.kT,
@@ -335,6 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prior-scale", type=float, default=1.0,
                         help="standard deviation τ of the prior N(0, τ²I) (1: the trained model; "
                         "< 1 favours low energies, log q and log w stay exact)")  # fmt: skip
+    parser.add_argument("--checkpoint", choices=("last", "best"), default="last",
+                        help="last: checkpoint.pt (the end of training); best: best.pt, the "
+                        "model at the lowest validation NLL (last)")  # fmt: skip
     parser.add_argument("--n-workers", type=int, default=None,
                         help="energy worker processes (default: the run's n_workers)")  # fmt: skip
     parser.add_argument("--overwrite", action="store_true",
@@ -364,7 +376,8 @@ def main(argv: list[str] | None = None) -> None:
         command = "python -m p4bg.sample " + " ".join(argv if argv is not None else sys.argv[1:])
         result = sample_run(run, args.n, args.batch, args.device, args.seed, args.n_workers,
                             progress=not args.no_progress, command=command,
-                            prior_scale=args.prior_scale)  # fmt: skip
+                            prior_scale=args.prior_scale,
+                            checkpoint=args.checkpoint)  # fmt: skip
     except (ConfigError, SystemConfigError) as err:
         print(f"p4bg.sample: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -124,6 +124,22 @@ def test_same_seed_gives_the_same_samples(run, tmp_path):
     np.testing.assert_allclose(a["u"], b["u"], rtol=1e-4, atol=1e-3)
 
 
+def test_best_checkpoint_is_sampled_on_request(run, tmp_path, capsys):
+    best = torch.load(run / "best.pt", weights_only=False)
+    last = torch.load(run / "checkpoint.pt", weights_only=False)
+    assert best["step"] == best["best"]["step"] <= last["step"]
+    other = tmp_path / "best"
+    other.mkdir()
+    for name in ("checkpoint.pt", "best.pt", "config.toml"):
+        (other / name).write_bytes((run / name).read_bytes())
+    info = sample_run(other, 12, batch=12, seed=3, progress=False, checkpoint="best")
+    assert info["checkpoint"] == "best" and info["checkpoint_step"] == best["step"]
+    (other / "best.pt").unlink()
+    with pytest.raises(SystemExit):
+        sample_main([str(other), "--n", "5", "--checkpoint", "best", "--overwrite"])
+    assert "no best.pt" in capsys.readouterr().err
+
+
 def test_nonfinite_samples_are_kept_flagged_and_counted(run, tmp_path, monkeypatch):
     import p4bg.sample as sample_module
 
@@ -132,8 +148,8 @@ def test_nonfinite_samples_are_kept_flagged_and_counted(run, tmp_path, monkeypat
     (other / "checkpoint.pt").write_bytes((run / "checkpoint.pt").read_bytes())
     original = sample_module.load_run
 
-    def broken_load_run(path, device="auto"):
-        loaded = original(path, device)
+    def broken_load_run(path, device="auto", checkpoint="last"):
+        loaded = original(path, device, checkpoint)
         generate = loaded.bg.generate
 
         def generate_with_nan(z):
