@@ -44,14 +44,16 @@ args_of() {
     esac
 }
 
+for name in $RUNS; do args_of "$name" >/dev/null; done  # every name known before any training
 for name in $RUNS; do
     run=runs/study/$name
+    args=$(args_of "$name")
     if [ -f "$run/checkpoint.pt" ]; then
         $PY -m p4bg.train --resume "$run" --no-progress
     else
         # shellcheck disable=SC2046
         $PY -m p4bg.train --preset paper --flow p4inv --data "$DATA" --out "$run" --no-progress \
-            $(args_of "$name")
+            $args
     fi
     [ -f "$run/samples.json" ] && grep -q '"status": "complete"' "$run/samples.json" \
         || $PY -m p4bg.sample "$run" --n "$N" --overwrite --no-progress

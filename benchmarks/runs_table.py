@@ -31,7 +31,7 @@ def summarise(run: Path) -> dict[str, object]:
         rows = list(csv.DictReader(f))
     if not rows:
         raise SystemExit(f"{run}/metrics.csv has no rows yet")
-    val = [r for r in rows if r.get("val_nll")]
+    val = [r for r in rows if r.get("val_nll") and not math.isnan(_float(r["val_nll"]))]
     nll_rows = [r for r in rows if r.get("phase") == "nll"]
     best = min(val, key=lambda r: _float(r["val_nll"])) if val else None
     last = val[-1] if val else None

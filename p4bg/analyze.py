@@ -112,31 +112,38 @@ def _resolve_dataset(name: str) -> Path | None:
     return None
 
 
-def training_threshold(run: Path, ref: Reference, cache: dict[Path, float]) -> dict[str, Any]:
+def training_threshold(run: Path, ref: Reference, cache: dict[Any, float]) -> dict[str, Any]:
     """Maximum u (kT, at the reference's temperature) of the run's training frames: the train
-    split of the dataset named by ``data`` in ``run/config.toml``; when that is missing or
+    split of the dataset named by ``data`` in ``run/config.toml``, cut by its ``train_fraction``
+    and ``train_stride`` as the training did; when that is missing or
     unreadable, the reference's train split, with a note saying so."""
     import tomllib
 
     from p4bg.data import DatasetError, load_dataset
+    from p4bg.train import training_frames
 
-    name, why = None, ""
+    name, why, fraction, stride = None, "", 1.0, 1
     config = run / "config.toml"
     try:
-        name = tomllib.loads(config.read_text()).get("data") if config.is_file() else None
+        settings = tomllib.loads(config.read_text()) if config.is_file() else {}
+        name = settings.get("data")
+        fraction = float(settings.get("train_fraction", 1.0))
+        stride = int(settings.get("train_stride", 1))
     except tomllib.TOMLDecodeError as err:
         why = f"{config} cannot be read ({err})"
     path = _resolve_dataset(str(name)) if name else None
     if path is not None:
         try:
             same = path.resolve() == Path(ref.path).resolve()
-            if same:  # already loaded: its train split gave ref.u_train_max
-                cache[path.resolve()] = ref.u_train_max * ref.kT
-            if path.resolve() not in cache:
-                data = load_dataset(path)
-                cache[path.resolve()] = float(np.max(data.energies[data.split["train"]]))
+            key = (path.resolve(), fraction, stride)
+            if same and (fraction, stride) == (1.0, 1):  # its train split gave ref.u_train_max
+                cache[key] = ref.u_train_max * ref.kT
+            if key not in cache:  # energies only: no relabelling of hydrogens needed
+                data = load_dataset(path, canonicalize=False)
+                frames = training_frames(data.split["train"], fraction, stride)
+                cache[key] = float(np.max(data.energies[frames]))
             return {
-                "value": cache[path.resolve()] / ref.kT,
+                "value": cache[key] / ref.kT,
                 "source": "training data",
                 "dataset": str(name),
                 "note": f"{run.name}: the reference {ref.path} is its own training dataset, not "
@@ -181,6 +188,7 @@ def model_log_q(
     prior_scale: float = 1.0,
     batch: int = 4096,
     checkpoint: str = "last",
+    expected_step: int | None = None,
 ) -> np.ndarray:
     """log q of MD frames under the run's model (float64 numpy), for the forward ESS; with the
     prior scale and checkpoint the samples were drawn with, so that q is the density that made
@@ -190,6 +198,13 @@ def model_log_q(
     from p4bg.sample import load_run
 
     loaded = load_run(run, device, checkpoint)
+    if expected_step is not None and loaded.step != expected_step:
+        name = "checkpoint.pt" if checkpoint == "last" else "best.pt"
+        raise ConfigError(
+            f"{run}: the samples came from step {expected_step} but {name} now holds step "
+            f"{loaded.step}; the forward metrics would mix two models. Resample with "
+            f"`python -m p4bg.sample {run} --overwrite`"
+        )
     loaded.bg.prior_scale = prior_scale
     param = next(loaded.bg.flow.parameters())
     out = []
@@ -295,7 +310,7 @@ def analyze(
     samples = {name: arrays for name, (arrays, _) in read.items()}
     ref_arrays = {"u": ref.u, "phi": ref.phi, "psi": ref.psi}
     notes: list[str] = []
-    cache: dict[Path, float] = {}
+    cache: dict[Any, float] = {}
     thresholds = {run.name: training_threshold(run, ref, cache) for run in runs}
     for t in thresholds.values():
         if t["note"]:
@@ -333,8 +348,9 @@ def analyze(
         scale = float(meta.get("prior_scale", 1.0))
         seconds = meta.get("wall_seconds", meta.get("seconds"))
         log_w_ref = -ref.u - model_log_q(
-            run, ref.xyz, device, scale, checkpoint=meta.get("checkpoint", "last")
-        )
+            run, ref.xyz, device, scale, checkpoint=meta.get("checkpoint", "last"),
+            expected_step=meta.get("checkpoint_step"),
+        )  # fmt: skip
         threshold = thresholds[run.name]
         models[run.name] = ensemble_metrics(
             s["u"], s["log_w"], s["phi"], s["psi"], s["is_l"], s["finite"], ref_arrays,

@@ -65,7 +65,7 @@ class TrainConfig:
     val_samples: int = 4096  # fresh samples for the reverse ESS at every validation (0: none)
     log_every: int = 100
     checkpoint_every: int = 1_000
-    sample_batch: int = 256  # samples whose mean energy is logged every val_every steps
+    sample_batch: int = 256  # samples for the mean energy at validation when val_samples = 0
     n_workers: int = 2  # energy worker processes
     device: str = "auto"
     dtype: str = "float32"  # of the model and the data; P4Inv buffers stay float64 regardless
@@ -144,10 +144,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "val_frames": 20_000,
     },
     # The paper's model, trained for a few minutes on a laptop CPU, with the learning rate
-    # cosine-decayed so that its short run ends on a flat validation curve.
+    # cosine-decayed so that its short run ends on a flat validation curve, and a short energy
+    # phase at w_e = w_l that pulls the sample energies to MD's.
     "quick": {
         "nll_steps": 3_000,
-        "mixed_steps": 200,
+        "mixed_steps": 300,
+        "mixed_lr": 1e-4,
+        "energy_weight_ratio": 1.0,
+        "energy_ramp_steps": 50,
         "lr_schedule": "cosine",
         "val_every": 250,
         "log_every": 50,

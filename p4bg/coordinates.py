@@ -24,9 +24,11 @@ Latent layout: ``[bonds (17) | angles (17) | torsions (17) | rigid block (9)]``.
 
 Densities live on the 60-dim space modulo rigid motion; the energy is invariant to that motion.
 Near-degenerate geometry (collinear reference atoms, angles at 0 or π) and torsion tails beyond
-the dtype's resolution (|y| > 5.3 in float32, 8.2 in float64: closer to the cut than one
+the dtype's resolution (|y| > 5.38 in float32, 8.26 in float64: closer to the cut than one
 rounding unit of π) are clamped,
-counted in ``n_clamped``, and never produce NaN.
+counted in ``n_clamped`` (reported in metrics.csv and samples.json), and never produce NaN. A
+clamped sample's log q keeps the unclamped Jacobian, so it is not exact; such samples are rare
+(|y| > 5.38 in float32 is a 7.5e-8 tail of a freely rotating torsion) and counted.
 """
 
 from __future__ import annotations
@@ -290,7 +292,12 @@ class MixedCoordinateTransform(Bijection):
 
     def inverse(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Cartesian [batch, 66] nm, any orientation and any labelling of equivalent hydrogens
-        -> latent [batch, 60]."""
+        -> latent [batch, 60].
+
+        Methyl hydrogens are first brought to the system PDB's labelling, so the density is that
+        of the canonical labelling. A generated sample whose methyl came out in the other
+        labelling (the flow does not forbid it) is therefore scored as its canonical relabelling,
+        and ``inverse(forward(z))`` differs from ``z`` for it."""
         from p4bg.equivalent import canonicalize_equivalent_atoms_torch
 
         check_input(x, self.cartesian_dim, "MixedCoordinateTransform.inverse")
@@ -370,7 +377,7 @@ _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 def _probit_limit(dtype: torch.dtype) -> float:
     """Largest |y| that the torsion map resolves in ``dtype``: φ' = π − 2π Φ(−y) differs from
     the cut at π by at least one unit in the last place of π only while Φ(−y) ≥ eps/π, i.e.
-    |y| ≤ 5.3 in float32 and 8.2 in float64. Beyond it forward and inverse no longer agree, so
+    |y| ≤ 5.38 in float32 and 8.26 in float64. Beyond it forward and inverse no longer agree, so
     y is clamped there and counted instead of passing a saturated value on silently."""
     eps = torch.finfo(dtype).eps
     return float(-torch.special.ndtri(torch.tensor(eps / math.pi, dtype=torch.float64)))

@@ -107,7 +107,7 @@ class BoltzmannGenerator(nn.Module):
             raise RuntimeError("BoltzmannGenerator.reverse_kl: no target energy was given")
         x, log_q = self.generate(self.prior_sample(n) if z is None else z)
         u = self.target(x)
-        ok = torch.isfinite(u) & torch.isfinite(log_q)
+        ok = torch.isfinite(u)  # a non-finite log q stays in: the loss is NaN, the step skipped
         terms = linlogcut(u, high, max_energy) + log_q
         if not bool(ok.any()):
             return terms.sum() * float("nan"), u.detach()

@@ -266,6 +266,8 @@ def sample_run(
         finally:
             bar.close()
             writer.info["seconds"] = round(time.perf_counter() - start, 3)
+            # near-degenerate geometry and torsion tails beyond float resolution (coordinates)
+            writer.info["n_clamped_coordinates"] = int(bg.coordinates.n_clamped)
             writer.close(status)
     return json.loads((run / "samples.json").read_text())
 

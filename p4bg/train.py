@@ -39,7 +39,7 @@ METRIC_COLUMNS = [
     "val_ess", "val_ess_clipped", "val_logz_reverse", "val_logz_forward", "val_failures",
     "best_val_nll", "mean_u", "grad_norm", "lr", "w_e",
     "merges_accepted", "merges_skipped", "merges_forced", "merge_resets", "max_residual",
-    "energy_failures", "skipped_steps", "seconds",
+    "energy_failures", "skipped_steps", "clamped_coordinates", "seconds",
 ]  # fmt: skip
 # Random streams of their own (seed offsets), so that e.g. validation settings never change the
 # training trajectory: minibatches, prior draws of the KL term, validation samples, P4Inv resets.
@@ -201,8 +201,8 @@ def check_temperature(config: TrainConfig) -> None:
         raise ConfigError(
             f"data={config.data} was simulated at {float(data_t):g} K but temperature="
             f"{config.temperature:g} K; the target energy must be at the data's temperature: "
-            f"pass --temperature={float(data_t):g} or use a dataset made at "
-            f"{config.temperature:g} K"
+            f"start a run with --temperature={float(data_t):g} or use a dataset made at "
+            f"{config.temperature:g} K (a resumed run keeps its own temperature)"
         )
 
 
@@ -302,7 +302,7 @@ class Trainer:
         dtype = getattr(torch, config.dtype)
         # The transform's normalisation is fitted on at most 200,000 frames (evenly strided):
         # more changes its statistics by nothing visible and costs minutes of Procrustes fits.
-        fit = train[:: max(1, len(train) // 200_000)]
+        fit = train[:: math.ceil(len(train) / 200_000)]
         self.coordinates = MixedCoordinateTransform(self.system, fit).to(self.device, dtype)
         self.train_x = torch.from_numpy(train).to(self.device, dtype)  # moved to the device once
         self.val_x = torch.from_numpy(data.xyz[val_idx]).to(self.device, dtype)
@@ -311,7 +311,6 @@ class Trainer:
         val_phi = dihedral(data.xyz[val_idx].reshape(len(val_idx), -1, 3).astype(np.float64),
                            self.system.phi_atoms)  # fmt: skip
         self.val_phi_pos = torch.from_numpy(val_phi > 0)
-        self.u_train_max = float(np.max(data.energies[train_idx]) / kT)
         flow = build_flow(config.flow, self.coordinates.dim, config.n_blocks, config.hidden)
         self.flow = flow.to(self.device, dtype)
         self.target = None
@@ -386,6 +385,15 @@ class Trainer:
         self.step = int(state["step"])
         self.counters = dict(state["counters"])
         self.best = dict(state.get("best", self.best))
+        best = path.with_name("best.pt")
+        if (
+            best.is_file()
+            and int(torch.load(best, map_location="cpu", weights_only=False)["step"]) > self.step
+        ):
+            # saved after the last checkpoint, on a branch the resumed run need not repeat
+            # (another device rounds differently): drop it; the next validation writes a new one
+            best.unlink()
+            self.best = {"val_nll": float("inf"), "step": 0}
         self.seconds = float(state["seconds"])
 
     def _init_from(self, run: Path) -> None:
@@ -484,7 +492,13 @@ class Trainer:
         """Validation NLL (all frames, and the φ > 0 and φ < 0 frames apart) and, from
         ``val_samples`` fresh samples, the reverse ESS (unclipped and with the top 1e-4 of the
         weights clipped), the log Z sandwich and the mean sample energy (kT)."""
-        from analysis.metrics import log_z_forward, log_z_reverse, reverse_ess, reverse_ess_clipped
+        from analysis.metrics import (
+            CLIP_FRACTION,
+            log_z_forward,
+            log_z_reverse,
+            reverse_ess,
+            reverse_ess_clipped,
+        )
 
         log_q = torch.cat([self.bg.log_prob(c) for c in torch.split(self.val_x, 4096)]).double()
         log_q = log_q.cpu()
@@ -512,7 +526,10 @@ class Trainer:
         if self.config.val_samples:
             log_w = (-u - lq).numpy()
             row["val_ess"] = reverse_ess(log_w)
-            row["val_ess_clipped"] = reverse_ess_clipped(log_w)
+            # clipping the top 1e-4 needs >= 10,000 samples to touch more than the largest
+            # weight, which it would set to itself: below that the column stays empty
+            if len(log_w) * CLIP_FRACTION > 1:
+                row["val_ess_clipped"] = reverse_ess_clipped(log_w)
             row["val_logz_reverse"] = log_z_reverse(log_w)
         return row
 
@@ -551,14 +568,7 @@ class Trainer:
                         self.best = {"val_nll": row["val_nll"], "step": self.step}
                         self.save("best.pt")
                     row["best_val_nll"] = self.best["val_nll"]
-                    log.info(
-                        "step %d %s: loss %.4f, val NLL %.4f (phi>0 %.2f, phi<0 %.2f; best %.4f "
-                        "at %d), reverse ESS %.3g%% (clipped top 1e-4: %.3g%%), mean u %.2f kT",
-                        self.step, row["phase"], row["loss"], row["val_nll"],
-                        row["val_nll_phi_pos"], row["val_nll_phi_neg"], self.best["val_nll"],
-                        self.best["step"], 100 * row.get("val_ess", float("nan")),
-                        100 * row.get("val_ess_clipped", float("nan")), row["mean_u"],
-                    )  # fmt: skip
+                    log.info(self._validation_line(row))
                 if (
                     self.step % cfg.log_every == 0
                     or "val_nll" in row
@@ -569,6 +579,9 @@ class Trainer:
                         {
                             **row,
                             **self.counters,
+                            # clamps of degenerate geometry or torsion tails since the start
+                            # (or the resume) of this process
+                            "clamped_coordinates": int(self.coordinates.n_clamped),
                             "step": self.step,
                             "seconds": round(self.seconds, 3),
                         }
@@ -594,6 +607,21 @@ class Trainer:
             if self.target is not None:
                 self.target.close()
         return {"step": self.step, **last}
+
+    def _validation_line(self, row: dict) -> str:
+        """One train.log line per validation; only the measured quantities appear."""
+        text = (f"step {self.step} {row['phase']}: loss {row['loss']:.4f}, val NLL "
+                f"{row['val_nll']:.4f} (phi>0 {row['val_nll_phi_pos']:.2f}, phi<0 "
+                f"{row['val_nll_phi_neg']:.2f}; best {self.best['val_nll']:.4f} at "
+                f"{self.best['step']})")  # fmt: skip
+        if "val_ess" in row:
+            n = self.config.val_samples
+            text += f", reverse ESS {100 * row['val_ess']:.3g}% of {n:,} samples"
+            if "val_ess_clipped" in row:
+                text += f" (clipped top 1e-4: {100 * row['val_ess_clipped']:.3g}%)"
+            gap = row["val_logz_forward"] - row["val_logz_reverse"]
+            text += f", log Z gap {gap:.3f}"
+        return text + f", mean u {row['mean_u']:.2f} kT, failed energies {row['val_failures']}"
 
     def _on_interrupt(self, signum: int, frame: Any) -> None:
         if self.stop_requested:  # a second Ctrl-C: stop now
@@ -624,8 +652,9 @@ class Trainer:
             + f"; batch {cfg.batch_size}, KL batch {cfg.kl_batch_size or cfg.batch_size}"
             + (f"; AdamW weight decay {cfg.weight_decay:g}" if cfg.weight_decay else "; Adam")
             + (f"; grad clip {cfg.max_grad_norm:g}" if cfg.max_grad_norm else ""),
-            f"validation every {cfg.val_every} steps: NLL by basin, reverse ESS of "
-            f"{cfg.val_samples:,} samples; best model kept in best.pt",
+            f"validation every {cfg.val_every} steps: NLL by basin"
+            + (f", reverse ESS of {cfg.val_samples:,} samples" if cfg.val_samples else "")
+            + "; best model kept in best.pt",
             f"merges every {cfg.merge_every} steps, forced every {cfg.force_every}, "
             f"corrected every {cfg.correct_every} merges, penalty {cfg.penalty:g}",
             f"output {cfg.out}: config.toml, checkpoint.pt every {cfg.checkpoint_every}, "

@@ -237,8 +237,8 @@ def test_validation_settings_do_not_change_the_training_trajectory(data, tmp_pat
 def test_validation_diagnostics_and_best_checkpoint(data, tmp_path):
     run = tmp_path / "run"
     Trainer(smoke_config(data, run, weight_decay=0.01, lr_schedule="cosine", warmup_steps=3,
-                         kl_batch_size=8, energy_ramp_steps=3, max_grad_norm=10.0),
-            progress=False).run()  # fmt: skip
+                         kl_batch_size=8, energy_ramp_steps=3, max_grad_norm=10.0,
+                         val_samples=10_001), progress=False).run()  # fmt: skip
     rows = [r for r in read_metrics(run) if r["val_nll"]]
     assert len(rows) == 3  # steps 10, 20 and the end
     for r in rows:
@@ -252,6 +252,12 @@ def test_validation_diagnostics_and_best_checkpoint(data, tmp_path):
     assert best["step"] == best["best"]["step"]
     assert best["temperature_K"] == 600.0 and best["config"]["temperature"] == 600.0
     assert "reverse ESS" in (run / "train.log").read_text()
+    # below 10,000 samples clipping the top 1e-4 would touch only the largest weight: not logged
+    small = tmp_path / "small"
+    Trainer(smoke_config(data, small, val_samples=64), progress=False).run()
+    rows = [r for r in read_metrics(small) if r["val_nll"]]
+    assert all(r["val_ess"] and not r["val_ess_clipped"] for r in rows)
+    assert "clipped" not in (small / "train.log").read_text()
 
 
 def test_weight_decay_spares_p4inv_and_biases(data, tmp_path):
