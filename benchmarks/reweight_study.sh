@@ -11,7 +11,8 @@
 #                   80 ns every 0.04 ps (train_fraction 1,   stride 1: 2,000,000; both)
 #   recipe        the paper's constant lr against the cosine schedule on the old data volume
 #   flow size     conditioners of hidden width 128 instead of 60, on all 2,000,000 frames
-#   energy phase  2,000 mixed steps at lr 1e-4, w_e = w_l, from the 2,000,000-frame model
+#   energy phase  2,000 mixed steps at lr 1e-4, w_e/w_l = 1 and 0.25, from the 2,000,000-frame
+#                 model
 #
 #   bash benchmarks/reweight_study.sh                 # all of it; reruns resume or skip
 #   RUNS="data_80ns_0.04ps" bash benchmarks/reweight_study.sh
@@ -27,7 +28,7 @@ REF=data/alanine_dipeptide_600K_reference
 STEPS=${STUDY_STEPS:-8000}
 N=${N:-100000}
 ALL="data_16ns_0.2ps data_16ns_0.04ps data_80ns_0.2ps data_80ns_0.04ps recipe_16ns_0.2ps_constant
-     size_80ns_0.04ps_hidden128 energy_from_80ns_0.04ps"
+     size_80ns_0.04ps_hidden128 energy_from_80ns_0.04ps energy025_from_80ns_0.04ps"
 RUNS=${RUNS:-$ALL}
 
 $PY -m p4bg.simulate --ns 100 --save-every-ps 0.04 --replicas 2 --seed 0 --chunk-frames 12500 \
@@ -46,6 +47,9 @@ args_of() {
         size_80ns_0.04ps_hidden128) echo "$common --lr_schedule=cosine --hidden=128" ;;
         energy_from_80ns_0.04ps) echo "--init=runs/study/data_80ns_0.04ps --nll_steps=0 \
             --mixed_steps=2000 --mixed_lr=1e-4 --lr_schedule=cosine --energy_weight_ratio=1.0 \
+            --energy_ramp_steps=200 --val_every=250 --val_frames=20000" ;;
+        energy025_from_80ns_0.04ps) echo "--init=runs/study/data_80ns_0.04ps --nll_steps=0 \
+            --mixed_steps=2000 --mixed_lr=1e-4 --lr_schedule=cosine --energy_weight_ratio=0.25 \
             --energy_ramp_steps=200 --val_every=250 --val_frames=20000" ;;
         *) echo "unknown study run $1" >&2; exit 2 ;;
     esac
