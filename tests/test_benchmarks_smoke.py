@@ -80,3 +80,15 @@ def test_densities_2d_samplers_have_the_right_shape():
         xy = sampler(rng, 500)
         assert xy.shape == (500, 2) and np.isfinite(xy).all(), name
         assert np.abs(xy).max() < 6, name  # inside the plotted and trained range
+
+
+def test_runs_table_reads_training_runs(data, tmp_path):
+    from p4bg.train import main as train_main
+
+    for name, extra in (("a", []), ("b", ["--lr_schedule=cosine", "--train_stride=2"])):
+        train_main(["--preset", "smoke", "--data", str(data), "--out", str(tmp_path / name),
+                    "--no-progress", *extra])  # fmt: skip
+    out = run("benchmarks/runs_table.py", str(tmp_path / "a"), str(tmp_path / "b"))
+    rows = [line for line in out.splitlines() if line.startswith("| a ") or line.startswith("| b ")]
+    assert len(rows) == 2 and "| cosine |" in rows[1] and "| 1/2 |" in rows[1]
+    assert "best val NLL" in out
