@@ -92,3 +92,18 @@ def test_runs_table_reads_training_runs(data, tmp_path):
     rows = [line for line in out.splitlines() if line.startswith("| a ") or line.startswith("| b ")]
     assert len(rows) == 2 and "| cosine |" in rows[1] and "| 1/2 |" in rows[1]
     assert "best val NLL" in out
+
+
+def test_preset_walltime_prints_both_plans_and_their_ratio(data):
+    out = run("benchmarks/preset_walltime.py", "--data", str(data), "--presets", "smoke", "quick",
+              "--steps", "1")  # fmt: skip
+    rows = {line.split()[0]: line.split() for line in out.splitlines()
+            if line.strip().startswith(("smoke", "quick"))}  # fmt: skip
+    assert rows["smoke"][1] == "20" and rows["smoke"][3] == "6" and rows["smoke"][-1] == "1.00"
+    assert rows["quick"][1] == "3,000" and float(rows["quick"][-1]) > 1
+
+
+def test_preset_walltime_names_an_unknown_preset():
+    result = subprocess.run([sys.executable, "benchmarks/preset_walltime.py", "--presets", "nope"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 2 and "unknown preset(s) ['nope']" in result.stderr

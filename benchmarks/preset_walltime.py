@@ -1,0 +1,89 @@
+"""Planned training wall time of two presets, from step costs measured side by side in one run.
+
+A full `paper` run is 42,000 steps (hours on these CPUs), so instead of timing whole runs this
+times what a run is made of, for each preset in the same process on the same machine: the median
+NLL step, the median mixed step (sampling, OpenMM energies and forces, the KL term) and one
+validation at the preset's own settings (validation NLL of ``val_frames`` held-out frames and the
+reverse ESS of ``val_samples`` fresh samples), and multiplies by the preset's plan:
+
+    wall ≈ nll_steps · t_nll + mixed_steps · t_mixed + validations · t_val
+
+It prints both plans side by side with the ratio to the first preset (the issue "Samples that
+reweight" asks the new preset for at most 1.5× `paper`). Both presets are timed on the same
+dataset (``--data``): a step's cost does not depend on how many frames the dataset holds.
+Checkpoint writes (every 1,000 steps, about 0.1 s each) are left out of both.
+
+    python benchmarks/preset_walltime.py --data data/alanine_dipeptide_600K_100ns
+    python benchmarks/preset_walltime.py --data DATA --steps 3 --presets paper quick   # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+
+from p4bg.config import PRESETS, TrainConfig, apply_overrides
+from p4bg.train import Trainer
+
+
+def measure(preset: str, data: str, steps: int, flow: str, out: str) -> dict[str, float]:
+    """Seconds per NLL step, per mixed step and per validation of ``preset``, and its plan."""
+    config = apply_overrides(TrainConfig(), {**PRESETS[preset], "flow": flow, "data": data,
+                                             "out": out}, preset)  # fmt: skip
+    trainer = Trainer(config, progress=False)
+    times: dict[str, list[float]] = {"nll": [], "mixed": []}
+    for phase, start in (("nll", 0), ("mixed", config.nll_steps)):
+        if (config.nll_steps if phase == "nll" else config.mixed_steps) == 0:
+            continue
+        trainer.step = start  # the schedules (lr, w_e) read the step; the cost does not
+        for _ in range(steps + 2):  # the first two warm up caches and worker processes
+            t0 = time.perf_counter()
+            trainer.train_step()
+            times[phase].append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    trainer.validate()
+    t_val = time.perf_counter() - t0
+    if trainer.target is not None:
+        trainer.target.close()
+    total = config.total_steps
+    n_val = total // config.val_every + (total % config.val_every != 0)
+    t_nll = statistics.median(times["nll"][2:]) if times["nll"] else 0.0
+    t_mixed = statistics.median(times["mixed"][2:]) if times["mixed"] else 0.0
+    wall = config.nll_steps * t_nll + config.mixed_steps * t_mixed + n_val * t_val
+    return {"nll_steps": config.nll_steps, "mixed_steps": config.mixed_steps, "t_nll": t_nll,
+            "t_mixed": t_mixed, "n_val": n_val, "t_val": t_val, "wall": wall}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data", default="data/alanine_dipeptide_600K_100ns")
+    parser.add_argument("--presets", nargs="+", default=["paper", "reweight"])
+    parser.add_argument("--flow", default="p4inv", choices=("p4inv", "swap"))
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per phase")
+    args = parser.parse_args(argv)
+    unknown = [p for p in args.presets if p not in PRESETS]
+    if unknown:
+        parser.error(f"unknown preset(s) {unknown}; known: {sorted(PRESETS)}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.flow} flow, "
+          f"median of {args.steps} steps per phase, data {args.data}")  # fmt: skip
+    rows = {}
+    with tempfile.TemporaryDirectory(prefix="p4bg_walltime_") as tmp:
+        for preset in args.presets:
+            rows[preset] = measure(preset, args.data, args.steps, args.flow, f"{tmp}/{preset}")
+    base = rows[args.presets[0]]["wall"]
+    print(f"  {'preset':<10} {'NLL steps':>9} {'ms/step':>8} {'mixed':>6} {'ms/step':>8} "
+          f"{'val':>4} {'s/val':>6} {'planned h':>9} {'ratio':>6}")  # fmt: skip
+    for preset, r in rows.items():
+        print(f"  {preset:<10} {r['nll_steps']:>9,} {r['t_nll'] * 1e3:>8.1f} "
+              f"{r['mixed_steps']:>6,} {r['t_mixed'] * 1e3:>8.1f} {r['n_val']:>4} "
+              f"{r['t_val']:>6.2f} {r['wall'] / 3600:>9.2f} {r['wall'] / base:>6.2f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

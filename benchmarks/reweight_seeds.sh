@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# docs/results.md §6's seed table (issue "Samples that reweight"): a preset × flow × seed
+# grid, each run trained, sampled (100,000 samples) and scored against the independent
+# reference. Every step resumes or is skipped when its output exists, so a killed campaign is
+# continued by running the same command again.
+#
+#   bash benchmarks/reweight_seeds.sh                          # the whole grid, one run at a time
+#   PRESETS=reweight FLOWS=swap SEEDS="0 1" bash benchmarks/reweight_seeds.sh
+#   # two queues on the 2 cores, one thread each:
+#   FLOWS=p4inv OMP_NUM_THREADS=1 bash benchmarks/reweight_seeds.sh &
+#   FLOWS=swap  OMP_NUM_THREADS=1 bash benchmarks/reweight_seeds.sh &
+#   python benchmarks/runs_table.py runs/seeds/*/               # the side-by-side table
+#
+# Runs go to runs/seeds/<preset>_<flow>_s<seed>/, reports to .../report/. The `paper` preset
+# trains on its own 80,000-frame dataset (`python -m p4bg.simulate --ns 20 --replicas 2`);
+# `reweight` on the 100 ns dataset; both are simulated first when missing (`--resume` skips
+# finished ones).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+REF=${REF:-data/alanine_dipeptide_600K_reference}
+N=${N:-100000}
+PRESETS=${PRESETS:-"reweight paper"}
+FLOWS=${FLOWS:-"p4inv swap"}
+SEEDS=${SEEDS:-"0 1 2"}
+
+case " $PRESETS " in *" paper "*)  # the paper preset's own 80,000-frame dataset
+    $PY -m p4bg.simulate --ns 20 --save-every-ps 0.2 --replicas 2 --seed 0 \
+        --out data/alanine_dipeptide_600K --resume --no-progress ;;
+esac
+case " $PRESETS " in *" reweight "*)
+    $PY -m p4bg.simulate --ns 100 --save-every-ps 0.04 --replicas 2 --seed 0 --chunk-frames 12500 \
+        --out data/alanine_dipeptide_600K_100ns --resume --no-progress ;;
+esac
+[ -d "$REF" ] || $PY -m p4bg.simulate --ns 40 --save-every-ps 0.2 --replicas 4 --seed 1 \
+    --out "$REF" --resume --no-progress
+
+for preset in $PRESETS; do
+    for flow in $FLOWS; do
+        for seed in $SEEDS; do
+            run=runs/seeds/${preset}_${flow}_s${seed}
+            if [ -f "$run/checkpoint.pt" ]; then
+                $PY -m p4bg.train --resume "$run" --no-progress
+            else
+                $PY -m p4bg.train --preset "$preset" --flow "$flow" --seed "$seed" --out "$run" \
+                    --no-progress
+            fi
+            [ -f "$run/samples.json" ] && grep -q '"status": "complete"' "$run/samples.json" \
+                || $PY -m p4bg.sample "$run" --n "$N" --overwrite --no-progress
+            [ -f "$run/report/metrics.json" ] \
+                || $PY -m p4bg.analyze "$run" --reference "$REF" --split all --out "$run/report"
+        done
+    done
+done
