@@ -63,6 +63,11 @@ class TrainConfig:
     val_every: int = 500
     val_frames: int = 0  # validation frames used (0: all; else an evenly strided subset)
     val_samples: int = 4096  # fresh samples for the reverse ESS at every validation (0: none)
+    # τ of the prior N(0, τ²I) that validation's fresh samples and `p4bg.sample` draw from
+    # (1: the trained model). τ < 1 trades reverse ESS for sample energies nearer MD's, with
+    # log q and the weights still exact; chosen on validation data
+    # (benchmarks/prior_scale_scan.sh). Training itself always draws at τ = 1.
+    sample_prior_scale: float = 1.0
     log_every: int = 100
     checkpoint_every: int = 1_000
     sample_batch: int = 256  # samples for the mean energy at validation when val_samples = 0
@@ -111,6 +116,10 @@ class TrainConfig:
         for key in ("energy_weight_ratio", "penalty", "max_grad_norm", "weight_decay"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if not 0 < self.sample_prior_scale <= 10:
+            raise ConfigError(
+                f"sample_prior_scale must be in (0, 10], got {self.sample_prior_scale}"
+            )
         if not self.energy_high < self.energy_max:
             raise ConfigError("energy_high must be < energy_max")
         if self.nll_steps + self.mixed_steps < 1:

@@ -200,11 +200,12 @@ def sample_run(
     n_workers: int | None = None,
     progress: bool = True,
     command: str | None = None,
-    prior_scale: float = 1.0,
+    prior_scale: float | None = None,
     checkpoint: str = "last",
 ) -> dict[str, Any]:
     """Draw ``n`` samples from ``run`` and write them (module docstring); returns samples.json.
-    ``checkpoint``: "last" (checkpoint.pt) or "best" (best.pt, lowest validation NLL)."""
+    ``checkpoint``: "last" (checkpoint.pt) or "best" (best.pt, lowest validation NLL).
+    ``prior_scale``: τ of the prior N(0, τ²I); None takes the run's ``sample_prior_scale``."""
     from tqdm import tqdm
 
     from analysis.geometry import dihedral, is_l_chirality
@@ -212,10 +213,12 @@ def sample_run(
 
     if n < 1 or batch < 1:
         raise ConfigError(f"--n and --batch must be >= 1, got {n} and {batch}")
-    if not 0 < prior_scale <= 10:
+    if prior_scale is not None and not 0 < prior_scale <= 10:
         raise ConfigError(f"--prior-scale must be in (0, 10], got {prior_scale}")
     run = Path(run)
     loaded = load_run(run, device, checkpoint)
+    if prior_scale is None:
+        prior_scale = loaded.config.sample_prior_scale
     system, bg = loaded.system, loaded.bg
     bg.prior_scale = float(prior_scale)  # log q below is the density of this tempered model
     workers = loaded.config.n_workers if n_workers is None else n_workers
@@ -343,9 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (auto)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the prior draws; samples depend on it alone (0)")  # fmt: skip
-    parser.add_argument("--prior-scale", type=float, default=1.0,
-                        help="standard deviation τ of the prior N(0, τ²I) (1: the trained model; "
-                        "< 1 favours low energies, log q and log w stay exact)")  # fmt: skip
+    parser.add_argument("--prior-scale", type=float, default=None,
+                        help="standard deviation τ of the prior N(0, τ²I) (default: the run's "
+                        "sample_prior_scale; 1: the trained model; < 1 favours low energies, "
+                        "log q and log w stay exact)")  # fmt: skip
     parser.add_argument("--checkpoint", choices=("last", "best"), default="last",
                         help="last: checkpoint.pt (the end of training); best: best.pt, the "
                         "model at the lowest validation NLL (last)")  # fmt: skip

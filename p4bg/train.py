@@ -491,7 +491,9 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         """Validation NLL (all frames, and the φ > 0 and φ < 0 frames apart) and, from
         ``val_samples`` fresh samples, the reverse ESS (unclipped and with the top 1e-4 of the
-        weights clipped), the log Z sandwich and the mean sample energy (kT)."""
+        weights clipped), the log Z sandwich and the mean sample energy (kT). The samples come
+        from the prior N(0, τ²I) with τ = ``sample_prior_scale``, as `p4bg.sample` will draw
+        them, their log q from that tempered model."""
         from analysis.metrics import (
             CLIP_FRACTION,
             log_z_forward,
@@ -513,10 +515,15 @@ class Trainer:
         energy = self.energy()
         before = energy.stats.failures
         u_s, lq_s = [], []
-        for chunk in range(0, n, 4096):
-            x, lq = self.bg.generate(self._prior(min(4096, n - chunk), "validation"))
-            u_s.append(energy(x).double().cpu())
-            lq_s.append(lq.double().cpu())
+        trained_scale = self.bg.prior_scale
+        self.bg.prior_scale = self.config.sample_prior_scale  # as p4bg.sample will draw them
+        try:
+            for chunk in range(0, n, 4096):
+                x, lq = self.bg.generate(self._prior(min(4096, n - chunk), "validation"))
+                u_s.append(energy(x).double().cpu())
+                lq_s.append(lq.double().cpu())
+        finally:
+            self.bg.prior_scale = trained_scale
         u, lq = torch.cat(u_s), torch.cat(lq_s)
         failures = energy.stats.failures - before
         self.counters["energy_failures"] += failures

@@ -124,6 +124,17 @@ def test_same_seed_gives_the_same_samples(run, tmp_path):
     np.testing.assert_allclose(a["u"], b["u"], rtol=1e-4, atol=1e-3)
 
 
+def test_the_runs_sample_prior_scale_is_the_default(run, tmp_path):
+    other = tmp_path / "tempered"
+    other.mkdir()
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    state["config"]["sample_prior_scale"] = 0.7
+    torch.save(state, other / "checkpoint.pt")
+    assert sample_run(other, 10, batch=10, progress=False)["prior_scale"] == 0.7
+    info = sample_run(other, 10, batch=10, progress=False, prior_scale=1.0)  # the flag wins
+    assert info["prior_scale"] == 1.0
+
+
 def test_best_checkpoint_is_sampled_on_request(run, tmp_path, capsys):
     best = torch.load(run / "best.pt", weights_only=False)
     last = torch.load(run / "checkpoint.pt", weights_only=False)

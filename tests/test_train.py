@@ -297,3 +297,23 @@ def test_failed_energies_are_left_out_of_the_kl_loss():
     loss.backward()  # finite, with gradients
     bg_all_fail = BoltzmannGenerator(flow, Identity(), lambda x: torch.full((len(x),), torch.inf))
     assert torch.isnan(bg_all_fail.reverse_kl(2, z=z[:2])[0])
+
+
+def test_validation_samples_use_the_sample_prior_scale(data, tmp_path):
+    """Validation draws its fresh samples at τ = sample_prior_scale, as p4bg.sample will; the
+    validation NLL and the training trajectory stay those of the trained model (τ = 1)."""
+    a = Trainer(smoke_config(data, tmp_path / "a", val_samples=64), progress=False)
+    a.run()
+    b = Trainer(smoke_config(data, tmp_path / "b", val_samples=64, sample_prior_scale=0.5),
+                progress=False)  # fmt: skip
+    b.run()
+    assert b.bg.prior_scale == 1.0  # restored after validation
+    for (name, x), (_, y) in zip(a.flow.state_dict().items(), b.flow.state_dict().items(),
+                                 strict=True):  # fmt: skip
+        assert torch.equal(x, y), name
+    ra = [r for r in read_metrics(tmp_path / "a") if r["val_nll"]]
+    rb = [r for r in read_metrics(tmp_path / "b") if r["val_nll"]]
+    assert [r["val_nll"] for r in ra] == [r["val_nll"] for r in rb]
+    assert [r["mean_u"] for r in ra] != [r["mean_u"] for r in rb]
+    with pytest.raises(ConfigError, match="sample_prior_scale must be in"):
+        resolve_config(*parse_args(["--sample_prior_scale=0"]))
