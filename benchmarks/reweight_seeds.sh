@@ -11,7 +11,8 @@
 #   FLOWS=swap  OMP_NUM_THREADS=1 bash benchmarks/reweight_seeds.sh &
 #   python benchmarks/runs_table.py runs/seeds/*/               # the side-by-side table
 #
-# Runs go to runs/seeds/<preset>_<flow>_s<seed>/, reports to .../report/. The `paper` preset
+# Runs go to runs/seeds/<preset>_<flow>_s<seed>/, reports to .../report/ (samples at the run's
+# sample_prior_scale) and .../tau<τ>/report_all_<reference>/ (samples at each τ in TAUS). The `paper` preset
 # trains on its own 80,000-frame dataset (`python -m p4bg.simulate --ns 20 --replicas 2`);
 # `reweight` on the 100 ns dataset; both are simulated first when missing (`--resume` skips
 # finished ones).
@@ -23,6 +24,7 @@ N=${N:-100000}
 PRESETS=${PRESETS:-"reweight paper"}
 FLOWS=${FLOWS:-"p4inv swap"}
 SEEDS=${SEEDS:-"0 1 2"}
+TAUS=${TAUS-"1.0 0.96"}  # prior scales sampled besides the run's own sample_prior_scale
 
 case " $PRESETS " in *" paper "*)  # the paper preset's own 80,000-frame dataset
     $PY -m p4bg.simulate --ns 20 --save-every-ps 0.2 --replicas 2 --seed 0 \
@@ -49,6 +51,9 @@ for preset in $PRESETS; do
                 || $PY -m p4bg.sample "$run" --n "$N" --overwrite --no-progress
             [ -f "$run/report/metrics.json" ] \
                 || $PY -m p4bg.analyze "$run" --reference "$REF" --split all --out "$run/report"
+            # the same model from the prior N(0, τ²I) at other τ, against the same reference
+            [ -z "$TAUS" ] || TAUS="$TAUS" REF="$REF" SPLIT=all N="$N" \
+                bash benchmarks/prior_scale_scan.sh "$run"
         done
     done
 done
