@@ -9,11 +9,12 @@ reverse ESS of ``val_samples`` fresh samples), and multiplies by the preset's pl
     wall ≈ nll_steps · t_nll + mixed_steps · t_mixed + validations · t_val
 
 It prints both plans side by side with the ratio to the first preset (the issue "Samples that
-reweight" asks the new preset for at most 1.5× `paper`). Both presets are timed on the same
-dataset (``--data``): a step's cost does not depend on how many frames the dataset holds.
-Checkpoint writes (every 1,000 steps, about 0.1 s each) are left out of both.
+reweight" asks the new preset for at most 1.5× `paper`). Each preset is timed on its own
+dataset (``data`` of the preset), since a validation's cost grows with the validation frames it
+scores (``val_frames = 0``: all of them); ``--data`` times all on one dataset instead. Checkpoint
+writes (every 1,000 steps, about 0.1 s each) are left out of both.
 
-    python benchmarks/preset_walltime.py --data data/alanine_dipeptide_600K_100ns
+    python benchmarks/preset_walltime.py
     python benchmarks/preset_walltime.py --data DATA --steps 3 --presets paper quick   # quick
 """
 
@@ -23,6 +24,7 @@ import argparse
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -30,10 +32,13 @@ from p4bg.config import PRESETS, TrainConfig, apply_overrides
 from p4bg.train import Trainer
 
 
-def measure(preset: str, data: str, steps: int, flow: str, out: str) -> dict[str, float]:
+def measure(preset: str, data: str | None, steps: int, flow: str, out: str) -> dict[str, float]:
     """Seconds per NLL step, per mixed step and per validation of ``preset``, and its plan."""
-    config = apply_overrides(TrainConfig(), {**PRESETS[preset], "flow": flow, "data": data,
-                                             "out": out}, preset)  # fmt: skip
+    changes = {"flow": flow, "out": out, **({"data": data} if data else {})}
+    config = apply_overrides(TrainConfig(), {**PRESETS[preset], **changes}, preset)
+    if not Path(config.data).is_dir():
+        raise SystemExit(f"preset_walltime: the {preset} preset's dataset {config.data} is not "
+                         "here; make it (README, 'Datasets') or pass --data")  # fmt: skip
     trainer = Trainer(config, progress=False)
     times: dict[str, list[float]] = {"nll": [], "mixed": []}
     for phase, start in (("nll", 0), ("mixed", config.nll_steps)):
@@ -54,15 +59,17 @@ def measure(preset: str, data: str, steps: int, flow: str, out: str) -> dict[str
     t_nll = statistics.median(times["nll"][2:]) if times["nll"] else 0.0
     t_mixed = statistics.median(times["mixed"][2:]) if times["mixed"] else 0.0
     wall = config.nll_steps * t_nll + config.mixed_steps * t_mixed + n_val * t_val
-    return {"nll_steps": config.nll_steps, "mixed_steps": config.mixed_steps, "t_nll": t_nll,
-            "t_mixed": t_mixed, "n_val": n_val, "t_val": t_val, "wall": wall}  # fmt: skip
+    return {"data": config.data, "n_val_frames": trainer.n_val, "nll_steps": config.nll_steps,
+            "mixed_steps": config.mixed_steps, "t_nll": t_nll, "t_mixed": t_mixed,
+            "n_val": n_val, "t_val": t_val, "wall": wall}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--data", default="data/alanine_dipeptide_600K_100ns")
+    parser.add_argument("--data", default=None, help="one dataset for all presets (default: "
+                        "each preset's own)")  # fmt: skip
     parser.add_argument("--presets", nargs="+", default=["paper", "reweight"])
     parser.add_argument("--flow", default="p4inv", choices=("p4inv", "swap"))
     parser.add_argument("--steps", type=int, default=30, help="timed steps per phase")
@@ -71,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"unknown preset(s) {unknown}; known: {sorted(PRESETS)}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.flow} flow, "
-          f"median of {args.steps} steps per phase, data {args.data}")  # fmt: skip
+          f"median of {args.steps} steps per phase")  # fmt: skip
     rows = {}
     with tempfile.TemporaryDirectory(prefix="p4bg_walltime_") as tmp:
         for preset in args.presets:
@@ -83,6 +90,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {preset:<10} {r['nll_steps']:>9,} {r['t_nll'] * 1e3:>8.1f} "
               f"{r['mixed_steps']:>6,} {r['t_mixed'] * 1e3:>8.1f} {r['n_val']:>4} "
               f"{r['t_val']:>6.2f} {r['wall'] / 3600:>9.2f} {r['wall'] / base:>6.2f}")  # fmt: skip
+    for preset, r in rows.items():
+        print(f"  {preset}: data {r['data']}, {r['n_val_frames']:,} validation frames scored")
 
 
 if __name__ == "__main__":
