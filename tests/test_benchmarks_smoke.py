@@ -107,3 +107,27 @@ def test_preset_walltime_names_an_unknown_preset():
     result = subprocess.run([sys.executable, "benchmarks/preset_walltime.py", "--presets", "nope"],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert result.returncode == 2 and "unknown preset(s) ['nope']" in result.stderr
+
+
+def test_seeds_table_gives_mean_and_spread_over_seeds(tmp_path):
+    import json
+
+    reference = {"delta_f": 3.0, "kl_rama_floor": 0.1}
+    for seed, ess in enumerate((0.1, 0.2, 0.3)):
+        folder = tmp_path / f"reweight_p4inv_s{seed}"
+        (folder / "report").mkdir(parents=True)
+        model = {"reverse_ess": ess, "reverse_ess_clipped": ess, "energy_shift_finite": 0.5,
+                 "median_energy_shift": 0.1, "delta_f_reweighted": 2.9, "log_z_gap": 0.03,
+                 "kl_rama_reweighted_matched": 0.15, "high_energy_fraction": 0.0,
+                 "n_failed_energies": 0, "bg_value": 1000.0}  # fmt: skip
+        (folder / "report" / "metrics.json").write_text(
+            json.dumps({"models": {folder.name: model}, "reference": reference}))
+        (folder / "metrics.csv").write_text("step,val_nll,seconds\n10,-5.0,1800\n20,-4.5,3600\n")
+    (tmp_path / "reweight_swap_s0").mkdir()  # no report yet: named, not counted
+    out = run("benchmarks/seeds_table.py", str(tmp_path))
+    assert "reweight_swap: no report/metrics.json in reweight_swap_s0" in out
+    assert "| reverse ESS, unclipped (%) | 20.0 ± 10.0 [10.0, 30.0] |" in out
+    assert "| ΔF reweighted − reference (kT) | -0.10 ± 0.00 [-0.10, -0.10] |" in out
+    assert "| … ÷ MD floor | 1.50 ± 0.00 [1.50, 1.50] |" in out
+    assert "| final − best val NLL (nat) | 0.50 ± 0.00 [0.50, 0.50] |" in out
+    assert "| training wall time (h) | 1.00 ± 0.00 [1.00, 1.00] |" in out

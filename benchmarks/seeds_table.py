@@ -1,0 +1,100 @@
+"""Mean ± spread over seeds of the reweighting metrics, one column per model, from the reports of
+`benchmarks/reweight_seeds.sh` (runs/seeds/<preset>_<flow>_s<seed>/): the table of
+docs/results.md §6.
+
+    python benchmarks/seeds_table.py runs/seeds                       # samples at each run's τ
+    python benchmarks/seeds_table.py runs/seeds --report tau1.0/report_all_alanine_dipeptide_600K_reference
+
+"±" is the sample standard deviation over the seeds; [min, max] follows it. A model column
+needs every listed seed's report; missing ones are named. No torch: it reads text files only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import re
+import statistics
+from pathlib import Path
+
+# (label, how to get the value from (model metrics, reference metrics, training rows), format)
+METRICS = [
+    ("reverse ESS, unclipped (%)", lambda m, r, t: 100 * m["reverse_ess"], "{:.1f}"),
+    ("reverse ESS, clipped top 1e-4 (%)", lambda m, r, t: 100 * m["reverse_ess_clipped"], "{:.1f}"),
+    ("mean energy shift, finite samples (kT)", lambda m, r, t: m["energy_shift_finite"], "{:+.2f}"),
+    ("median energy shift (kT)", lambda m, r, t: m["median_energy_shift"], "{:+.2f}"),
+    ("ΔF reweighted (kT)", lambda m, r, t: m["delta_f_reweighted"], "{:.2f}"),
+    ("ΔF reweighted − reference (kT)", lambda m, r, t: m["delta_f_reweighted"] - r["delta_f"],
+     "{:+.2f}"),
+    ("Ramachandran KL reweighted, floor size", lambda m, r, t: m["kl_rama_reweighted_matched"],
+     "{:.3f}"),
+    ("… ÷ MD floor", lambda m, r, t: m["kl_rama_reweighted_matched"] / r["kl_rama_floor"],
+     "{:.2f}"),
+    ("log Z gap forward − reverse (nat)", lambda m, r, t: m["log_z_gap"], "{:+.3f}"),
+    ("share above max training energy (%)", lambda m, r, t: 100 * m["high_energy_fraction"],
+     "{:.2f}"),
+    ("failed energies", lambda m, r, t: m["n_failed_energies"], "{:.0f}"),
+    ("final − best val NLL (nat)", lambda m, r, t: final_minus_best(t), "{:.2f}"),
+    ("training wall time (h)", lambda m, r, t: float(t[-1]["seconds"]) / 3600, "{:.2f}"),
+    ("BG value", lambda m, r, t: m["bg_value"], "{:,.0f}"),
+]  # fmt: skip
+
+
+def final_minus_best(rows: list[dict]) -> float:
+    val = [float(r["val_nll"]) for r in rows if r.get("val_nll")]
+    return val[-1] - min(val) if val else math.nan
+
+
+def load(run: Path, report: str) -> tuple[dict, dict, list[dict]]:
+    path = run / report / "metrics.json"
+    data = json.loads(path.read_text())
+    with (run / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    return next(iter(data["models"].values())), data["reference"], rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("root", type=Path, help="folder of <preset>_<flow>_s<seed> runs")
+    parser.add_argument("--report", default="report", help="report folder inside each run")
+    args = parser.parse_args(argv)
+    groups: dict[str, list[Path]] = {}
+    for run in sorted(args.root.iterdir()):
+        match = re.fullmatch(r"(.+)_s(\d+)", run.name)
+        if match and run.is_dir():
+            groups.setdefault(match.group(1), []).append(run)
+    if not groups:
+        raise SystemExit(f"{args.root}: no <preset>_<flow>_s<seed> run folders")
+    columns: dict[str, list[list[float]]] = {}
+    for model, runs in groups.items():
+        have = [r for r in runs if (r / args.report / "metrics.json").is_file()]
+        missing = sorted(set(runs) - set(have))
+        if missing:
+            print(f"{model}: no {args.report}/metrics.json in {', '.join(m.name for m in missing)}")
+        if have:
+            loaded = [load(r, args.report) for r in have]
+            columns[f"{model} ({len(have)} seeds)"] = [
+                [get(*x) for x in loaded] for _, get, _ in METRICS
+            ]
+    print(f"\n| metric | {' | '.join(columns)} |")
+    print(f"|---|{'---|' * len(columns)}")
+    for i, (label, _, fmt) in enumerate(METRICS):
+        cells = []
+        for values in columns.values():
+            v = values[i]
+            mean = statistics.fmean(v)
+            if len(v) > 1:
+                sd = statistics.stdev(v)
+                cells.append(f"{fmt.format(mean)} ± {fmt.format(sd).lstrip('+')} "
+                             f"[{fmt.format(min(v))}, {fmt.format(max(v))}]")  # fmt: skip
+            else:
+                cells.append(fmt.format(mean))
+        print(f"| {label} | {' | '.join(cells)} |")
+
+
+if __name__ == "__main__":
+    main()
