@@ -3,7 +3,8 @@
 docs/results.md §6.
 
     python benchmarks/seeds_table.py runs/seeds                       # samples at each run's τ
-    python benchmarks/seeds_table.py runs/seeds --report tau1.0/report_all_alanine_dipeptide_600K_reference
+    python benchmarks/seeds_table.py runs/seeds \
+        --report tau1.0/report_all_alanine_dipeptide_600K_reference  # samples at τ = 1
 
 "±" is the sample standard deviation over the seeds; [min, max] follows it. A model column
 needs every listed seed's report; missing ones are named. No torch: it reads text files only.
