@@ -121,7 +121,8 @@ def test_seeds_table_gives_mean_and_spread_over_seeds(tmp_path):
                  "kl_rama_reweighted_matched": 0.15, "high_energy_fraction": 0.0,
                  "n_failed_energies": 0, "bg_value": 1000.0}  # fmt: skip
         (folder / "report" / "metrics.json").write_text(
-            json.dumps({"models": {folder.name: model}, "reference": reference}))
+            json.dumps({"models": {folder.name: model}, "reference": reference})
+        )
         (folder / "metrics.csv").write_text("step,val_nll,seconds\n10,-5.0,1800\n20,-4.5,3600\n")
     (tmp_path / "reweight_swap_s0").mkdir()  # no report yet: named, not counted
     out = run("benchmarks/seeds_table.py", str(tmp_path))
