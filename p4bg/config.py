@@ -53,6 +53,11 @@ class TrainConfig:
     weight_decay: float = 0.0  # decoupled (AdamW) on conditioner weight matrices only
     kl_batch_size: int = 0  # samples of the KL term per mixed step (0: batch_size)
     energy_ramp_steps: int = 0  # w_e rises linearly from 0 over the first mixed steps
+    # Clear Adam's moments when the mixed phase starts. The NLL phase leaves second moments
+    # sized for NLL gradients at lr x lr_final_factor; the KL term's gradients are far larger,
+    # and the stale moments (time constant 1,000 steps) turn its first steps into jumps that
+    # can empty the phi > 0 basin (docs/results.md §6). The paper keeps them (False).
+    mixed_fresh_optimizer: bool = False
     # P4Inv merges (paper App. H)
     merge_every: int = 100
     force_every: int = 10
@@ -157,6 +162,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "mixed_lr": 1e-4,
         "energy_weight_ratio": 0.25,
         "energy_ramp_steps": 200,
+        "mixed_fresh_optimizer": True,
         "val_every": 250,
         "val_frames": 20_000,
         "val_samples": 10_000,

@@ -441,6 +441,8 @@ class Trainer:
         w_e = energy_weight(cfg, self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        if cfg.mixed_fresh_optimizer and self.step == cfg.nll_steps > 0 and phase == "mixed":
+            self.optimizer.state.clear()  # Adam starts its moments afresh at the next step
         idx = torch.randint(self.n_train, (cfg.batch_size,), generator=self.batches).to(self.device)
         self.optimizer.zero_grad(set_to_none=True)
         nll = self.bg.nll(self.train_x[idx])
@@ -658,6 +660,7 @@ class Trainer:
             + (f" reached over {cfg.energy_ramp_steps:,} steps" if cfg.energy_ramp_steps else "")
             + f"; batch {cfg.batch_size}, KL batch {cfg.kl_batch_size or cfg.batch_size}"
             + (f"; AdamW weight decay {cfg.weight_decay:g}" if cfg.weight_decay else "; Adam")
+            + (", moments cleared at the mixed phase" if cfg.mixed_fresh_optimizer else "")
             + (f"; grad clip {cfg.max_grad_norm:g}" if cfg.max_grad_norm else ""),
             f"validation every {cfg.val_every} steps: NLL by basin"
             + (f", reverse ESS of {cfg.val_samples:,} samples" if cfg.val_samples else "")

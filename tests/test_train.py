@@ -317,3 +317,21 @@ def test_validation_samples_use_the_sample_prior_scale(data, tmp_path):
     assert [r["mean_u"] for r in ra] != [r["mean_u"] for r in rb]
     with pytest.raises(ConfigError, match="sample_prior_scale must be in"):
         resolve_config(*parse_args(["--sample_prior_scale=0"]))
+
+
+@pytest.mark.parametrize("fresh", [False, True])
+def test_mixed_fresh_optimizer_clears_adams_moments_once(data, tmp_path, fresh):
+    """With mixed_fresh_optimizer the first mixed step starts Adam anew (step count 1 after
+    it); without it (the paper) the moments run on from the NLL phase."""
+    config = smoke_config(data, tmp_path / str(fresh), nll_steps=5, mixed_steps=3,
+                          mixed_fresh_optimizer=fresh)  # fmt: skip
+    trainer = Trainer(config, progress=False)
+    param = next(p for p in trainer.flow.parameters() if p.ndim == 2)
+    counts = []
+    for _ in range(config.total_steps):
+        trainer.train_step()
+        counts.append(int(trainer.optimizer.state[param]["step"]))
+    if fresh:
+        assert counts == [1, 2, 3, 4, 5, 1, 2, 3]
+    else:
+        assert counts == [1, 2, 3, 4, 5, 6, 7, 8]
