@@ -34,8 +34,16 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from p4bg._energy_worker import evaluate_frames, make_context
+from p4bg.forcefield import TorchEnergy, UnsupportedForceError
 
-__all__ = ["EnergyStats", "OpenMMEnergy", "evaluate_frames", "linlogcut"]
+__all__ = [
+    "EnergyStats",
+    "OpenMMEnergy",
+    "TorchEnergy",
+    "UnsupportedForceError",
+    "evaluate_frames",
+    "linlogcut",
+]
 
 
 def linlogcut(u: Tensor, high: float = 1e3, max: float = 1e9) -> Tensor:
