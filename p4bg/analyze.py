@@ -169,15 +169,18 @@ def load_reference(path: str | Path, split: str = "test", system: str | None = N
     return Reference(path, split, system)
 
 
-def perturbed_energies(reference: Reference, noise: float, seed: int, n_workers: int) -> np.ndarray:
-    """u (kT) of the MD frames with N(0, noise²) nm added to every coordinate (paper Fig. 7)."""
-    from p4bg.energy import OpenMMEnergy
+def perturbed_energies(
+    reference: Reference, noise: float, seed: int, n_workers: int, energy: str = "auto"
+) -> np.ndarray:
+    """u (kT) of the MD frames with N(0, noise²) nm added to every coordinate (paper Fig. 7);
+    ``energy``: auto | openmm | torch (p4bg.energy.make_energy)."""
+    from p4bg.energy import make_energy
 
     rng = np.random.default_rng(seed)
     xyz = reference.xyz + rng.normal(0.0, noise, size=reference.xyz.shape)
-    with OpenMMEnergy(reference.system, n_workers=n_workers,
-                      temperature=reference.temperature) as energy:  # fmt: skip
-        u, _ = energy.evaluate(xyz.reshape(len(xyz), -1), forces=False)
+    with make_energy(energy, reference.system, n_workers=n_workers,
+                     temperature=reference.temperature) as target:  # fmt: skip
+        u, _ = target.evaluate(xyz.reshape(len(xyz), -1), forces=False)
     return u
 
 
@@ -287,6 +290,7 @@ def analyze(
     seed: int = 0,
     device: str = "auto",
     n_workers: int = 2,
+    energy: str = "auto",
 ) -> dict[str, Any]:
     """Gather the arrays, compute the metrics (analysis.metrics), write the report; returns
     the content of metrics.json."""
@@ -330,7 +334,7 @@ def analyze(
     for note in notes:
         print(f"p4bg.analyze: note: {note}", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
-    u_noisy = perturbed_energies(ref, noise, seed, n_workers)
+    u_noisy = perturbed_energies(ref, noise, seed, n_workers, energy)
     reference = reference_metrics(ref.u, ref.phi, ref.psi, ref.is_l, u_train_max, ref.segments,
                                   ref.ps_per_frame, ref.seconds_per_frame)  # fmt: skip
     noisy_label = f"MD + {noise:g} nm noise"
@@ -359,10 +363,13 @@ def analyze(
         models[run.name]["u_train_max_source"] = threshold["source"]
         models[run.name]["u_train_max_dataset"] = threshold["dataset"]
         models[run.name]["sampling_device"] = meta.get("device")
+        # samples from before the `energy` option were scored by the OpenMM workers
+        models[run.name]["sample_energy"] = meta.get("energy", "openmm")
         run_info[run.name] = (
             f"{run}, {len(s['u']):,} samples"
             + (f", prior scale τ = {scale:g}" if scale != 1 else "")
             + (f", sampled on {meta['device']}" if meta.get("device") else "")
+            + f", energies by {models[run.name]['sample_energy']}"
             + f"; threshold from {threshold['source']}"
             + (f" ({threshold['dataset']})" if threshold["dataset"] else "")
         )
@@ -396,7 +403,7 @@ def analyze(
         "kT_kJ_per_mol": ref.kT, "u_train_max": u_train_max,
         "u_train_max_source": threshold_source, "runs": run_info, "noise_nm": noise,
         "seed": seed, "figures": figures, "notes": notes, "md_timing": ref.timing,
-        "n_replica_series": len(ref.segments),
+        "n_replica_series": len(ref.segments), "perturbed_energy": energy,
     }  # fmt: skip
     result = {"info": info, "reference": reference, "models": models}
     write_metrics_json(out / "metrics.json", result)
@@ -426,6 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of that noise (0)")
     parser.add_argument("--device", default="auto", help="for log q of MD frames (auto)")
+    parser.add_argument("--energy", choices=("auto", "openmm", "torch"), default="auto",
+                        help="energy of the perturbed MD frames: torch (TorchEnergy), openmm "
+                        "(worker processes), auto (torch where the System allows)")  # fmt: skip
     parser.add_argument("--n-workers", type=int, default=2, help="OpenMM energy workers (2)")
     return parser
 
@@ -442,7 +452,7 @@ def main(argv: list[str] | None = None) -> None:
         if not args.noise >= 0:
             raise ConfigError(f"--noise must be >= 0 nm, got {args.noise}")
         result = analyze(args.runs, args.reference, out, args.split, args.noise, args.seed,
-                         args.device, args.n_workers)  # fmt: skip
+                         args.device, args.n_workers, args.energy)  # fmt: skip
     except (ConfigError, DatasetError, SystemConfigError) as err:
         print(f"p4bg.analyze: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

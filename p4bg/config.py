@@ -76,7 +76,11 @@ class TrainConfig:
     log_every: int = 100
     checkpoint_every: int = 1_000
     sample_batch: int = 256  # samples for the mean energy at validation when val_samples = 0
-    n_workers: int = 2  # energy worker processes
+    # target energy: "torch" (TorchEnergy, the force field as batched torch code on the
+    # training device), "openmm" (OpenMM worker processes on the host), "auto" (torch where
+    # every force of the System is supported)
+    energy: str = "auto"
+    n_workers: int = 2  # energy worker processes (energy = "openmm")
     device: str = "auto"
     dtype: str = "float32"  # of the model and the data; P4Inv buffers stay float64 regardless
     seed: int = 0
@@ -93,6 +97,8 @@ class TrainConfig:
             )
         if not 0 < self.lr_final_factor <= 1:
             raise ConfigError(f"lr_final_factor must be in (0, 1], got {self.lr_final_factor}")
+        if self.energy not in ("auto", "openmm", "torch"):
+            raise ConfigError(f"energy must be auto, openmm or torch, got {self.energy!r}")
         if self.flow not in ("p4inv", "swap"):
             raise ConfigError(f"flow must be 'p4inv' or 'swap', got {self.flow!r}")
         if self.dtype not in ("float32", "float64"):

@@ -41,9 +41,13 @@ __all__ = [
     "OpenMMEnergy",
     "TorchEnergy",
     "UnsupportedForceError",
+    "energy_kind",
     "evaluate_frames",
     "linlogcut",
+    "make_energy",
 ]
+
+ENERGIES = ("auto", "openmm", "torch")
 
 
 def linlogcut(u: Tensor, high: float = 1e3, max: float = 1e9) -> Tensor:
@@ -57,6 +61,39 @@ def linlogcut(u: Tensor, high: float = 1e3, max: float = 1e9) -> Tensor:
     excess = torch.clamp(u - high, min=0.0)
     soft = torch.where(u > high, high + torch.log1p(excess), u)
     return torch.clamp(soft, max=max)
+
+
+def make_energy(
+    kind: str,
+    system: Any,
+    n_workers: int | None = None,
+    platform: str = "auto",
+    device: str | torch.device = "cpu",
+    temperature: float | None = None,
+) -> OpenMMEnergy | TorchEnergy:
+    """The target energy by name, behind one call contract (``u = energy(x)``, kT, +inf for a
+    failed configuration, counted in ``energy.stats``).
+
+    ``"torch"``: :class:`TorchEnergy` on ``device`` (refuses a System with an unsupported force).
+    ``"openmm"``: :class:`OpenMMEnergy`, ``n_workers`` processes on ``platform``.
+    ``"auto"``: torch where every force of the System is supported, else openmm.
+    A ``platform`` of ``"torch"`` (a run trained with TorchEnergy) means ``"auto"`` to OpenMM.
+    """
+    if kind not in ENERGIES:
+        raise ValueError(f"energy must be one of {', '.join(ENERGIES)}, got {kind!r}")
+    if kind in ("auto", "torch"):
+        try:
+            return TorchEnergy(system, temperature=temperature).to(device)
+        except UnsupportedForceError:
+            if kind == "torch":
+                raise
+    platform = "auto" if platform == "torch" else platform
+    return OpenMMEnergy(system, n_workers=n_workers, platform=platform, temperature=temperature)
+
+
+def energy_kind(energy: Any) -> str:
+    """``"torch"`` or ``"openmm"``: what outputs record as the energy that was used."""
+    return "torch" if isinstance(energy, TorchEnergy) else "openmm"
 
 
 @dataclass

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 __all__ = ["TorchEnergy", "UnsupportedForceError"]
@@ -148,7 +148,7 @@ def _read_system(system: Any) -> dict[str, Any]:
     return p
 
 
-class TorchEnergy(nn.Module):
+class TorchEnergy:
     """Reduced energy ``u(x) = U(x)/kT`` of an OpenMM System's force field, batched in torch.
 
     Args:
@@ -166,10 +166,13 @@ class TorchEnergy(nn.Module):
     :attr:`last_failed` and counted in :attr:`stats`. Parameters are float64 buffers; the
     computation runs in the dtype of ``x``. Raises :class:`UnsupportedForceError`, naming the
     force, for a System that uses anything else than the forces listed in the module docstring.
+
+    Not an ``nn.Module`` on purpose: like OpenMMEnergy it is the target a model is trained
+    against, not part of the model, so it never enters a model's ``state_dict`` or
+    ``parameters()``; :meth:`to` moves it to a device.
     """
 
     def __init__(self, system: Any, temperature: float | None = None, chunk: int = 8192) -> None:
-        super().__init__()
         import openmm
 
         from p4bg.energy import EnergyStats
@@ -200,8 +203,7 @@ class TorchEnergy(nn.Module):
         self.coulomb = _coulomb_constant() if ("nb_qq" in params or "gb_charge" in params) else 0.0
         self._scalars = {k: float(params.pop(k)) for k in ("gb_dielectric_factor", "gb_surface")
                          if k in params}  # fmt: skip
-        for key, value in params.items():
-            self.register_buffer(key, torch.from_numpy(np.ascontiguousarray(value)))
+        self.buffers = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in params.items()}
         self._cast: dict[tuple, dict[str, Tensor]] = {}
         self._stats = EnergyStats()
         self._failures = torch.zeros((), dtype=torch.int64)
@@ -224,7 +226,13 @@ class TorchEnergy(nn.Module):
         """Flags of the last call's configurations that came back as ``+inf`` (numpy bool)."""
         return self._last_failed.cpu().numpy()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def to(self, device: str | torch.device) -> TorchEnergy:
+        """Move the parameters to ``device`` (they stay float64); returns self."""
+        self.buffers = {k: v.to(device) for k, v in self.buffers.items()}
+        self._cast = {}
+        return self
+
+    def __call__(self, x: Tensor) -> Tensor:
         """Reduced energies of ``x`` [batch, 3·n_atoms] nm: shape [batch] kT, differentiable."""
         if x.dim() != 2 or x.shape[1] != self.dim:
             raise ValueError(
@@ -257,8 +265,7 @@ class TorchEnergy(nn.Module):
 
     # ------------------------------------------------------------------------------ energy
     def _buffer_device(self) -> torch.device:
-        buffers = list(self.buffers())
-        return buffers[0].device if buffers else torch.device("cpu")
+        return next(iter(self.buffers.values())).device if self.buffers else torch.device("cpu")
 
     def _params(self, dtype: torch.dtype, device: torch.device) -> dict[str, Tensor]:
         """The buffers in the computation's dtype and device, converted once and cached."""
@@ -266,7 +273,7 @@ class TorchEnergy(nn.Module):
         if key not in self._cast:
             self._cast = {key: {
                 name: b.to(device) if b.dtype == torch.int64 else b.to(device, dtype)
-                for name, b in self.named_buffers()
+                for name, b in self.buffers.items()
             }}  # fmt: skip
         return self._cast[key]
 

@@ -202,21 +202,26 @@ def sample_run(
     command: str | None = None,
     prior_scale: float | None = None,
     checkpoint: str = "last",
+    energy: str | None = None,
 ) -> dict[str, Any]:
     """Draw ``n`` samples from ``run`` and write them (module docstring); returns samples.json.
     ``checkpoint``: "last" (checkpoint.pt) or "best" (best.pt, lowest validation NLL).
-    ``prior_scale``: τ of the prior N(0, τ²I); None takes the run's ``sample_prior_scale``."""
+    ``prior_scale``: τ of the prior N(0, τ²I); None takes the run's ``sample_prior_scale``.
+    ``energy``: auto | openmm | torch (p4bg.energy.make_energy); None takes the run's."""
     from tqdm import tqdm
 
     from analysis.geometry import dihedral, is_l_chirality
-    from p4bg.energy import OpenMMEnergy
+    from p4bg.energy import ENERGIES, energy_kind, make_energy
 
     if n < 1 or batch < 1:
         raise ConfigError(f"--n and --batch must be >= 1, got {n} and {batch}")
     if prior_scale is not None and not 0 < prior_scale <= 10:
         raise ConfigError(f"--prior-scale must be in (0, 10], got {prior_scale}")
+    if energy is not None and energy not in ENERGIES:
+        raise ConfigError(f"--energy must be one of {', '.join(ENERGIES)}, got {energy!r}")
     run = Path(run)
     loaded = load_run(run, device, checkpoint)
+    energy = loaded.config.energy if energy is None else energy
     if prior_scale is None:
         prior_scale = loaded.config.sample_prior_scale
     system, bg = loaded.system, loaded.bg
@@ -234,8 +239,10 @@ def sample_run(
         f"seed={seed})",
     }  # fmt: skip
     start = time.perf_counter()
-    with OpenMMEnergy(system, n_workers=workers, platform=loaded.energy_platform) as energy:
-        info["energy_platform"] = energy.platform
+    target = make_energy(energy, system, n_workers=workers, platform=loaded.energy_platform,
+                         device=param.device)  # fmt: skip
+    with target as energy:
+        info["energy"], info["energy_platform"] = energy_kind(energy), energy.platform
         writer = SampleWriter(run, system.topology, info)
         status = "failed"
         bar = tqdm(total=n, desc="sampling", unit="conf", disable=not progress)
@@ -315,7 +322,10 @@ def verify_samples(run: str | Path, limit: int | None = None) -> dict[str, float
     context = openmm.Context(
         system.openmm_system,
         openmm.VerletIntegrator(0.001),
-        openmm.Platform.getPlatformByName(info["energy_platform"]),
+        # samples scored by TorchEnergy are checked against OpenMM's Reference platform
+        openmm.Platform.getPlatformByName(
+            "Reference" if info["energy_platform"] == "torch" else info["energy_platform"]
+        ),
     )
     u = np.full(n, np.inf)
     for i, frame in enumerate(xyz):
@@ -353,6 +363,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", choices=("last", "best"), default="last",
                         help="last: checkpoint.pt (the end of training); best: best.pt, the "
                         "model at the lowest validation NLL (last)")  # fmt: skip
+    parser.add_argument("--energy", choices=("auto", "openmm", "torch"), default=None,
+                        help="target energy: torch (TorchEnergy on --device), openmm (worker "
+                        "processes), auto (torch where the System's forces allow) (default: "
+                        "the run's)")  # fmt: skip
     parser.add_argument("--n-workers", type=int, default=None,
                         help="energy worker processes (default: the run's n_workers)")  # fmt: skip
     parser.add_argument("--overwrite", action="store_true",
@@ -382,8 +396,8 @@ def main(argv: list[str] | None = None) -> None:
         command = "python -m p4bg.sample " + " ".join(argv if argv is not None else sys.argv[1:])
         result = sample_run(run, args.n, args.batch, args.device, args.seed, args.n_workers,
                             progress=not args.no_progress, command=command,
-                            prior_scale=args.prior_scale,
-                            checkpoint=args.checkpoint)  # fmt: skip
+                            prior_scale=args.prior_scale, checkpoint=args.checkpoint,
+                            energy=args.energy)  # fmt: skip
     except (ConfigError, SystemConfigError) as err:
         print(f"p4bg.sample: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -46,7 +46,7 @@ METRIC_COLUMNS = [
 _STREAMS = {"batches": 1, "kl": 2, "validation": 3, "merges": 4}
 _FLAGS = {"--preset", "--config", "--resume", "--dry-run", "--no-progress", "--help", "-h"}
 # Settings that do not change the computation and may differ when a run is resumed.
-_RESUME_OVERRIDES = {"device", "n_workers"}
+_RESUME_OVERRIDES = {"device", "n_workers", "energy"}
 
 
 def parse_args(argv: list[str]) -> tuple[dict[str, Any], dict[str, str]]:
@@ -109,9 +109,10 @@ def resolve_config(flags: dict[str, Any], overrides: dict[str, str]) -> TrainCon
                 "--resume continues a run with its saved config.toml; only "
                 f"{', '.join(sorted(_RESUME_OVERRIDES))} may be changed (got {extra or '--config'})"
             )
-        config = apply_overrides(
-            TrainConfig(), load_toml(run / "config.toml"), str(run / "config.toml")
-        )
+        saved = load_toml(run / "config.toml")
+        # runs from before the `energy` key trained against the OpenMM workers
+        saved.setdefault("energy", "openmm")
+        config = apply_overrides(TrainConfig(), saved, str(run / "config.toml"))
         config = apply_overrides(config, {**overrides, "out": str(run)}, "--resume")
     else:
         config = apply_overrides(
@@ -330,9 +331,12 @@ class Trainer:
         self.best = {"val_nll": float("inf"), "step": 0}
         self.seconds = 0.0
         self.stop_requested = False
+        self.log: logging.Logger | None = None  # train.log, opened by run()
         # The OpenMM platform is measured once and then kept, so that a resumed run evaluates
         # energies exactly as the original did.
         self.energy_platform = "auto"
+        if config.energy == "torch":
+            self._energy_plan()  # a System TorchEnergy cannot evaluate fails now, not later
         if resume:
             self._load(self.out / "checkpoint.pt")
         elif config.init:
@@ -419,15 +423,23 @@ class Trainer:
 
     # -------------------------------------------------------------------- steps
     def energy(self) -> Any:
-        """The OpenMMEnergy target, created (worker processes started) on first use."""
+        """The target energy (``config.energy``), created on first use (OpenMM: worker
+        processes started; torch: on the training device)."""
         if self.target is None:
-            from p4bg.energy import OpenMMEnergy
+            from p4bg.energy import make_energy
 
-            self.target = OpenMMEnergy(
-                self.system, n_workers=self.config.n_workers, platform=self.energy_platform
+            cfg = self.config
+            self.target = make_energy(
+                cfg.energy,
+                self.system,
+                n_workers=cfg.n_workers,
+                platform=self.energy_platform,
+                device=self.device,
             )
             self.energy_platform = self.target.platform
             self.bg.target = self.target
+            if self.log is not None:
+                self.log.info("target energy: %r", self.target)
         return self.target
 
     def phase(self, step: int) -> str:
@@ -551,7 +563,7 @@ class Trainer:
         tmp = self.out / "config.toml.tmp"
         tmp.write_text(to_toml(cfg))
         os.replace(tmp, self.out / "config.toml")
-        log = _logger(self.out / "train.log")
+        log = self.log = _logger(self.out / "train.log")
         metrics = MetricsCSV(self.out / "metrics.csv", self.step)
         log.info("start at step %d of %d; device %s; %d train / %d val frames", self.step,
                  cfg.total_steps, self.device, self.n_train, self.n_val)  # fmt: skip
@@ -638,6 +650,20 @@ class Trainer:
         self.stop_requested = True
 
     # ------------------------------------------------------------------ dry run
+    def _energy_plan(self) -> str:
+        """What ``config.energy`` will resolve to, without starting any worker."""
+        from p4bg.energy import TorchEnergy, UnsupportedForceError
+
+        if self.config.energy == "openmm":
+            return f"OpenMM workers ({self.config.n_workers})"
+        try:
+            TorchEnergy(self.system)
+        except UnsupportedForceError as err:
+            if self.config.energy == "torch":
+                raise ConfigError(str(err)) from None
+            return f"OpenMM workers ({self.config.n_workers}): {err}"
+        return f"TorchEnergy on {self.device}"
+
     def describe(self) -> str:
         from p4bg.flows import count_parameters
 
@@ -667,6 +693,7 @@ class Trainer:
             + "; best model kept in best.pt",
             f"merges every {cfg.merge_every} steps, forced every {cfg.force_every}, "
             f"corrected every {cfg.correct_every} merges, penalty {cfg.penalty:g}",
+            f"target energy: {cfg.energy} -> {self._energy_plan()}",
             f"output {cfg.out}: config.toml, checkpoint.pt every {cfg.checkpoint_every}, "
             "metrics.csv, train.log",
         ]

@@ -184,7 +184,7 @@ def test_cuda_matches_cpu(system, frames):
     energy = TorchEnergy(system)
     x = torch.tensor(frames, requires_grad=True)
     energy(x).sum().backward()
-    gpu = copy.deepcopy(energy).cuda()
+    gpu = TorchEnergy(system).to("cuda")
     y = torch.tensor(frames, device="cuda", requires_grad=True)
     u = gpu(y)
     assert u.device.type == "cuda"

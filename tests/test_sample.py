@@ -72,6 +72,25 @@ def test_mdtraj_reads_the_samples_and_recomputes_the_stored_dihedrals(sampled):
     np.testing.assert_allclose(first.xyz[0], traj.xyz[0], atol=1e-4)  # PDB: 0.001 Å
 
 
+def test_sample_energy_option_records_the_energy_and_both_agree(sampled, tmp_path):
+    """The run's default (auto) scores samples with TorchEnergy; --energy openmm with the OpenMM
+    workers; both give the same u (float64) for the same latent draws."""
+    info = json.loads((sampled / "samples.json").read_text())
+    assert info["energy"] == "torch" and info["energy_platform"] == "torch"
+    other = tmp_path / "openmm"
+    other.mkdir()
+    (other / "checkpoint.pt").write_bytes((sampled / "checkpoint.pt").read_bytes())
+    sample_main([str(other), "--n", "120", "--batch", "50", "--seed", "3", "--no-progress",
+                 "--energy", "openmm"])  # fmt: skip
+    info = json.loads((other / "samples.json").read_text())
+    assert info["energy"] == "openmm" and info["energy_platform"] != "torch"
+    a, b = read_npz(sampled), read_npz(other)
+    np.testing.assert_array_equal(a["finite"], b["finite"])
+    ok = np.isfinite(a["u"])
+    np.testing.assert_array_equal(ok, np.isfinite(b["u"]))
+    np.testing.assert_allclose(a["u"][ok], b["u"][ok], rtol=1e-9, atol=1e-9)
+
+
 def test_openmm_reproduces_the_stored_energies_from_the_dcd(sampled):
     """Acceptance of the sample issue: energies from samples.dcd to 1e-4 kT (float64)."""
     import openmm
@@ -85,7 +104,9 @@ def test_openmm_reproduces_the_stored_energies_from_the_dcd(sampled):
     context = openmm.Context(
         system.openmm_system,
         openmm.VerletIntegrator(0.001),
-        openmm.Platform.getPlatformByName(info["energy_platform"]),
+        openmm.Platform.getPlatformByName(
+            "Reference" if info["energy_platform"] == "torch" else info["energy_platform"]
+        ),
     )
     kT = info["kT_kJ_per_mol"]
     s = read_npz(sampled)
@@ -183,13 +204,17 @@ def test_nonfinite_samples_are_kept_flagged_and_counted(run, tmp_path, monkeypat
     assert (np.isnan(s["log_w"][bad]) | np.isneginf(s["log_w"][bad])).all()
 
 
-def test_a_failure_mid_run_leaves_valid_files_of_the_finished_chunks(run, tmp_path, monkeypatch):
-    from p4bg.energy import OpenMMEnergy
+@pytest.mark.parametrize("energy", ["openmm", "torch"])
+def test_a_failure_mid_run_leaves_valid_files_of_the_finished_chunks(
+    run, tmp_path, monkeypatch, energy
+):
+    from p4bg.energy import OpenMMEnergy, TorchEnergy
 
     other = tmp_path / "crash"
     other.mkdir()
     (other / "checkpoint.pt").write_bytes((run / "checkpoint.pt").read_bytes())
-    original = OpenMMEnergy.evaluate
+    target = OpenMMEnergy if energy == "openmm" else TorchEnergy
+    original = target.evaluate
     calls = []
 
     def failing_evaluate(self, xyz, forces=True):
@@ -198,9 +223,9 @@ def test_a_failure_mid_run_leaves_valid_files_of_the_finished_chunks(run, tmp_pa
             raise RuntimeError("simulated crash")
         return original(self, xyz, forces)
 
-    monkeypatch.setattr(OpenMMEnergy, "evaluate", failing_evaluate)
+    monkeypatch.setattr(target, "evaluate", failing_evaluate)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        sample_run(other, 50, batch=10, progress=False)
+        sample_run(other, 50, batch=10, progress=False, energy=energy)
     info = json.loads((other / "samples.json").read_text())
     assert info["status"] == "failed: RuntimeError: simulated crash" and info["n_samples"] == 20
     assert len(read_npz(other)["u"]) == 20

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -138,7 +139,7 @@ def test_cli_errors_name_the_problem(data, tmp_path):
     r = run_cli("--preset", "smoke", "--data", str(data), "--out", str(run))
     assert r.returncode == 2 and "--resume" in r.stderr
     r = run_cli("--resume", str(run), "--batch_size=4")
-    assert r.returncode == 2 and "only device, n_workers may be changed" in r.stderr
+    assert r.returncode == 2 and "only device, energy, n_workers may be changed" in r.stderr
     r = run_cli("--resume", str(tmp_path / "nothing"))
     assert r.returncode == 2 and "no run there" in r.stderr
     toml = run / "config.toml"
@@ -183,6 +184,41 @@ def test_resume_accepts_checkpoints_from_before_a_config_key_existed(data, tmp_p
     torch.save(state, tmp_path / "a" / "checkpoint.pt")
     config = resolve_config(*parse_args(["--resume", str(tmp_path / "a")]))
     assert Trainer(config, resume=True, progress=False).step == 4
+
+
+@pytest.mark.parametrize("energy", ["openmm", "torch"])
+def test_energy_option_picks_the_target_and_records_it(data, tmp_path, energy):
+    from p4bg.energy import OpenMMEnergy, TorchEnergy
+
+    trainer = Trainer(smoke_config(data, tmp_path / "run", energy=energy), progress=False)
+    result = trainer.run()
+    assert isinstance(trainer.target, TorchEnergy if energy == "torch" else OpenMMEnergy)
+    assert math.isfinite(result["val_nll"])
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert state["config"]["energy"] == energy
+    assert (state["energy_platform"] == "torch") == (energy == "torch")
+    assert "target energy: " in (tmp_path / "run" / "train.log").read_text()
+    trainer.target.close()
+
+
+def test_energy_option_errors_and_legacy_runs(data, tmp_path):
+    import openmm
+
+    with pytest.raises(ConfigError, match="energy must be auto, openmm or torch"):
+        resolve_config(*parse_args(["--energy=gpu"]))
+    # a run from before the key trained against the OpenMM workers and resumes with them
+    first = Trainer(smoke_config(data, tmp_path / "a", mixed_steps=0, nll_steps=4), progress=False)
+    first.run()
+    toml = tmp_path / "a" / "config.toml"
+    toml.write_text("".join(line for line in toml.read_text().splitlines(keepends=True)
+                            if not line.startswith("energy =")))  # fmt: skip
+    assert resolve_config(*parse_args(["--resume", str(tmp_path / "a")])).energy == "openmm"
+    # energy=torch on a System TorchEnergy cannot evaluate fails at the start, by name
+    trainer = Trainer(smoke_config(data, tmp_path / "b"), progress=False)
+    trainer.system.openmm_system.addForce(openmm.CustomExternalForce("x^2"))
+    trainer.config.energy = "torch"
+    with pytest.raises(ConfigError, match="CustomExternalForce"):
+        trainer._energy_plan()
 
 
 # ------------------------------------------------------------------ recipe and diagnostics
