@@ -1,9 +1,13 @@
-"""Energy + force evaluations per second: the p4bg energy bridge against a naive loop, in one run.
+"""Energy + force evaluations per second: TorchEnergy, the OpenMM worker bridge and a naive loop,
+side by side in one run.
 
-For batch 256 and 4096 of MD frames of alanine dipeptide (600 K), it measures
-``OpenMMEnergy`` with 1 and 2 worker processes on the Reference and CPU platforms (energies and
-forces, through the torch autograd path), and a naive single-Context loop as one would first write
-it: ``setPositions(x * nanometer)``, ``getState(getEnergy, getForces)``, ``value_in_unit``.
+For batches of 256, 4,096 and 65,536 frames of alanine dipeptide (600 K) it measures
+``OpenMMEnergy`` with 1 and 2 worker processes on the Reference and CPU platforms, and
+``TorchEnergy`` (the force field as batched torch code, this process's torch threads) in float32
+and float64 — energies and forces, both through the torch autograd path — and a naive
+single-Context loop as one would first write it: ``setPositions(x * nanometer)``,
+``getState(getEnergy, getForces)``, ``value_in_unit``. TorchEnergy's rows end with its ratio to
+the bridge with the most workers on the first platform, batch by batch.
 
     python benchmarks/energy_throughput.py
     python benchmarks/energy_throughput.py --batches 256 --repeats 1   # quick
@@ -19,7 +23,7 @@ import openmm
 import openmm.unit as unit
 import torch
 
-from p4bg.energy import OpenMMEnergy
+from p4bg.energy import OpenMMEnergy, TorchEnergy
 from p4bg.systems import load_system
 
 
@@ -46,8 +50,13 @@ def naive_loop(platform: str, xyz: np.ndarray) -> float:
     return len(xyz) / (time.perf_counter() - start)
 
 
-def bridge_rate(energy: OpenMMEnergy, xyz: np.ndarray, repeats: int) -> float:
-    x = torch.tensor(xyz, requires_grad=True)
+def bridge_rate(
+    energy: OpenMMEnergy | TorchEnergy,
+    xyz: np.ndarray,
+    repeats: int,
+    dtype: torch.dtype = torch.float64,
+) -> float:
+    x = torch.tensor(xyz, dtype=dtype, requires_grad=True)
     energy(x[:8]).sum().backward()  # warm-up
     best = 0.0
     for _ in range(repeats):
@@ -61,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--batches", type=int, nargs="+", default=[256, 4096])
+    parser.add_argument("--batches", type=int, nargs="+", default=[256, 4096, 65536])
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--platforms", nargs="+", default=["Reference", "CPU"])
     parser.add_argument("--repeats", type=int, default=3, help="best of N")
@@ -78,13 +87,25 @@ def main(argv: list[str] | None = None) -> None:
     )
     header += "   x naive CPU (largest batch)"
     print(header)
+    bridge: list[float] = []
     for platform in args.platforms:
         for n_workers in args.workers:
             with OpenMMEnergy(system, n_workers=n_workers, platform=platform) as energy:
                 rates = [bridge_rate(energy, xyz_all[:b], args.repeats) for b in args.batches]
+            if platform == args.platforms[0] and n_workers == max(args.workers):
+                bridge = rates
             ratio = rates[-1] / naive["CPU"] if "CPU" in naive else float("nan")
             cells = " ".join(f"{r:>12,.0f}" for r in rates)
             print(f"  {platform:<10} {n_workers:>7} {cells}   {ratio:>6.1f}x")
+    threads = torch.get_num_threads()
+    print(f"  TorchEnergy, {threads} torch thread(s); ratio to the bridge with "
+          f"{max(args.workers)} workers on {args.platforms[0]}, per batch")  # fmt: skip
+    energy = TorchEnergy(system)
+    for dtype in (torch.float32, torch.float64):
+        rates = [bridge_rate(energy, xyz_all[:b], args.repeats, dtype) for b in args.batches]
+        cells = " ".join(f"{r:>12,.0f}" for r in rates)
+        ratios = ", ".join(f"{r / b:.2f}x" for r, b in zip(rates, bridge, strict=False))
+        print(f"  {'torch':<10} {str(dtype)[6:]:>7} {cells}   {ratios}")
 
 
 if __name__ == "__main__":

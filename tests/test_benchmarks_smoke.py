@@ -53,6 +53,7 @@ def test_energy_throughput_benchmark_smoke():
     out = run("benchmarks/energy_throughput.py", "--batches", "16", "64", "--repeats", "1",
               "--naive-frames", "20", "--platforms", "Reference")  # fmt: skip
     assert "naive single-Context loop" in out and "batch 64" in out
+    assert "TorchEnergy" in out and "float32" in out and "float64" in out
 
 
 def test_flow_step_benchmark_smoke():
