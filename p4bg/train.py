@@ -223,8 +223,10 @@ def make_optimizer(flow: torch.nn.Module, config: TrainConfig) -> torch.optim.Op
     """Adam (the paper); with ``weight_decay`` AdamW, decaying only the conditioners' weight
     matrices: biases, coupling scales and P4Inv's u, v, b are left alone (decaying v would
     shrink the rank-one update that P4Inv trains through)."""
+    # fused: one multi-tensor kernel instead of ~10 small kernels per parameter tensor (the
+    # for-loop Adam took a third of the NLL step of the paper model on the CPU)
     if config.weight_decay == 0:
-        return torch.optim.Adam(flow.parameters(), lr=config.nll_lr)
+        return torch.optim.Adam(flow.parameters(), lr=config.nll_lr, fused=True)
     from p4bg.nn import P4Inv
 
     p4 = {id(p) for m in flow.modules() if isinstance(m, P4Inv) for p in m.parameters()}
@@ -232,7 +234,7 @@ def make_optimizer(flow: torch.nn.Module, config: TrainConfig) -> torch.optim.Op
     rest = [p for p in flow.parameters() if p.ndim != 2 or id(p) in p4]
     groups = [{"params": decay, "weight_decay": config.weight_decay},
               {"params": rest, "weight_decay": 0.0}]  # fmt: skip
-    return torch.optim.AdamW(groups, lr=config.nll_lr)
+    return torch.optim.AdamW(groups, lr=config.nll_lr, fused=True)
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:
