@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -133,3 +134,13 @@ def test_seeds_table_gives_mean_and_spread_over_seeds(tmp_path):
     assert "| … ÷ MD floor | 1.50 ± 0.00 [1.50, 1.50] |" in out
     assert "| final − best val NLL (nat) | 0.50 ± 0.00 [0.50, 0.50] |" in out
     assert "| training wall time (h) | 1.00 ± 0.00 [1.00, 1.00] |" in out
+
+
+def test_train_step_compare_smoke(data):
+    """Both checkouts (here HEAD against itself) run and the table has every row."""
+    out = run("benchmarks/train_step_compare.py", "--base", "HEAD", "--data", str(data),
+              "--steps", "1", "--batch", "8", "--rounds", "1")  # fmt: skip
+    assert "base/here" in out
+    for model in ("swap", "p4inv"):
+        for step in ("NLL", "mixed"):
+            assert re.search(rf"^\s+{model}\s+{step}\s+[\d.]+\s+[\d.]+\s+[\d.]+x", out, re.M)
