@@ -144,3 +144,11 @@ def test_train_step_compare_smoke(data):
     for model in ("swap", "p4inv"):
         for step in ("NLL", "mixed"):
             assert re.search(rf"^\s+{model}\s+{step}\s+[\d.]+\s+[\d.]+\s+[\d.]+x", out, re.M)
+
+
+def test_cuda_mixed_step_smoke(data):
+    """Prepared for a lent GPU; on the CPU it times both energies and reports no sync counts."""
+    out = run("benchmarks/cuda_mixed_step.py", "--data", str(data), "--steps", "1", "--batch",
+              "8", "--device", "cpu")  # fmt: skip
+    assert re.search(r"^\s+torch\s+[\d.]+\s+n/a", out, re.M)
+    assert re.search(r"^\s+openmm\s+[\d.]+\s+n/a", out, re.M)
