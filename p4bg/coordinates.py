@@ -106,24 +106,32 @@ def _stages(z_matrix: np.ndarray, rigid: np.ndarray) -> list[np.ndarray]:
 
 
 def zmatrix_to_cartesian(
-    internal: Tensor, rigid_xyz: Tensor, z_matrix: np.ndarray, rigid: np.ndarray, n_atoms: int
+    internal: Tensor,
+    rigid_xyz: Tensor,
+    z_matrix: np.ndarray,
+    rigid: np.ndarray,
+    n_atoms: int,
+    stages: list[tuple[np.ndarray, Tensor]] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Place the Z-matrix atoms around the rigid block.
 
     internal: [batch, k, 3] (bond nm, angle rad, torsion rad) in Z-matrix row order;
     rigid_xyz: [batch, len(rigid), 3] nm. Returns ``(xyz [batch, n_atoms, 3] nm,
-    ladj [batch] = Σ log(r² sin θ), clamped [batch] count)``.
+    ladj [batch] = Σ log(r² sin θ), clamped [batch] count)``. ``stages``: the placement stages
+    as (rows, the same as an index tensor on internal's device), precomputed by the transform.
     """
     batch = internal.shape[0]
     atoms: list[Tensor | None] = [None] * n_atoms
     for j, a in enumerate(rigid):
         atoms[int(a)] = rigid_xyz[:, j]
     clamped = internal.new_zeros(batch, dtype=torch.int64)
-    for stage in _stages(z_matrix, rigid):
+    if stages is None:
+        stages = [(s, torch.as_tensor(s, device=internal.device)) for s in _stages(z_matrix, rigid)]
+    for stage, stage_index in stages:
         p1 = torch.stack([atoms[int(z_matrix[i, 1])] for i in stage], 1)
         p2 = torch.stack([atoms[int(z_matrix[i, 2])] for i in stage], 1)
         p3 = torch.stack([atoms[int(z_matrix[i, 3])] for i in stage], 1)
-        ic = internal[:, stage]
+        ic = internal[:, stage_index]
         x, c = _place(p1, p2, p3, ic[..., 0], ic[..., 1], ic[..., 2])
         clamped = clamped + c.sum(1)
         for k, i in enumerate(stage):
@@ -134,13 +142,15 @@ def zmatrix_to_cartesian(
     return xyz, ladj, clamped
 
 
-def cartesian_to_zmatrix(xyz: Tensor, z_matrix: np.ndarray) -> tuple[Tensor, Tensor, Tensor]:
+def cartesian_to_zmatrix(
+    xyz: Tensor, z_matrix: np.ndarray | Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
     """Internal coordinates of positions ``xyz`` [batch, n_atoms, 3] nm.
 
     Returns ``(internal [batch, k, 3], ladj [batch] = −Σ log(r² sin θ), clamped [batch])``:
     the inverse of :func:`zmatrix_to_cartesian` (for the Z-matrix atoms).
     """
-    idx = torch.as_tensor(z_matrix, device=xyz.device)
+    idx = z_matrix if isinstance(z_matrix, Tensor) else torch.as_tensor(z_matrix, device=xyz.device)
     x, p1, p2, p3 = (xyz[:, idx[:, c]] for c in range(4))
     b1 = x - p1
     b2 = p2 - p1
@@ -240,6 +250,13 @@ class MixedCoordinateTransform(Bijection):
         self.z_matrix = np.asarray(system.z_matrix, dtype=np.int64)
         self.rigid = np.asarray(system.rigid_atoms, dtype=np.int64)
         self.n_atoms = int(system.n_atoms)
+        # index tensors built once and moved with the module (non-persistent: not in the
+        # state_dict), not rebuilt from numpy on every call; likewise the placement stages
+        self.register_buffer("z_index", torch.as_tensor(self.z_matrix), persistent=False)
+        self.register_buffer("rigid_index", torch.as_tensor(self.rigid), persistent=False)
+        self.stages = _stages(self.z_matrix, self.rigid)
+        for k, stage in enumerate(self.stages):
+            self.register_buffer(f"stage_index_{k}", torch.as_tensor(stage), persistent=False)
         self.n_internal = len(self.z_matrix)
         self.n_rigid_latent = 3 * len(self.rigid) - 6
         self.dim = 3 * self.n_internal + self.n_rigid_latent
@@ -284,8 +301,9 @@ class MixedCoordinateTransform(Bijection):
         """Latent [batch, 60] -> Cartesian [batch, 66] nm (rigid block in the reference frame)."""
         check_input(z, self.dim, "MixedCoordinateTransform.forward")
         internal, rigid_xyz, ladj = self.latent_to_internal(z)
+        stages = [(s, getattr(self, f"stage_index_{k}")) for k, s in enumerate(self.stages)]
         xyz, ladj_z, clamped = zmatrix_to_cartesian(
-            internal, rigid_xyz, self.z_matrix, self.rigid, self.n_atoms
+            internal, rigid_xyz, self.z_matrix, self.rigid, self.n_atoms, stages
         )
         self._count(clamped)
         return xyz.reshape(-1, self.cartesian_dim), ladj + ladj_z
@@ -304,8 +322,8 @@ class MixedCoordinateTransform(Bijection):
         if self.equivalent_groups:
             x = canonicalize_equivalent_atoms_torch(x, self.equivalent_groups)
         xyz = x.reshape(-1, self.n_atoms, 3)
-        internal, ladj_z, clamped = cartesian_to_zmatrix(xyz, self.z_matrix)
-        aligned = kabsch_align(xyz[:, self.rigid], self.reference)
+        internal, ladj_z, clamped = cartesian_to_zmatrix(xyz, self.z_index)
+        aligned = kabsch_align(xyz[:, self.rigid_index], self.reference)
         z, ladj = self.internal_to_latent(internal, aligned)
         self._count(clamped)
         return z, ladj + ladj_z
