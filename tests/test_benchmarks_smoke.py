@@ -152,3 +152,8 @@ def test_cuda_mixed_step_smoke(data):
               "8", "--device", "cpu")  # fmt: skip
     assert re.search(r"^\s+torch\s+[\d.]+\s+n/a", out, re.M)
     assert re.search(r"^\s+openmm\s+[\d.]+\s+n/a", out, re.M)
+
+
+def test_compile_nll_step_smoke(data):
+    out = run("benchmarks/compile_nll_step.py", "--data", str(data), "--steps", "1", "--batch", "8")
+    assert "graph breaks in the loss" in out and re.search(r"eager/compiled [\d.]+x", out)
