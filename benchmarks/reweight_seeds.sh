@@ -26,6 +26,11 @@ FLOWS=${FLOWS:-"p4inv swap"}
 SEEDS=${SEEDS:-"0 1 2"}
 TAUS=${TAUS-"1.0 0.96"}  # prior scales sampled besides the run's own sample_prior_scale
 
+# Two queues started together must not simulate the same dataset twice: the datasets are made
+# under one lock, the second queue then finds them complete.
+mkdir -p data
+exec 9>data/.reweight_seeds.lock
+flock 9
 case " $PRESETS " in *" paper "*)  # the paper preset's own 80,000-frame dataset
     $PY -m p4bg.simulate --ns 20 --save-every-ps 0.2 --replicas 2 --seed 0 \
         --out data/alanine_dipeptide_600K --resume --no-progress ;;
@@ -36,6 +41,7 @@ case " $PRESETS " in *" reweight "*)
 esac
 [ -d "$REF" ] || $PY -m p4bg.simulate --ns 40 --save-every-ps 0.2 --replicas 4 --seed 1 \
     --out "$REF" --resume --no-progress
+flock -u 9
 
 for preset in $PRESETS; do
     for flow in $FLOWS; do
