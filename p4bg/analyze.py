@@ -442,6 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     from p4bg.data import DatasetError
+    from p4bg.forcefield import UnsupportedForceError
     from p4bg.systems import SystemConfigError
 
     args = build_parser().parse_args(argv)
@@ -453,7 +454,7 @@ def main(argv: list[str] | None = None) -> None:
             raise ConfigError(f"--noise must be >= 0 nm, got {args.noise}")
         result = analyze(args.runs, args.reference, out, args.split, args.noise, args.seed,
                          args.device, args.n_workers, args.energy)  # fmt: skip
-    except (ConfigError, DatasetError, SystemConfigError) as err:
+    except (ConfigError, DatasetError, SystemConfigError, UnsupportedForceError) as err:
         print(f"p4bg.analyze: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     print(f"report in {out}/: report.md, metrics.json, {', '.join(result['info']['figures'])}")

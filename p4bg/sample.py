@@ -382,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from p4bg.forcefield import UnsupportedForceError
     from p4bg.systems import SystemConfigError
 
     args = build_parser().parse_args(argv)
@@ -398,7 +399,7 @@ def main(argv: list[str] | None = None) -> None:
                             progress=not args.no_progress, command=command,
                             prior_scale=args.prior_scale, checkpoint=args.checkpoint,
                             energy=args.energy)  # fmt: skip
-    except (ConfigError, SystemConfigError) as err:
+    except (ConfigError, SystemConfigError, UnsupportedForceError) as err:
         print(f"p4bg.sample: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
