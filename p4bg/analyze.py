@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from p4bg.config import ConfigError
+from p4bg.config import ENERGIES, ConfigError
 
 __all__ = [
     "Reference",
@@ -433,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of that noise (0)")
     parser.add_argument("--device", default="auto", help="for log q of MD frames (auto)")
-    parser.add_argument("--energy", choices=("auto", "openmm", "torch"), default="auto",
+    parser.add_argument("--energy", choices=ENERGIES, default="auto",
                         help="energy of the perturbed MD frames: torch (TorchEnergy), openmm "
                         "(worker processes), auto (torch where the System allows)")  # fmt: skip
     parser.add_argument("--n-workers", type=int, default=2, help="OpenMM energy workers (2)")

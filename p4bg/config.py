@@ -14,7 +14,18 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PRESETS", "ConfigError", "TrainConfig", "apply_overrides", "load_toml", "to_toml"]
+__all__ = [
+    "ENERGIES",
+    "PRESETS",
+    "ConfigError",
+    "TrainConfig",
+    "apply_overrides",
+    "load_toml",
+    "to_toml",
+]
+
+# the target energies (p4bg.energy.make_energy): train, sample and analyze take these names
+ENERGIES = ("auto", "openmm", "torch")
 
 
 class ConfigError(ValueError):
@@ -97,7 +108,7 @@ class TrainConfig:
             )
         if not 0 < self.lr_final_factor <= 1:
             raise ConfigError(f"lr_final_factor must be in (0, 1], got {self.lr_final_factor}")
-        if self.energy not in ("auto", "openmm", "torch"):
+        if self.energy not in ENERGIES:
             raise ConfigError(f"energy must be auto, openmm or torch, got {self.energy!r}")
         if self.flow not in ("p4inv", "swap"):
             raise ConfigError(f"flow must be 'p4inv' or 'swap', got {self.flow!r}")

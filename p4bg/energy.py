@@ -34,6 +34,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from p4bg._energy_worker import evaluate_frames, make_context
+from p4bg.config import ENERGIES
 from p4bg.forcefield import TorchEnergy, UnsupportedForceError
 
 __all__ = [
@@ -46,8 +47,6 @@ __all__ = [
     "linlogcut",
     "make_energy",
 ]
-
-ENERGIES = ("auto", "openmm", "torch")
 
 
 def linlogcut(u: Tensor, high: float = 1e3, max: float = 1e9) -> Tensor:

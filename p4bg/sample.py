@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from p4bg.config import ConfigError, TrainConfig, apply_overrides
+from p4bg.config import ENERGIES, ConfigError, TrainConfig, apply_overrides
 from p4bg.train import pick_device
 
 __all__ = [
@@ -211,7 +211,7 @@ def sample_run(
     from tqdm import tqdm
 
     from analysis.geometry import dihedral, is_l_chirality
-    from p4bg.energy import ENERGIES, energy_kind, make_energy
+    from p4bg.energy import energy_kind, make_energy
 
     if n < 1 or batch < 1:
         raise ConfigError(f"--n and --batch must be >= 1, got {n} and {batch}")
@@ -363,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", choices=("last", "best"), default="last",
                         help="last: checkpoint.pt (the end of training); best: best.pt, the "
                         "model at the lowest validation NLL (last)")  # fmt: skip
-    parser.add_argument("--energy", choices=("auto", "openmm", "torch"), default=None,
+    parser.add_argument("--energy", choices=ENERGIES, default=None,
                         help="target energy: torch (TorchEnergy on --device), openmm (worker "
                         "processes), auto (torch where the System's forces allow) (default: "
                         "the run's)")  # fmt: skip
