@@ -4,7 +4,8 @@ side by side in one run.
 For batches of 256, 4,096 and 65,536 frames of alanine dipeptide (600 K) it measures
 ``OpenMMEnergy`` with 1 and 2 worker processes on the Reference and CPU platforms, and
 ``TorchEnergy`` (the force field as batched torch code, this process's torch threads) in float32
-and float64 — energies and forces, both through the torch autograd path — and a naive
+and float64, eager and through ``torch.compile`` (compilation excluded from the timing) —
+energies and forces, both through the torch autograd path — and a naive
 single-Context loop as one would first write it: ``setPositions(x * nanometer)``,
 ``getState(getEnergy, getForces)``, ``value_in_unit``. TorchEnergy's rows end with its ratio to
 the bridge with the most workers on the first platform, batch by batch.
@@ -57,7 +58,8 @@ def bridge_rate(
     dtype: torch.dtype = torch.float64,
 ) -> float:
     x = torch.tensor(xyz, dtype=dtype, requires_grad=True)
-    energy(x[:8]).sum().backward()  # warm-up
+    energy(x[:8]).sum().backward()  # warm-up (and compilation, for a compiled TorchEnergy)
+    energy(x).sum().backward()
     best = 0.0
     for _ in range(repeats):
         start = time.perf_counter()
@@ -100,12 +102,14 @@ def main(argv: list[str] | None = None) -> None:
     threads = torch.get_num_threads()
     print(f"  TorchEnergy, {threads} torch thread(s); ratio to the bridge with "
           f"{max(args.workers)} workers on {args.platforms[0]}, per batch")  # fmt: skip
-    energy = TorchEnergy(system)
-    for dtype in (torch.float32, torch.float64):
-        rates = [bridge_rate(energy, xyz_all[:b], args.repeats, dtype) for b in args.batches]
-        cells = " ".join(f"{r:>12,.0f}" for r in rates)
-        ratios = ", ".join(f"{r / b:.2f}x" for r, b in zip(rates, bridge, strict=False))
-        print(f"  {'torch':<10} {str(dtype)[6:]:>7} {cells}   {ratios}")
+    for compiled in (False, True):
+        energy = TorchEnergy(system, compile=compiled)
+        for dtype in (torch.float32, torch.float64):
+            rates = [bridge_rate(energy, xyz_all[:b], args.repeats, dtype) for b in args.batches]
+            cells = " ".join(f"{r:>12,.0f}" for r in rates)
+            ratios = ", ".join(f"{r / b:.2f}x" for r, b in zip(rates, bridge, strict=False))
+            name = "compiled" if compiled else "torch"
+            print(f"  {name:<10} {str(dtype)[6:]:>7} {cells}   {ratios}", flush=True)
 
 
 if __name__ == "__main__":

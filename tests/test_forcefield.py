@@ -119,6 +119,64 @@ def test_gradient_is_minus_forces_over_kT_and_gradchecks(system, frames):
                                rtol=1e-8, atol=1e-8)  # fmt: skip
 
 
+def _close_contacts(energy: TorchEnergy, md: np.ndarray) -> np.ndarray:
+    """MD frames with one atom moved to 0.002–0.2 nm from another: close enough that every
+    branch of the OBC integral is taken (|r − s| below the atom's own radius, and the receiving
+    atom entirely inside the other's scaled sphere). The pair is the one whose source sphere
+    reaches furthest beyond the receiver's radius."""
+    b = energy.buffers
+    k = int(torch.argmax(b["gb_scaled_src"] - b["gb_offset_recv"]))
+    i, j = np.triu_indices(energy.n_atoms, 1)
+    receiver, source = (i[k], j[k]) if k < len(i) else (j[k - len(i)], i[k - len(i)])
+    out = []
+    for n, r in enumerate((0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)):
+        xyz = md[n].reshape(-1, 3).copy()
+        direction = np.array([1.0, 0.3 * n - 0.7, 0.2])
+        xyz[receiver] = xyz[source] + r * direction / np.linalg.norm(direction)
+        out.append(xyz.reshape(-1))
+    return np.array(out)
+
+
+def test_analytic_gradient_matches_autograd_on_every_branch(system, frames):
+    """The hand-written gradient of energy_and_gradient against autograd through energy_kj (the
+    same energy as plain torch code), float64, on MD, perturbed, clashing and close-contact
+    frames; and the close contacts do reach the OBC branches that ordinary frames never take."""
+    energy = TorchEnergy(system)
+    xyz = np.concatenate([frames, _close_contacts(energy, frames[:20])])
+    x = torch.tensor(xyz, requires_grad=True)
+    e_auto = energy.energy_kj(x)
+    (g_auto,) = torch.autograd.grad(e_auto.sum(), x)
+    e, g = energy.energy_and_gradient(x.detach())
+    np.testing.assert_array_equal(e.numpy(), e_auto.detach().numpy())
+    scale = g_auto.abs().amax(1, keepdim=True)
+    assert ((g - g_auto).abs() / scale).max() < 1e-12
+    # the branches: r from the pair distances of both directions, as _obc forms them
+    b = energy.buffers
+    d = x.detach().reshape(len(x), 22, 3)
+    i, j = np.triu_indices(22, 1)
+    r = torch.cat([(d[:, j] - d[:, i]).norm(dim=2)] * 2, 1)
+    offset, scaled = b["gb_offset_recv"], b["gb_scaled_src"]
+    assert ((r - scaled).abs() <= offset).any()  # the lower limit is the atom's own radius
+    assert (offset < scaled - r).any()  # inside the other's scaled sphere
+    assert not (offset < scaled - r)[:40].any()  # which MD never reaches
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_compiled_evaluation_matches_eager(system, frames, dtype):
+    eager, compiled = TorchEnergy(system), TorchEnergy(system, compile=True, chunk=32)
+    x = torch.tensor(frames, dtype=dtype, requires_grad=True)
+    y = x.detach().clone().requires_grad_()
+    u, v = eager(x), compiled(y)
+    u.sum().backward()
+    v.sum().backward()
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(v, u, rtol=tol, atol=tol)
+    torch.testing.assert_close(y.grad, x.grad, rtol=tol, atol=tol * x.grad.abs().max().item())
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x[:5]), u[:5].detach(), rtol=tol, atol=tol)
+
+
 def test_batched_equals_single_and_chunks_do_not_matter(system, frames):
     whole = TorchEnergy(system)
     chunked = TorchEnergy(system, chunk=7)
