@@ -33,6 +33,7 @@ clamped sample's log q keeps the unclamped Jacobian, so it is not exact; such sa
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import TYPE_CHECKING
 
@@ -392,6 +393,7 @@ def _wrap(angle: Tensor) -> Tensor:
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
+@functools.cache  # a constant per dtype: computed once, not in every training step
 def _probit_limit(dtype: torch.dtype) -> float:
     """Largest |y| that the torsion map resolves in ``dtype``: φ' = π − 2π Φ(−y) differs from
     the cut at π by at least one unit in the last place of π only while Φ(−y) ≥ eps/π, i.e.

@@ -109,9 +109,8 @@ class BoltzmannGenerator(nn.Module):
         u = self.target(x)
         ok = torch.isfinite(u)  # a non-finite log q stays in: the loss is NaN, the step skipped
         terms = linlogcut(u, high, max_energy) + log_q
-        if not bool(ok.any()):
-            return terms.sum() * float("nan"), u.detach()
-        return terms[ok].mean(), u.detach()
+        # a masked mean, not terms[ok]: no host synchronisation; every evaluation failed → 0/0
+        return torch.where(ok, terms, 0.0).sum() / ok.sum(), u.detach()
 
     @torch.no_grad()
     def sample(self, n: int, with_energy: bool = True) -> Samples:

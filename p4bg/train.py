@@ -319,8 +319,10 @@ class Trainer:
         self.target = None
         self.bg = BoltzmannGenerator(self.flow, self.coordinates, None)
         self.optimizer = make_optimizer(self.flow, config)
+        # the random streams live on the training device: indices and prior draws are made
+        # where they are used, with no host round trip (on the CPU, as before)
         self.streams = {
-            name: torch.Generator().manual_seed(config.seed + offset)
+            name: torch.Generator(device=self.device).manual_seed(config.seed + offset)
             for name, offset in _STREAMS.items()
         }
         self.batches = self.streams["batches"]
@@ -330,6 +332,10 @@ class Trainer:
                                generator=self.streams["merges"])  # fmt: skip
         self.step = 0
         self.counters = {"skipped_steps": 0, "energy_failures": 0}
+        # the same counts for the steps since the last report, kept on the device so that a
+        # training step never waits for it (added to `counters` at logging and checkpoints)
+        self._pending = {name: torch.zeros((), dtype=torch.int64, device=self.device)
+                         for name in self.counters}  # fmt: skip
         self.best = {"val_nll": float("inf"), "step": 0}
         self.seconds = 0.0
         self.stop_requested = False
@@ -354,6 +360,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "merger": self.merger.state_dict(),
             "rng": _rng_state(self.device),
+            "streams_device": self.device.type,
             "batches": self.batches.get_state(),
             "streams": {name: g.get_state() for name, g in self.streams.items()},
             "counters": dict(self.counters),
@@ -385,6 +392,13 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.merger.load_state_dict(state["merger"])
         _set_rng_state(state["rng"])
+        saved_on = state.get("streams_device", "cpu")
+        if saved_on != self.device.type:
+            raise ConfigError(
+                f"--resume: {path} holds random streams of a {saved_on} run, this one trains on "
+                f"{self.device.type}; resume it with --device={saved_on}, or start a new run "
+                f"from its weights with --init={path.parent}"
+            )
         self.batches.set_state(state["batches"])
         for name, g_state in state.get("streams", {}).items():
             self.streams[name].set_state(g_state)
@@ -421,7 +435,17 @@ class Trainer:
         self.energy_platform = state.get("energy_platform", self.energy_platform)
 
     def save(self, name: str = "checkpoint.pt") -> None:
+        self.flush_counters()
         save_checkpoint(self.out / name, self.state())
+
+    def flush_counters(self) -> dict[str, int]:
+        """Add the device-side counts of the steps since the last call to :attr:`counters`
+        (one synchronisation) and return the totals."""
+        pending = torch.stack(list(self._pending.values())).tolist()
+        for (name, t), value in zip(self._pending.items(), pending, strict=True):
+            self.counters[name] += int(value)
+            t.zero_()
+        return dict(self.counters)
 
     # -------------------------------------------------------------------- steps
     def energy(self) -> Any:
@@ -447,8 +471,9 @@ class Trainer:
     def phase(self, step: int) -> str:
         return "nll" if step < self.config.nll_steps else "mixed"
 
-    def train_step(self) -> dict[str, float]:
-        """One optimizer step; returns its losses (non-finite steps are skipped and counted)."""
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step; returns its losses, as 0-dim tensors on the device (non-finite
+        steps are skipped and counted, on the device; :func:`host_row` converts)."""
         cfg = self.config
         phase = self.phase(self.step)
         lr = learning_rate(cfg, self.step)
@@ -457,16 +482,16 @@ class Trainer:
             group["lr"] = lr
         if cfg.mixed_fresh_optimizer and self.step == cfg.nll_steps > 0 and phase == "mixed":
             self.optimizer.state.clear()  # Adam starts its moments afresh at the next step
-        idx = torch.randint(self.n_train, (cfg.batch_size,), generator=self.batches).to(self.device)
+        idx = torch.randint(self.n_train, (cfg.batch_size,), generator=self.batches,
+                            device=self.device)  # fmt: skip
         self.optimizer.zero_grad(set_to_none=True)
         nll = self.bg.nll(self.train_x[idx])
         kl = torch.zeros((), device=self.device)
         if phase == "mixed":
-            energy = self.energy()
-            before = energy.stats.failures
             z = self._prior(cfg.kl_batch_size or cfg.batch_size, "kl")
-            kl, _ = self.bg.reverse_kl(len(z), cfg.energy_high, cfg.energy_max, z=z)
-            self.counters["energy_failures"] += energy.stats.failures - before
+            self.energy()
+            kl, u = self.bg.reverse_kl(len(z), cfg.energy_high, cfg.energy_max, z=z)
+            self._pending["energy_failures"] += (~torch.isfinite(u)).sum()
             loss = (1.0 - w_e) * nll + w_e * kl
         else:
             loss = nll
@@ -474,20 +499,21 @@ class Trainer:
             from p4bg.nn import p4inv_penalty
 
             loss = loss + cfg.penalty * p4inv_penalty(self.flow)
-        row = {"phase": phase, "loss": float(loss.detach()), "nll": float(nll.detach()),
-               "kl": float(kl.detach()), "lr": lr, "w_e": w_e}  # fmt: skip
-        if not math.isfinite(row["loss"]):
-            self.counters["skipped_steps"] += 1
-            row["grad_norm"] = float("nan")
-        else:
-            loss.backward()
-            max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.flow.parameters(), max_norm))
-            row["grad_norm"] = grad_norm
-            if math.isfinite(grad_norm):
-                self.optimizer.step()
-            else:
-                self.counters["skipped_steps"] += 1
+        # No host synchronisation in the step: a non-finite loss or gradient is found on the
+        # device and the fused optimizer skips the update there (`found_inf`: parameters and
+        # Adam's moments untouched); the values reach the host only when they are logged.
+        loss.backward()
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.flow.parameters(), max_norm, foreach=True)
+        skip = ~(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))
+        self._pending["skipped_steps"] += skip
+        if self.optimizer.defaults.get("fused"):
+            self.optimizer.found_inf = skip.to(torch.float32)
+            self.optimizer.step()
+        elif not bool(skip):
+            self.optimizer.step()
+        row = {"phase": phase, "loss": loss.detach(), "nll": nll.detach(), "kl": kl.detach(),
+               "lr": lr, "w_e": w_e, "grad_norm": grad_norm.detach()}  # fmt: skip
         self.step += 1
         stats = self.merger.step()
         if stats is not None:
@@ -497,10 +523,9 @@ class Trainer:
         return row
 
     def _prior(self, n: int, stream: str) -> torch.Tensor:
-        """``n`` prior draws from the named random stream (drawn on the CPU, so a stream gives
-        the same numbers on every device)."""
-        z = torch.randn(n, self.coordinates.dim, generator=self.streams[stream],
-                        dtype=torch.float64)  # fmt: skip
+        """``n`` prior draws from the named random stream (on the training device)."""
+        g = self.streams[stream]
+        z = torch.randn(n, self.coordinates.dim, generator=g, dtype=torch.float64, device=g.device)
         return (self.bg.prior_scale * z).to(self.device, self.train_x.dtype)
 
     @torch.no_grad()
@@ -583,8 +608,12 @@ class Trainer:
             while self.step < cfg.total_steps and not self.stop_requested:
                 row = self.train_step()
                 self.seconds = time.perf_counter() - start
-                last = row
                 at_end = self.step == cfg.total_steps
+                report = (self.step % cfg.log_every == 0 or self.step % cfg.val_every == 0
+                          or "merges_accepted" in row or at_end)  # fmt: skip
+                if report:  # the step's values reach the host only here
+                    row = host_row(row)
+                    last = row
                 if self.step % cfg.val_every == 0 or at_end:
                     row.update(self.validate())
                     if row["val_nll"] < self.best["val_nll"]:
@@ -592,16 +621,11 @@ class Trainer:
                         self.save("best.pt")
                     row["best_val_nll"] = self.best["val_nll"]
                     log.info(self._validation_line(row))
-                if (
-                    self.step % cfg.log_every == 0
-                    or "val_nll" in row
-                    or "merges_accepted" in row
-                    or at_end
-                ):
+                if report:
                     metrics.write(
                         {
                             **row,
-                            **self.counters,
+                            **self.flush_counters(),
                             # clamps of degenerate geometry or torsion tails since the start
                             # (or the resume) of this process
                             "clamped_coordinates": int(self.coordinates.n_clamped),
@@ -611,7 +635,8 @@ class Trainer:
                     )
                 if self.step % cfg.checkpoint_every == 0 or at_end:
                     self.save()
-                bar.set_description(f"{row['phase']} loss {row['loss']:.3f}")
+                if report:
+                    bar.set_description(f"{row['phase']} loss {row['loss']:.3f}")
                 bar.update(1)
             if self.stop_requested and self.step < cfg.total_steps:
                 self.save()
@@ -629,7 +654,7 @@ class Trainer:
                 log.removeHandler(handler)
             if self.target is not None:
                 self.target.close()
-        return {"step": self.step, **last}
+        return {"step": self.step, **host_row(last)}
 
     def _validation_line(self, row: dict) -> str:
         """One train.log line per validation; only the measured quantities appear."""
@@ -700,6 +725,15 @@ class Trainer:
             "metrics.csv, train.log",
         ]
         return "\n".join(lines)
+
+
+def host_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A step's row with its tensors as Python floats (one synchronisation for them all)."""
+    keys = [k for k, v in row.items() if isinstance(v, torch.Tensor)]
+    if not keys:
+        return dict(row)
+    values = torch.stack([row[k].detach().double().reshape(()) for k in keys]).tolist()
+    return {**row, **dict(zip(keys, values, strict=True))}
 
 
 def _logger(path: Path) -> logging.Logger:

@@ -419,6 +419,31 @@ def test_merger_schedule_forcing_and_corrections():
     assert all(int(layer.n_merges) == 2 for layer in model)
 
 
+def test_a_merge_event_reads_the_device_twice_whatever_the_number_of_layers(monkeypatch):
+    """All layers' merge checks come to the host in one read, the residuals in a second: on a
+    GPU a merge event waits for the device twice, not several times per layer."""
+    counts = {}
+    for n_layers in (2, 8):
+        model = Sequential(*[P4Inv(6) for _ in range(n_layers)])
+        with torch.no_grad():
+            for layer in model:
+                layer.u.normal_(std=0.1)
+        reads = []
+        for name in ("item", "__float__", "__bool__", "__int__", "tolist", "cpu", "numpy"):
+            original = getattr(torch.Tensor, name)
+
+            def counted(self, *args, _original=original, _name=name, _reads=reads, **kwargs):
+                _reads.append(_name)
+                return _original(self, *args, **kwargs)
+
+            monkeypatch.setattr(torch.Tensor, name, counted)
+        stats = P4Merger(model, every=1, force_every=0, correct_every=0).merge_all()
+        monkeypatch.undo()
+        assert stats.accepted == n_layers
+        counts[n_layers] = len(reads)
+    assert counts[2] == counts[8] <= 3, counts  # stack().cpu().tolist(), float(max residual)
+
+
 def test_bad_arguments_raise_clear_errors():
     with pytest.raises(ValueError, match="dim"):
         P4Inv(0)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from p4bg.config import PRESETS, ConfigError, TrainConfig, apply_overrides, load_toml, to_toml
-from p4bg.train import Trainer, main, parse_args, resolve_config
+from p4bg.train import Trainer, host_row, main, parse_args, resolve_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -371,3 +371,53 @@ def test_mixed_fresh_optimizer_clears_adams_moments_once(data, tmp_path, fresh):
         assert counts == [1, 2, 3, 4, 5, 1, 2, 3]
     else:
         assert counts == [1, 2, 3, 4, 5, 6, 7, 8]
+
+
+def test_a_non_finite_step_is_skipped_on_the_device_and_counted(data, tmp_path):
+    """A NaN loss: the fused optimizer skips the update (parameters and Adam's moments are
+    untouched), the step is counted as skipped, and training goes on."""
+    trainer = Trainer(smoke_config(data, tmp_path / "run"), progress=False)
+    trainer.train_step()
+    params = [p.detach().clone() for p in trainer.flow.parameters()]
+    moments = [trainer.optimizer.state[p]["exp_avg"].clone() for p in trainer.flow.parameters()]
+    nll = trainer.bg.nll
+    trainer.bg.nll = lambda x: nll(x) * float("nan")
+    row = host_row(trainer.train_step())
+    trainer.bg.nll = nll
+    assert math.isnan(row["loss"])
+    for p, before, m in zip(trainer.flow.parameters(), params, moments, strict=True):
+        assert torch.equal(p.detach(), before)
+        assert torch.equal(trainer.optimizer.state[p]["exp_avg"], m)
+    assert trainer.flush_counters()["skipped_steps"] == 1
+    trainer.train_step()
+    assert not all(
+        torch.equal(p.detach(), b) for p, b in zip(trainer.flow.parameters(), params, strict=True)
+    )
+    assert trainer.flush_counters()["skipped_steps"] == 1
+
+
+@pytest.mark.parametrize("phase", ["nll", "mixed"])
+def test_a_training_step_never_reads_a_tensor_on_the_host(data, tmp_path, monkeypatch, phase):
+    """The step leaves its values on the device: no .item(), float(), bool(), .tolist() or
+    .cpu() of a tensor outside logging and merge events (on a GPU each would wait for the
+    device). Checked on the CPU by making those calls raise."""
+    config = smoke_config(data, tmp_path / phase, energy="torch", nll_steps=3, merge_every=1000)
+    trainer = Trainer(config, progress=False)
+    for _ in range(3 if phase == "mixed" else 1):
+        trainer.train_step()  # the mixed phase's first step creates the energy
+    calls = []
+
+    def forbid(name):
+        def call(self, *args, **kwargs):
+            calls.append(name)
+            raise AssertionError(f"Tensor.{name} in the training step")
+
+        return call
+
+    for name in ("item", "__float__", "__bool__", "__int__", "tolist", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, forbid(name))
+    trainer.train_step()
+    trainer.train_step()
+    monkeypatch.undo()
+    assert calls == []
+    assert trainer.phase(trainer.step - 1) == phase

@@ -273,8 +273,13 @@ class P4Inv(Bijection):
     @torch.no_grad()
     def inverse_residual(self) -> float:
         """``max |I − A·Ainv|``: how far the stored inverse has drifted (O(n³), for logging)."""
+        return float(self.inverse_residual_tensor())
+
+    @torch.no_grad()
+    def inverse_residual_tensor(self) -> Tensor:
+        """:meth:`inverse_residual` as a 0-dim float64 tensor on the layer's device."""
         eye = torch.eye(self.dim, dtype=torch.float64, device=self.A.device)
-        return float((eye - self.A @ self.Ainv).abs().max())
+        return (eye - self.A @ self.Ainv).abs().max()
 
     # ------------------------------------------------------------------------------- penalty
     def penalty(self) -> Tensor:
@@ -297,28 +302,46 @@ class P4Inv(Bijection):
         if generator is None:
             self.v.normal_()
         else:
-            self.v.copy_(torch.randn(self.dim, generator=generator, dtype=self.v.dtype))
+            draw = torch.randn(self.dim, generator=generator, dtype=self.v.dtype,
+                               device=generator.device)  # fmt: skip
+            self.v.copy_(draw)
+
+    @torch.no_grad()
+    def merge_check(self) -> Tensor:
+        """What a merge decision needs, as one float64 tensor on the layer's device:
+        ``[u and v finite (1/0), G = 1 + vᵀ Ainv u, ln|det A|, merges so far]``. Computed
+        without leaving the device, so that :class:`P4Merger` reads all layers' checks with
+        one synchronisation (:meth:`merge_step` does it for one layer)."""
+        u, v = self.u.double(), self.v.double()
+        finite = torch.isfinite(u).all() & torch.isfinite(v).all()
+        G = 1.0 + v @ (self.Ainv @ u)
+        return torch.stack([finite.double(), G, self.log_abs_det_A.double().reshape(()),
+                            self.n_merges.double().reshape(())])  # fmt: skip
 
     @torch.no_grad()
     def merge_step(
-        self, force: bool = False, generator: torch.Generator | None = None
+        self,
+        force: bool = False,
+        generator: torch.Generator | None = None,
+        check: list[float] | None = None,
     ) -> MergeResult:
         """Try to fold ``u vᵀ`` into ``A``, and say what happened (see :class:`MergeResult`).
-        ``generator``: the random stream of the new ``v`` (see :meth:`reset_perturbation`)."""
-        u, v = self.u.double(), self.v.double()
-        if not (torch.isfinite(u).all() and torch.isfinite(v).all()):
+        ``generator``: the random stream of the new ``v`` (see :meth:`reset_perturbation`).
+        ``check``: :meth:`merge_check` already read to the host (default: read it now)."""
+        finite, G, log_abs_det, _ = self.merge_check().tolist() if check is None else check
+        if not finite:
             self.reset_perturbation(generator)
             return MergeResult.RESET_NONFINITE
-        Ainv_u = self.Ainv @ u
-        vT_Ainv = v @ self.Ainv
-        G = float(1.0 + v @ Ainv_u)
         if not math.isfinite(G) or G == 0.0:
             return MergeResult.REFUSED
         log_g = math.log(abs(G))
-        log_det = float(self.log_abs_det_A) + log_g
+        log_det = log_abs_det + log_g
         sane = log_g >= self.c_min - 4.0 and self.c_min - 0.5 <= log_det <= self.c_max + 0.5
         if not (sane or force):
             return MergeResult.SKIPPED
+        u, v = self.u.double(), self.v.double()
+        Ainv_u = self.Ainv @ u
+        vT_Ainv = v @ self.Ainv
         self.A.addr_(u, v)
         self.Ainv.addr_(Ainv_u, vT_Ainv, alpha=-1.0 / G)
         self.log_abs_det_A.fill_(log_det)
@@ -498,7 +521,10 @@ class P4Merger:
     non-finite values (``reset_optimizer``), leaving other parameters' state untouched. After
     every ``correct_every``-th merge of a layer (0: never) its inverse is corrected.
     ``track_residual`` measures max |I − A·Ainv| at each merge event (O(n³) per layer).
-    ``generator`` (CPU) draws the new ``v`` of merged layers from a stream of their own.
+    ``generator`` draws the new ``v`` of merged layers from a stream of their own (on the
+    layers' device). A merge event synchronises with the device twice, whatever the number of
+    layers: once to read every layer's :meth:`P4Inv.merge_check`, once for the residuals; an
+    inverse correction (every ``correct_every``-th merge of a layer) adds its own.
     """
 
     def __init__(
@@ -551,8 +577,16 @@ class P4Merger:
         if force is None:
             force = self.force_every > 0 and self.events % self.force_every == 0
         stats = MergeStats()
-        for layer in self.layers:
-            result = layer.merge_step(force, self.generator)
+        # every layer's check on the device, read with one synchronisation
+        checks = (
+            torch.stack([layer.merge_check().to(self.layers[0].A.device) for layer in self.layers])
+            .cpu()
+            .tolist()
+            if self.layers
+            else []
+        )
+        for layer, check in zip(self.layers, checks, strict=True):
+            result = layer.merge_step(force, self.generator, check)
             stats.attempts += 1
             counter = {
                 MergeResult.ACCEPTED: "accepted",
@@ -565,16 +599,15 @@ class P4Merger:
             touched = result.merged or result is MergeResult.RESET_NONFINITE
             if touched and self.reset_optimizer and self.optimizer is not None:
                 reset_optimizer_state(self.optimizer, (layer.u, layer.v))
-            if (
-                result.merged
-                and self.correct_every
-                and int(layer.n_merges) % self.correct_every == 0
-            ):
+            merges = int(check[3]) + int(result.merged)  # layer.n_merges, without a sync
+            if result.merged and self.correct_every and merges % self.correct_every == 0:
                 fell_back, _ = layer.correct_inverse(self.correction_threshold)
                 stats.corrections += 1
                 stats.fallbacks += int(fell_back)
-        if self.track_residual and self.layers:
-            stats.max_residual = max(layer.inverse_residual() for layer in self.layers)
+        if self.track_residual and self.layers:  # one more synchronisation, for all layers
+            device = self.layers[0].A.device
+            residuals = [layer.inverse_residual_tensor().to(device) for layer in self.layers]
+            stats.max_residual = float(torch.stack(residuals).max())
         self.totals.add(stats)
         return stats
 
