@@ -9,6 +9,7 @@ make one with ``python -m p4bg.simulate``).
 
     python benchmarks/train_step.py --data data/alanine_dipeptide_600K
     python benchmarks/train_step.py --data DATA --steps 3 --batch 32     # quick
+    python benchmarks/train_step.py --data DATA --models p4inv --energies torch --compile
 """
 
 from __future__ import annotations
@@ -36,11 +37,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--energies", nargs="+", default=["openmm", "torch"],
                         choices=["openmm", "torch"], help="target energies to time")  # fmt: skip
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--models", nargs="+", default=["swap", "p4inv"], choices=["swap", "p4inv"])
+    parser.add_argument("--compile", action="store_true",
+                        help="compile=true: the steps' flow passes through torch.compile "
+                        "(compilation, in the warm-up steps, is not timed)")  # fmt: skip
     args = parser.parse_args(argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
           f"median ms per step over {args.steps} steps")  # fmt: skip
     print(f"  {'model':<7} {'energy':<7} {'NLL step':>9} {'mixed step':>11} {'energy share':>13}")
-    for kind in ("swap", "p4inv"):
+    for kind in args.models:
         for energy_name in args.energies:
             nll, mixed, share = time_steps(args, kind, energy_name)
             print(f"  {kind:<7} {energy_name:<7} {nll * 1e3:>9.1f} {mixed * 1e3:>11.1f} "
@@ -52,7 +57,8 @@ def time_steps(args: argparse.Namespace, kind: str, energy_name: str) -> tuple[f
     config = apply_overrides(TrainConfig(), {
         "flow": kind, "data": args.data, "out": "/tmp/p4bg_bench", "batch_size": args.batch,
         "nll_steps": args.steps + 3, "mixed_steps": args.steps + 3, "n_workers": args.workers,
-        "device": args.device, "energy": energy_name}, "benchmark")  # fmt: skip
+        "device": args.device, "energy": energy_name, "compile": args.compile},
+        "benchmark")  # fmt: skip
     trainer = Trainer(config, progress=False)
     energy = trainer.energy()
     energy_time: list[float] = []

@@ -9,6 +9,7 @@ TorchEnergy step is printed beside it.
 
     python benchmarks/train_step_compare.py --base main --data data/alanine_dipeptide_600K
     python benchmarks/train_step_compare.py --base HEAD~3 --data DATA --steps 2 --batch 8  # quick
+    python benchmarks/train_step_compare.py --base 909ce3d --data DATA --compile  # + compiled
 """
 
 from __future__ import annotations
@@ -26,11 +27,13 @@ ROOT = Path(__file__).resolve().parent.parent
 ROW = re.compile(r"^\s+(swap|p4inv)\s+(?:(openmm|torch)\s+)?([\d.]+)\s+([\d.]+)\s+\d+%", re.M)
 
 
-def run_steps(checkout: Path, args: argparse.Namespace, energies: list[str]) -> dict:
+def run_steps(
+    checkout: Path, args: argparse.Namespace, energies: list[str], extra: tuple = ()
+) -> dict:
     """{(model, energy): (nll ms, mixed ms)} from one train_step.py run of ``checkout``."""
     command = [sys.executable, str(checkout / "benchmarks" / "train_step.py"), "--data",
                str(Path(args.data).resolve()), "--steps", str(args.steps), "--batch",
-               str(args.batch), "--device", args.device]  # fmt: skip
+               str(args.batch), "--device", args.device, *extra]  # fmt: skip
     if energies != ["openmm"]:
         command += ["--energies", *energies]
     env = {**os.environ, "PYTHONPATH": str(checkout)}
@@ -53,6 +56,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=2, help="alternating runs per checkout")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time this checkout's P4Inv steps with compile=true and "
+                        "TorchEnergy (one run per round; compilation is not timed)")  # fmt: skip
     args = parser.parse_args(argv)
     base_rev = subprocess.run(["git", "rev-parse", "--short", args.base], cwd=ROOT, text=True,
                               capture_output=True, check=True).stdout.strip()  # fmt: skip
@@ -65,10 +71,13 @@ def main(argv: list[str] | None = None) -> None:
         subprocess.run(["git", "worktree", "add", "--detach", "-q", str(base), base_rev],
                        cwd=ROOT, check=True)  # fmt: skip
         try:
-            runs: dict[str, list[dict]] = {"base": [], "here": []}
+            runs: dict[str, list[dict]] = {"base": [], "here": [], "compiled": []}
             for _ in range(args.rounds):
                 runs["base"].append(run_steps(base, args, ["openmm"]))
                 runs["here"].append(run_steps(ROOT, args, ["openmm", "torch"]))
+                if args.compile:
+                    extra = ("--compile", "--models", "p4inv")
+                    runs["compiled"].append(run_steps(ROOT, args, ["torch"], extra))
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=ROOT)
     print(f"batch {args.batch}, median of {args.rounds} alternating runs x {args.steps} steps; "
@@ -85,6 +94,12 @@ def main(argv: list[str] | None = None) -> None:
                 f"  {model:<6} {step:<6} {base_ms:>8.1f} {here_ms:>8.1f} "
                 f"{base_ms / here_ms:>8.2f}x {torch_ms:>21.1f} {base_ms / torch_ms:>8.2f}x"
             )
+    if runs["compiled"]:
+        print("  this checkout, P4Inv, TorchEnergy, compile=true (base: the OpenMM step above)")
+        for index, step in enumerate(("NLL", "mixed")):
+            base_ms = statistics.median(r[("p4inv", "openmm")][index] for r in runs["base"])
+            ms = statistics.median(r[("p4inv", "torch")][index] for r in runs["compiled"])
+            print(f"  {'p4inv':<6} {step:<6} {base_ms:>8.1f} {ms:>8.1f} {base_ms / ms:>8.2f}x")
 
 
 if __name__ == "__main__":

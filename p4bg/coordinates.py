@@ -33,9 +33,8 @@ clamped sample's log q keeps the unclamped Jacobian, so it is not exact; such sa
 
 from __future__ import annotations
 
-import functools
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -109,10 +108,10 @@ def _stages(z_matrix: np.ndarray, rigid: np.ndarray) -> list[np.ndarray]:
 def zmatrix_to_cartesian(
     internal: Tensor,
     rigid_xyz: Tensor,
-    z_matrix: np.ndarray,
-    rigid: np.ndarray,
+    z_matrix: np.ndarray | list[list[int]],
+    rigid: np.ndarray | list[int],
     n_atoms: int,
-    stages: list[tuple[np.ndarray, Tensor]] | None = None,
+    stages: list[tuple[Any, Tensor]] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Place the Z-matrix atoms around the rigid block.
 
@@ -120,6 +119,8 @@ def zmatrix_to_cartesian(
     rigid_xyz: [batch, len(rigid), 3] nm. Returns ``(xyz [batch, n_atoms, 3] nm,
     ladj [batch] = Σ log(r² sin θ), clamped [batch] count)``. ``stages``: the placement stages
     as (rows, the same as an index tensor on internal's device), precomputed by the transform.
+    The transform passes z_matrix, rigid and the rows as Python lists: atom numbers that
+    ``torch.compile`` sees as constants, where numpy arrays would be traced as tensors.
     """
     batch = internal.shape[0]
     atoms: list[Tensor | None] = [None] * n_atoms
@@ -129,14 +130,14 @@ def zmatrix_to_cartesian(
     if stages is None:
         stages = [(s, torch.as_tensor(s, device=internal.device)) for s in _stages(z_matrix, rigid)]
     for stage, stage_index in stages:
-        p1 = torch.stack([atoms[int(z_matrix[i, 1])] for i in stage], 1)
-        p2 = torch.stack([atoms[int(z_matrix[i, 2])] for i in stage], 1)
-        p3 = torch.stack([atoms[int(z_matrix[i, 3])] for i in stage], 1)
+        p1 = torch.stack([atoms[int(z_matrix[i][1])] for i in stage], 1)
+        p2 = torch.stack([atoms[int(z_matrix[i][2])] for i in stage], 1)
+        p3 = torch.stack([atoms[int(z_matrix[i][3])] for i in stage], 1)
         ic = internal[:, stage_index]
         x, c = _place(p1, p2, p3, ic[..., 0], ic[..., 1], ic[..., 2])
         clamped = clamped + c.sum(1)
         for k, i in enumerate(stage):
-            atoms[int(z_matrix[i, 0])] = x[:, k]
+            atoms[int(z_matrix[i][0])] = x[:, k]
     xyz = torch.stack(atoms, 1)
     r, theta = internal[..., 0], internal[..., 1]
     ladj = (2.0 * torch.log(r) + torch.log(torch.sin(theta))).sum(1)
@@ -256,6 +257,9 @@ class MixedCoordinateTransform(Bijection):
         self.register_buffer("z_index", torch.as_tensor(self.z_matrix), persistent=False)
         self.register_buffer("rigid_index", torch.as_tensor(self.rigid), persistent=False)
         self.stages = _stages(self.z_matrix, self.rigid)
+        # the same as Python lists, for the placement loop (constants to torch.compile)
+        self._placement = (self.z_matrix.tolist(), self.rigid.tolist(),
+                           [stage.tolist() for stage in self.stages])  # fmt: skip
         for k, stage in enumerate(self.stages):
             self.register_buffer(f"stage_index_{k}", torch.as_tensor(stage), persistent=False)
         self.n_internal = len(self.z_matrix)
@@ -302,9 +306,10 @@ class MixedCoordinateTransform(Bijection):
         """Latent [batch, 60] -> Cartesian [batch, 66] nm (rigid block in the reference frame)."""
         check_input(z, self.dim, "MixedCoordinateTransform.forward")
         internal, rigid_xyz, ladj = self.latent_to_internal(z)
-        stages = [(s, getattr(self, f"stage_index_{k}")) for k, s in enumerate(self.stages)]
+        z_rows, rigid, rows = self._placement
+        stages = [(s, getattr(self, f"stage_index_{k}")) for k, s in enumerate(rows)]
         xyz, ladj_z, clamped = zmatrix_to_cartesian(
-            internal, rigid_xyz, self.z_matrix, self.rigid, self.n_atoms, stages
+            internal, rigid_xyz, z_rows, rigid, self.n_atoms, stages
         )
         self._count(clamped)
         return xyz.reshape(-1, self.cartesian_dim), ladj + ladj_z
@@ -393,14 +398,24 @@ def _wrap(angle: Tensor) -> Tensor:
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
-@functools.cache  # a constant per dtype: computed once, not in every training step
 def _probit_limit(dtype: torch.dtype) -> float:
     """Largest |y| that the torsion map resolves in ``dtype``: φ' = π − 2π Φ(−y) differs from
     the cut at π by at least one unit in the last place of π only while Φ(−y) ≥ eps/π, i.e.
     |y| ≤ 5.38 in float32 and 8.26 in float64. Beyond it forward and inverse no longer agree, so
     y is clamped there and counted instead of passing a saturated value on silently."""
-    eps = torch.finfo(dtype).eps
-    return float(-torch.special.ndtri(torch.tensor(eps / math.pi, dtype=torch.float64)))
+    if dtype not in _PROBIT_LIMITS:
+        eps = torch.finfo(dtype).eps
+        _PROBIT_LIMITS[dtype] = float(
+            -torch.special.ndtri(torch.tensor(eps / math.pi, dtype=torch.float64))
+        )
+    return _PROBIT_LIMITS[dtype]
+
+
+# computed once, at import: a constant per dtype, read by every pass (and by a compiled graph
+# without a graph break)
+_PROBIT_LIMITS: dict[torch.dtype, float] = {}
+for _dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+    _probit_limit(_dtype)
 
 
 def _torsion_probit(rel: Tensor) -> tuple[Tensor, Tensor]:

@@ -93,19 +93,26 @@ class BoltzmannGenerator(nn.Module):
         return -self.log_prob(x).mean()
 
     def reverse_kl(
-        self, n: int, high: float = 1e3, max_energy: float = 1e9, z: Tensor | None = None
+        self,
+        n: int,
+        high: float = 1e3,
+        max_energy: float = 1e9,
+        z: Tensor | None = None,
+        generate: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Energy-based loss J_e = E_z[u_cut(x) + log q(x)] (the reverse KL up to log Z), with the
         target energy regularised by :func:`linlogcut`. Returns (loss, raw u of the samples).
 
         ``z``: prior draws to use (from the caller's own random stream); default: ``n`` fresh
-        ones. Samples whose energy evaluation failed (u = +inf) carry no gradient, so they are
-        left out of the mean instead of adding linlogcut's cap (1e9) to the loss; the caller
-        counts them. If every evaluation failed the loss is NaN (and the step is skipped).
+        ones. ``generate``: a stand-in for :meth:`generate` (e.g. its ``torch.compile``-d
+        version; the target energy is called outside it). Samples whose energy evaluation
+        failed (u = +inf) carry no gradient, so they are left out of the mean instead of adding
+        linlogcut's cap (1e9) to the loss; the caller counts them. If every evaluation failed
+        the loss is NaN (and the step is skipped).
         """
         if self.target is None:
             raise RuntimeError("BoltzmannGenerator.reverse_kl: no target energy was given")
-        x, log_q = self.generate(self.prior_sample(n) if z is None else z)
+        x, log_q = (generate or self.generate)(self.prior_sample(n) if z is None else z)
         u = self.target(x)
         ok = torch.isfinite(u)  # a non-finite log q stays in: the loss is NaN, the step skipped
         terms = linlogcut(u, high, max_energy) + log_q

@@ -46,7 +46,7 @@ METRIC_COLUMNS = [
 _STREAMS = {"batches": 1, "kl": 2, "validation": 3, "merges": 4}
 _FLAGS = {"--preset", "--config", "--resume", "--dry-run", "--no-progress", "--help", "-h"}
 # Settings that do not change the computation and may differ when a run is resumed.
-_RESUME_OVERRIDES = {"device", "n_workers", "energy"}
+_RESUME_OVERRIDES = {"device", "n_workers", "energy", "compile"}
 
 
 def parse_args(argv: list[str]) -> tuple[dict[str, Any], dict[str, str]]:
@@ -319,6 +319,10 @@ class Trainer:
         self.target = None
         self.bg = BoltzmannGenerator(self.flow, self.coordinates, None)
         self.optimizer = make_optimizer(self.flow, config)
+        # the training step's passes through flow and transform, compiled on request (the
+        # target energy and validation stay eager: neither is worth minutes of compilation)
+        self._nll = torch.compile(self.bg.nll) if config.compile else self.bg.nll
+        self._generate = torch.compile(self.bg.generate) if config.compile else self.bg.generate
         # the random streams live on the training device: indices and prior draws are made
         # where they are used, with no host round trip (on the CPU, as before)
         self.streams = {
@@ -339,6 +343,7 @@ class Trainer:
         self.best = {"val_nll": float("inf"), "step": 0}
         self.seconds = 0.0
         self.stop_requested = False
+        self.notes: list[str] = []  # said in train.log when the run starts
         self.log: logging.Logger | None = None  # train.log, opened by run()
         # The OpenMM platform is measured once and then kept, so that a resumed run evaluates
         # energies exactly as the original did.
@@ -393,15 +398,16 @@ class Trainer:
         self.merger.load_state_dict(state["merger"])
         _set_rng_state(state["rng"])
         saved_on = state.get("streams_device", "cpu")
-        if saved_on != self.device.type:
-            raise ConfigError(
-                f"--resume: {path} holds random streams of a {saved_on} run, this one trains on "
-                f"{self.device.type}; resume it with --device={saved_on}, or start a new run "
-                f"from its weights with --init={path.parent}"
-            )
-        self.batches.set_state(state["batches"])
-        for name, g_state in state.get("streams", {}).items():
-            self.streams[name].set_state(g_state)
+        if saved_on == self.device.type:
+            self.batches.set_state(state["batches"])
+            for name, g_state in state.get("streams", {}).items():
+                self.streams[name].set_state(g_state)
+        else:  # a CPU generator's state cannot seed a CUDA one: new streams, told in train.log
+            for name, offset in _STREAMS.items():
+                seed = self.config.seed + offset + 1_000_003 * int(state["step"])
+                self.streams[name].manual_seed(seed)
+            self.notes.append(f"resumed on {self.device.type} from a {saved_on} checkpoint: the "
+                              "random streams restart from new seeds")  # fmt: skip
         self.step = int(state["step"])
         self.counters = dict(state["counters"])
         self.best = dict(state.get("best", self.best))
@@ -485,12 +491,13 @@ class Trainer:
         idx = torch.randint(self.n_train, (cfg.batch_size,), generator=self.batches,
                             device=self.device)  # fmt: skip
         self.optimizer.zero_grad(set_to_none=True)
-        nll = self.bg.nll(self.train_x[idx])
+        nll = self._nll(self.train_x[idx])
         kl = torch.zeros((), device=self.device)
         if phase == "mixed":
             z = self._prior(cfg.kl_batch_size or cfg.batch_size, "kl")
             self.energy()
-            kl, u = self.bg.reverse_kl(len(z), cfg.energy_high, cfg.energy_max, z=z)
+            kl, u = self.bg.reverse_kl(len(z), cfg.energy_high, cfg.energy_max, z=z,
+                                       generate=self._generate)  # fmt: skip
             self._pending["energy_failures"] += (~torch.isfinite(u)).sum()
             loss = (1.0 - w_e) * nll + w_e * kl
         else:
@@ -594,6 +601,10 @@ class Trainer:
         metrics = MetricsCSV(self.out / "metrics.csv", self.step)
         log.info("start at step %d of %d; device %s; %d train / %d val frames", self.step,
                  cfg.total_steps, self.device, self.n_train, self.n_val)  # fmt: skip
+        for note in self.notes:
+            log.warning(note)
+        if cfg.compile:
+            log.info("compile: the first step of each phase compiles the flow (minutes)")
         bar = tqdm(
             total=cfg.total_steps, initial=self.step, disable=not self.progress, dynamic_ncols=True
         )

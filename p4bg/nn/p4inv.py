@@ -149,6 +149,8 @@ class P4Inv(Bijection):
         counter; ``.to()`` gives a new storage. Both invalidate the entry. Writing through
         ``.data`` bypasses the version counter: use ``with torch.no_grad(): t.copy_(...)``.
         """
+        if torch.compiler.is_compiling():  # a compiled graph casts in place, no cache needed
+            return compute()
         if torch.is_inference_mode_enabled():  # inference tensors cannot serve autograd later
             return compute()
         stamp = tuple((t._version, t.data_ptr()) for t in sources)
