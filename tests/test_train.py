@@ -139,7 +139,9 @@ def test_cli_errors_name_the_problem(data, tmp_path):
     r = run_cli("--preset", "smoke", "--data", str(data), "--out", str(run))
     assert r.returncode == 2 and "--resume" in r.stderr
     r = run_cli("--resume", str(run), "--batch_size=4")
-    assert r.returncode == 2 and "only compile, device, energy, n_workers may be changed" in r.stderr
+    assert (
+        r.returncode == 2 and "only compile, device, energy, n_workers may be changed" in r.stderr
+    )
     r = run_cli("--resume", str(tmp_path / "nothing"))
     assert r.returncode == 2 and "no run there" in r.stderr
     toml = run / "config.toml"
