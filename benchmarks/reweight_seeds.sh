@@ -14,8 +14,10 @@
 # Runs go to runs/seeds/<preset>_<flow>_s<seed>/, reports to .../report/ (samples at the run's
 # sample_prior_scale) and .../tau<τ>/report_all_<reference>/ (samples at each τ in TAUS). The `paper` preset
 # trains on its own 80,000-frame dataset (`python -m p4bg.simulate --ns 20 --replicas 2`);
-# `reweight` on the 100 ns dataset; both are simulated first when missing (`--resume` skips
-# finished ones).
+# `reweight` and the spline presets on the 100 ns dataset; both are simulated first when missing
+# (`--resume` skips finished ones). The spline models of docs/results.md §7:
+#   PRESETS=spline FLOWS=p4inv TAUS= OMP_NUM_THREADS=1 bash benchmarks/reweight_seeds.sh &
+#   PRESETS=spline FLOWS=swap  TAUS= OMP_NUM_THREADS=1 bash benchmarks/reweight_seeds.sh &
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -35,7 +37,7 @@ case " $PRESETS " in *" paper "*)  # the paper preset's own 80,000-frame dataset
     $PY -m p4bg.simulate --ns 20 --save-every-ps 0.2 --replicas 2 --seed 0 \
         --out data/alanine_dipeptide_600K --resume --no-progress ;;
 esac
-case " $PRESETS " in *" reweight "*)
+case " $PRESETS " in *" reweight "*|*" spline"*)  # reweight, spline, spline_swap
     $PY -m p4bg.simulate --ns 100 --save-every-ps 0.04 --replicas 2 --seed 0 --chunk-frames 12500 \
         --out data/alanine_dipeptide_600K_100ns --resume --no-progress ;;
 esac

@@ -68,7 +68,7 @@ def load_run(run: str | Path, device: str = "auto", checkpoint: str = "last") ->
     The configuration comes from the checkpoint (the one its weights belong to); the coordinate
     transform is rebuilt from its saved buffers, so the training data need not be present."""
     from p4bg.coordinates import MixedCoordinateTransform
-    from p4bg.flows import build_flow
+    from p4bg.flows import flow_from_config
     from p4bg.generator import BoltzmannGenerator
     from p4bg.systems import load_system
 
@@ -94,7 +94,7 @@ def load_run(run: str | Path, device: str = "auto", checkpoint: str = "last") ->
     system = load_system(config.system, config.temperature)  # the temperature it trained at
     try:
         coordinates = MixedCoordinateTransform.from_state_dict(system, state["coordinates"])
-        flow = build_flow(config.flow, coordinates.dim, config.n_blocks, config.hidden)
+        flow = flow_from_config(config, coordinates.dim)
         flow.load_state_dict(state["flow"])
     except (ValueError, RuntimeError) as err:
         raise ConfigError(

@@ -273,7 +273,7 @@ class Trainer:
         from analysis.geometry import dihedral
         from p4bg.coordinates import MixedCoordinateTransform
         from p4bg.data import load_dataset
-        from p4bg.flows import build_flow
+        from p4bg.flows import flow_from_config
         from p4bg.generator import BoltzmannGenerator
         from p4bg.nn import P4Merger
         from p4bg.systems import MOLAR_GAS_CONSTANT, load_system
@@ -314,7 +314,7 @@ class Trainer:
         val_phi = dihedral(data.xyz[val_idx].reshape(len(val_idx), -1, 3).astype(np.float64),
                            self.system.phi_atoms)  # fmt: skip
         self.val_phi_pos = torch.from_numpy(val_phi > 0)
-        flow = build_flow(config.flow, self.coordinates.dim, config.n_blocks, config.hidden)
+        flow = flow_from_config(config, self.coordinates.dim)
         self.flow = flow.to(self.device, dtype)
         self.target = None
         self.bg = BoltzmannGenerator(self.flow, self.coordinates, None)
@@ -430,9 +430,12 @@ class Trainer:
             raise ConfigError(f"init={run}: no checkpoint.pt there; give a trained run folder")
         state = torch.load(path, map_location="cpu", weights_only=False)
         saved = state["config"]
-        keys = ("system", "flow", "n_blocks", "hidden")
-        different = {k: (saved.get(k), getattr(self.config, k)) for k in keys
-                     if saved.get(k) != getattr(self.config, k)}  # fmt: skip
+        keys = ("system", "flow", "coupling", "n_blocks", "hidden", "spline_bins",
+                "spline_tail_bound")  # fmt: skip
+        default = TrainConfig()  # keys a run older than them did not save: their defaults
+        saved = {k: saved.get(k, getattr(default, k)) for k in keys}
+        different = {k: (saved[k], getattr(self.config, k)) for k in keys
+                     if saved[k] != getattr(self.config, k)}  # fmt: skip
         if different:
             raise ConfigError(f"init={run}: its model differs in {different} (saved, now); "
                               "set those keys as the run had them")  # fmt: skip
@@ -709,9 +712,17 @@ class Trainer:
         counts = count_parameters(self.flow)
         p4 = sum(1 for _ in self.merger.layers)
         lines = [
-            f"flow {cfg.flow}: {cfg.n_blocks} blocks x (coupling, mixing, coupling, mixing), "
-            f"hidden {cfg.hidden}, latent dim {self.coordinates.dim}",
-            f"parameters: RNVP {counts['rnvp']:,}, P4Inv {counts['p4inv']:,} ({p4} layers), "
+            f"flow: {cfg.n_blocks} blocks x ({cfg.coupling} coupling, {cfg.flow} mixing, "
+            f"{cfg.coupling} coupling, {cfg.flow} mixing), hidden {cfg.hidden}"
+            + (
+                f", {cfg.spline_bins} bins on [-{cfg.spline_tail_bound:g}, "
+                f"{cfg.spline_tail_bound:g}]"
+                if cfg.coupling == "spline"
+                else ""
+            )
+            + f", latent dim {self.coordinates.dim}",
+            f"parameters: {'spline' if cfg.coupling == 'spline' else 'RNVP'} "
+            f"{counts[cfg.coupling]:,}, P4Inv {counts['p4inv']:,} ({p4} layers), "
             f"total {counts['total']:,}",
             f"data {cfg.data} at {cfg.temperature:g} K: {self.n_train:,} train frames "
             f"(first {cfg.train_fraction:g} of each replica, every {cfg.train_stride}), "

@@ -27,15 +27,19 @@ def read_metrics(run: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-@pytest.mark.parametrize("flow", ["p4inv", "swap"])
-def test_smoke_training_writes_a_complete_run(data, tmp_path, flow):
-    main(["--preset", "smoke", f"--flow={flow}", "--data", str(data), "--out", str(tmp_path / "run"),
-          "--no-progress"])  # fmt: skip
+@pytest.mark.parametrize(
+    ("flow", "coupling"),
+    [("p4inv", "rnvp"), ("swap", "rnvp"), ("p4inv", "spline"), ("swap", "spline")],
+)
+def test_smoke_training_writes_a_complete_run(data, tmp_path, flow, coupling):
+    main(["--preset", "smoke", f"--flow={flow}", f"--coupling={coupling}", "--data", str(data),
+          "--out", str(tmp_path / "run"), "--no-progress"])  # fmt: skip
     run = tmp_path / "run"
     for name in ("config.toml", "checkpoint.pt", "metrics.csv", "train.log"):
         assert (run / name).is_file(), name
     saved = apply_overrides(TrainConfig(), load_toml(run / "config.toml"), "saved")
     assert saved.flow == flow and saved.nll_steps == 20 and saved.data == str(data)
+    assert saved.coupling == coupling
     rows = read_metrics(run)
     assert int(rows[-1]["step"]) == 26 and rows[-1]["phase"] == "mixed"
     assert rows[-1]["val_nll"] and rows[-1]["mean_u"]
@@ -55,11 +59,12 @@ def test_nll_decreases(data, tmp_path):
     assert sum(losses[-20:]) / 20 < sum(losses[:20]) / 20 - 1.0
 
 
-def test_resume_gives_identical_parameters(data, tmp_path):
-    reference = Trainer(smoke_config(data, tmp_path / "a"), progress=False)
+@pytest.mark.parametrize("coupling", ["rnvp", "spline"])
+def test_resume_gives_identical_parameters(data, tmp_path, coupling):
+    reference = Trainer(smoke_config(data, tmp_path / "a", coupling=coupling), progress=False)
     reference.run()
 
-    interrupted = Trainer(smoke_config(data, tmp_path / "b"), progress=False)
+    interrupted = Trainer(smoke_config(data, tmp_path / "b", coupling=coupling), progress=False)
     original_step = interrupted.train_step
 
     def stop_after_13() -> dict:  # as a Ctrl-C would: the loop saves and stops at a step boundary
@@ -71,7 +76,8 @@ def test_resume_gives_identical_parameters(data, tmp_path):
     interrupted.train_step = stop_after_13
     interrupted.run()
     assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["step"] == 13
-    resumed = Trainer(smoke_config(data, tmp_path / "b"), resume=True, progress=False)
+    resumed = Trainer(smoke_config(data, tmp_path / "b", coupling=coupling), resume=True,
+                      progress=False)  # fmt: skip
     assert resumed.step == 13
     resumed.run()
     for (name, a), (_, b) in zip(
@@ -87,6 +93,19 @@ def test_dry_run_prints_model_and_paper_parameter_counts(data, capsys):
     out = capsys.readouterr().out
     assert "RNVP 735,050, P4Inv 9,000 (50 layers), total 744,050" in out
     assert "40,000 NLL steps at lr 0.001, then 2,000 mixed steps at lr 1e-05" in out
+
+
+@pytest.mark.parametrize(("preset", "mixing"), [("spline", "p4inv"), ("spline_swap", "swap")])
+def test_dry_run_of_the_spline_presets(data, capsys, preset, mixing):
+    main(["--preset", preset, "--data", str(data), "--dry-run"])
+    out = capsys.readouterr().out
+    cfg = apply_overrides(TrainConfig(), PRESETS[preset], preset)
+    assert f"(spline coupling, {mixing} mixing, spline coupling, {mixing} mixing)" in out
+    per_coupling = (30 * cfg.hidden + cfg.hidden + cfg.hidden**2 + cfg.hidden
+                    + (cfg.hidden + 1) * 30 * (3 * cfg.spline_bins - 1))  # fmt: skip
+    n_p4 = 2 * cfg.n_blocks if mixing == "p4inv" else 0
+    assert (f"parameters: spline {2 * cfg.n_blocks * per_coupling:,}, P4Inv {180 * n_p4:,} "
+            f"({n_p4} layers)") in out  # fmt: skip
 
 
 def test_configuration_errors(data, tmp_path):

@@ -13,6 +13,7 @@ from p4bg.nn.p4inv import (
     p4inv_penalty,
     reset_optimizer_state,
 )
+from p4bg.nn.spline import SplineCoupling, rational_quadratic_spline
 
 __all__ = [
     "BentIdentity",
@@ -26,7 +27,9 @@ __all__ = [
     "P4Merger",
     "RealNVPCoupling",
     "Sequential",
+    "SplineCoupling",
     "Swap",
     "p4inv_penalty",
+    "rational_quadratic_spline",
     "reset_optimizer_state",
 ]
