@@ -16,6 +16,7 @@ writes (every 1,000 steps, about 0.1 s each) are left out of both.
 
     python benchmarks/preset_walltime.py
     python benchmarks/preset_walltime.py --data DATA --steps 3 --presets paper quick   # quick
+    python benchmarks/preset_walltime.py --presets paper spline spline_swap   # the spline models
 """
 
 from __future__ import annotations
@@ -32,9 +33,11 @@ from p4bg.config import PRESETS, TrainConfig, apply_overrides
 from p4bg.train import Trainer
 
 
-def measure(preset: str, data: str | None, steps: int, flow: str, out: str) -> dict[str, float]:
+def measure(
+    preset: str, data: str | None, steps: int, flow: str | None, out: str
+) -> dict[str, float]:
     """Seconds per NLL step, per mixed step and per validation of ``preset``, and its plan."""
-    changes = {"flow": flow, "out": out, **({"data": data} if data else {})}
+    changes = {"out": out, **({"flow": flow} if flow else {}), **({"data": data} if data else {})}
     config = apply_overrides(TrainConfig(), {**PRESETS[preset], **changes}, preset)
     if not Path(config.data).is_dir():
         raise SystemExit(f"preset_walltime: the {preset} preset's dataset {config.data} is not "
@@ -71,23 +74,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", default=None, help="one dataset for all presets (default: "
                         "each preset's own)")  # fmt: skip
     parser.add_argument("--presets", nargs="+", default=["paper", "reweight"])
-    parser.add_argument("--flow", default="p4inv", choices=("p4inv", "swap"))
+    parser.add_argument("--flow", default=None, choices=("p4inv", "swap"),
+                        help="the mixing of every preset (default: each preset's own)")  # fmt: skip
     parser.add_argument("--steps", type=int, default=30, help="timed steps per phase")
     args = parser.parse_args(argv)
     unknown = [p for p in args.presets if p not in PRESETS]
     if unknown:
         parser.error(f"unknown preset(s) {unknown}; known: {sorted(PRESETS)}")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.flow} flow, "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{args.flow + ' flow' if args.flow else 'each preset' + chr(39) + 's flow'}, "
           f"median of {args.steps} steps per phase")  # fmt: skip
     rows = {}
     with tempfile.TemporaryDirectory(prefix="p4bg_walltime_") as tmp:
         for preset in args.presets:
             rows[preset] = measure(preset, args.data, args.steps, args.flow, f"{tmp}/{preset}")
     base = rows[args.presets[0]]["wall"]
-    print(f"  {'preset':<10} {'NLL steps':>9} {'ms/step':>8} {'mixed':>6} {'ms/step':>8} "
+    print(f"  {'preset':<12} {'NLL steps':>9} {'ms/step':>8} {'mixed':>6} {'ms/step':>8} "
           f"{'val':>4} {'s/val':>6} {'planned h':>9} {'ratio':>6}")  # fmt: skip
     for preset, r in rows.items():
-        print(f"  {preset:<10} {r['nll_steps']:>9,} {r['t_nll'] * 1e3:>8.1f} "
+        print(f"  {preset:<12} {r['nll_steps']:>9,} {r['t_nll'] * 1e3:>8.1f} "
               f"{r['mixed_steps']:>6,} {r['t_mixed'] * 1e3:>8.1f} {r['n_val']:>4} "
               f"{r['t_val']:>6.2f} {r['wall'] / 3600:>9.2f} {r['wall'] / base:>6.2f}")  # fmt: skip
     for preset, r in rows.items():

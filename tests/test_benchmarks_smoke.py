@@ -105,6 +105,11 @@ def test_preset_walltime_prints_both_plans_and_their_ratio(data):
     assert rows["quick"][1] == "3,000" and float(rows["quick"][-1]) > 1
 
 
+def test_spline_primitive_benchmark_smoke():
+    out = run("benchmarks/spline_primitive.py", "--batch", "4", "--features", "3", "--repeats", "2")
+    assert "inverse + log-slopes, fwd+bwd" in out and "zuko/p4bg" in out
+
+
 def test_preset_walltime_names_an_unknown_preset():
     result = subprocess.run([sys.executable, "benchmarks/preset_walltime.py", "--presets", "nope"],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip

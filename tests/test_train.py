@@ -175,6 +175,14 @@ def test_train_step_benchmark_smoke(data):
                             timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "p4inv" in result.stdout and "energy share" in result.stdout
+    rows = [line.split()[:2] for line in result.stdout.splitlines() if line.startswith("  ")]
+    for combination in (
+        ["rnvp", "swap"],
+        ["rnvp", "p4inv"],
+        ["spline", "swap"],
+        ["spline", "p4inv"],
+    ):
+        assert combination in rows, result.stdout
 
 
 def test_init_starts_from_another_runs_model(data, tmp_path):
