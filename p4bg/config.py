@@ -198,31 +198,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "val_samples": 10_000,
         "sample_prior_scale": 0.96,
     },
-    # Rational-quadratic spline couplings with P4Inv mixing (issue "Beyond RealNVP"): the
-    # reweight preset's data and schedule, with the couplings of the published 80-98 % ESS flows.
-    "spline": {
-        "data": "data/alanine_dipeptide_600K_100ns",
-        "out": "runs/spline",
-        "coupling": "spline",
-        "n_blocks": 6,
-        "hidden": 128,
-        "spline_bins": 8,
-        "spline_tail_bound": 5.0,
-        "nll_steps": 8_000,
-        "nll_lr": 1e-3,
-        "lr_schedule": "cosine",
-        "lr_final_factor": 0.01,
-        "mixed_steps": 2_000,
-        "mixed_lr": 1e-4,
-        "energy_weight_ratio": 0.25,
-        "energy_ramp_steps": 200,
-        "mixed_fresh_optimizer": True,
-        "val_every": 250,
-        "val_frames": 20_000,
-        "val_samples": 10_000,
-    },
-    # The same spline flow with the fixed half swap between couplings (P4Inv's comparison).
-    "spline_swap": {},  # filled in below from "spline"
     # The paper's model, trained for a few minutes on a laptop CPU, with the learning rate
     # cosine-decayed so that its short run ends on a flat validation curve, and a short energy
     # phase at w_e = w_l that pulls the sample energies to MD's.
@@ -257,6 +232,20 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# Rational-quadratic spline couplings with P4Inv mixing (issue "Beyond RealNVP", docs/results.md
+# §7): the reweight preset's data and schedule with the couplings of the published 80-98 % ESS
+# flows, sampled at τ = 1 (the trained model). 6 blocks of hidden 128 and 8 bins take about the
+# paper model's time per step; planned wall time 0.49x the paper preset's
+# (docs/results/preset_walltime_spline.txt). `spline_swap` is the same flow with the fixed swap.
+PRESETS["spline"] = {
+    **{k: v for k, v in PRESETS["reweight"].items() if k != "sample_prior_scale"},
+    "out": "runs/spline",
+    "coupling": "spline",
+    "n_blocks": 6,
+    "hidden": 128,
+    "spline_bins": 8,
+    "spline_tail_bound": 5.0,
+}
 PRESETS["spline_swap"] = {**PRESETS["spline"], "flow": "swap", "out": "runs/spline_swap"}
 
 _FIELDS = {f.name: f for f in fields(TrainConfig)}

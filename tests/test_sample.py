@@ -118,16 +118,21 @@ def test_openmm_reproduces_the_stored_energies_from_the_dcd(sampled):
         assert abs(u - s["u"][i]) <= max(1e-4, 1e-12 * abs(u)), i
 
 
-def test_log_q_matches_the_model_density_of_the_stored_positions(sampled):
-    loaded = load_run(sampled, "cpu")
-    traj = mdtraj.load(str(sampled / "samples.dcd"), top=str(sampled / "samples.pdb"))
+def assert_log_q_is_the_model_density(run: Path) -> None:
+    """samples.npz's log q equals the reloaded model's density of the positions in the DCD."""
+    loaded = load_run(run, "cpu")
+    traj = mdtraj.load(str(run / "samples.dcd"), top=str(run / "samples.pdb"))
     x = torch.from_numpy(traj.xyz.reshape(traj.n_frames, -1)).float()
     with torch.no_grad():
         log_q = loaded.bg.log_prob(x).double().numpy()
-    s = read_npz(sampled)
+    s = read_npz(run)
     ok = np.isfinite(log_q) & np.isfinite(s["log_q"])
     assert ok.mean() > 0.9
     np.testing.assert_allclose(log_q[ok], s["log_q"][ok], atol=0.05)  # float32 model and DCD
+
+
+def test_log_q_matches_the_model_density_of_the_stored_positions(sampled):
+    assert_log_q_is_the_model_density(sampled)
 
 
 def test_a_spline_run_samples_with_its_model_density(data, tmp_path):
@@ -139,14 +144,7 @@ def test_a_spline_run_samples_with_its_model_density(data, tmp_path):
     sample_main([str(run), "--n", "60", "--seed", "1", "--no-progress"])
     loaded = load_run(run, "cpu")
     assert loaded.config.coupling == "spline" and loaded.config.spline_bins == 6
-    traj = mdtraj.load(str(run / "samples.dcd"), top=str(run / "samples.pdb"))
-    x = torch.from_numpy(traj.xyz.reshape(traj.n_frames, -1)).float()
-    with torch.no_grad():
-        log_q = loaded.bg.log_prob(x).double().numpy()
-    s = read_npz(run)
-    ok = np.isfinite(log_q) & np.isfinite(s["log_q"])
-    assert ok.mean() > 0.9
-    np.testing.assert_allclose(log_q[ok], s["log_q"][ok], atol=0.05)
+    assert_log_q_is_the_model_density(run)
 
 
 def test_same_seed_gives_the_same_samples(run, tmp_path):
