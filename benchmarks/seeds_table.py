@@ -5,6 +5,9 @@ docs/results.md §6.
     python benchmarks/seeds_table.py runs/seeds                       # samples at each run's τ
     python benchmarks/seeds_table.py runs/seeds \
         --report tau1.0/report_all_alanine_dipeptide_600K_reference  # samples at τ = 1
+    # the four couplings x mixings at τ = 1 (docs/results.md §7; reports copied flat there)
+    python benchmarks/seeds_table.py docs/results/seeds --models reweight_p4inv reweight_swap \
+        spline_p4inv spline_swap --report tau1.0 .
 
 "±" is the sample standard deviation over the seeds; [min, max] follows it. A model column
 needs every listed seed's report; missing ones are named. No torch: it reads text files only.
@@ -61,7 +64,11 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("root", type=Path, help="folder of <preset>_<flow>_s<seed> runs")
-    parser.add_argument("--report", default="report", help="report folder inside each run")
+    parser.add_argument("--report", nargs="+", default=["report"],
+                        help="report folder inside each run; with several, each run's first "
+                        "that exists")  # fmt: skip
+    parser.add_argument("--models", nargs="+", default=None,
+                        help="only these <preset>_<flow> models, in this order")  # fmt: skip
     args = parser.parse_args(argv)
     groups: dict[str, list[Path]] = {}
     for run in sorted(args.root.iterdir()):
@@ -70,14 +77,26 @@ def main(argv: list[str] | None = None) -> None:
             groups.setdefault(match.group(1), []).append(run)
     if not groups:
         raise SystemExit(f"{args.root}: no <preset>_<flow>_s<seed> run folders")
+    if args.models:
+        unknown = [m for m in args.models if m not in groups]
+        if unknown:
+            raise SystemExit(f"{args.root}: no runs of {unknown}; models there: {sorted(groups)}")
+        groups = {m: groups[m] for m in args.models}
+
+    def report_of(run: Path) -> str | None:
+        return next((r for r in args.report if (run / r / "metrics.json").is_file()), None)
+
     columns: dict[str, list[list[float]]] = {}
     for model, runs in groups.items():
-        have = [r for r in runs if (r / args.report / "metrics.json").is_file()]
+        have = [r for r in runs if report_of(r)]
         missing = sorted(set(runs) - set(have))
         if missing:
-            print(f"{model}: no {args.report}/metrics.json in {', '.join(m.name for m in missing)}")
+            print(f"{model}: no {' or '.join(args.report)}/metrics.json in "
+                  f"{', '.join(m.name for m in missing)}")  # fmt: skip
         if have:
-            loaded = [load(r, args.report) for r in have]
+            used = sorted({report_of(r) for r in have})
+            print(f"{model}: {', '.join(r.name for r in have)} from {', '.join(used)}")
+            loaded = [load(r, report_of(r)) for r in have]
             columns[f"{model} ({len(have)} seeds)"] = [
                 [get(*x) for x in loaded] for _, get, _ in METRICS
             ]

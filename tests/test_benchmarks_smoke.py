@@ -139,6 +139,15 @@ def test_seeds_table_gives_mean_and_spread_over_seeds(tmp_path):
     assert "| … ÷ MD floor | 1.50 ± 0.00 [1.50, 1.50] |" in out
     assert "| final − best val NLL (nat) | 0.50 ± 0.00 [0.50, 0.50] |" in out
     assert "| training wall time (h) | 1.00 ± 0.00 [1.00, 1.00] |" in out
+    # the first report folder that exists per run, and a choice of models
+    (tmp_path / "reweight_p4inv_s0" / "report").rename(tmp_path / "reweight_p4inv_s0" / "tau1.0")
+    out = run("benchmarks/seeds_table.py", str(tmp_path), "--models", "reweight_p4inv",
+              "--report", "tau1.0", "report")  # fmt: skip
+    assert (
+        "reweight_p4inv: reweight_p4inv_s0, reweight_p4inv_s1, reweight_p4inv_s2 from report, tau1.0"
+        in out
+    )
+    assert "reweight_swap" not in out and "| 20.0 ± 10.0 [10.0, 30.0] |" in out
 
 
 def test_train_step_compare_smoke(data):
