@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
             used = sorted({report_of(r) for r in have})
             print(f"{model}: {', '.join(r.name for r in have)} from {', '.join(used)}")
             loaded = [load(r, report_of(r)) for r in have]
-            columns[f"{model} ({len(have)} seeds)"] = [
+            columns[f"{model} ({len(have)} seed{'s' if len(have) > 1 else ''})"] = [
                 [get(*x) for x in loaded] for _, get, _ in METRICS
             ]
     print(f"\n| metric | {' | '.join(columns)} |")

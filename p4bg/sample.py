@@ -98,8 +98,9 @@ def load_run(run: str | Path, device: str = "auto", checkpoint: str = "last") ->
         flow.load_state_dict(state["flow"])
     except (ValueError, RuntimeError) as err:
         raise ConfigError(
-            f"{path}: the saved model does not fit system {config.system!r} with flow "
-            f"{config.flow}, {config.n_blocks} blocks, hidden {config.hidden} ({err}); "
+            f"{path}: the saved model does not fit system {config.system!r} with "
+            f"{config.coupling} couplings, {config.flow} mixing, {config.n_blocks} blocks, "
+            f"hidden {config.hidden} ({err}); "
             "was systems/ changed since training? Retrain the run"
         ) from err
     dtype = getattr(torch, config.dtype)
