@@ -18,6 +18,11 @@
 # (`--resume` skips finished ones). The spline models of docs/results.md §7:
 #   PRESETS=spline FLOWS=p4inv TAUS= OMP_NUM_THREADS=1 bash benchmarks/reweight_seeds.sh &
 #   PRESETS=spline FLOWS=swap  TAUS= OMP_NUM_THREADS=1 bash benchmarks/reweight_seeds.sh &
+#   # the same flows with the reweight preset's energy phase, in runs/seeds/spline_<flow>_energy_s<seed>
+#   PRESETS=spline FLOWS=p4inv TAUS= TRAIN_ARGS=--mixed_steps=2000 TAG=_energy \
+#       OMP_NUM_THREADS=1 bash benchmarks/reweight_seeds.sh &
+# Every run is also scored against the fresh reference REF2 (4 x 25 ns, seed 3, simulated when
+# missing; REF2= skips it) into .../report_all_<REF2's name>/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -27,6 +32,9 @@ PRESETS=${PRESETS:-"reweight paper"}
 FLOWS=${FLOWS:-"p4inv swap"}
 SEEDS=${SEEDS:-"0 1 2"}
 TAUS=${TAUS-"1.0 0.96"}  # prior scales sampled besides the run's own sample_prior_scale
+REF2=${REF2-data/alanine_dipeptide_600K_reference_s3}
+TRAIN_ARGS=${TRAIN_ARGS:-}  # extra --key=value overrides of new runs
+TAG=${TAG:-}  # run folder suffix for those: runs/seeds/<preset>_<flow><TAG>_s<seed>
 
 # Two queues started together must not simulate the same dataset twice: the datasets are made
 # under one lock, the second queue then finds them complete.
@@ -43,22 +51,28 @@ case " $PRESETS " in *" reweight "*|*" spline"*)  # reweight, spline, spline_swa
 esac
 [ -d "$REF" ] || $PY -m p4bg.simulate --ns 40 --save-every-ps 0.2 --replicas 4 --seed 1 \
     --out "$REF" --resume --no-progress
+[ -z "$REF2" ] || [ -d "$REF2" ] || $PY -m p4bg.simulate --ns 100 --save-every-ps 0.5 --replicas 4 \
+    --seed 3 --out "$REF2" --resume --no-progress
 flock -u 9
 
 for preset in $PRESETS; do
     for flow in $FLOWS; do
         for seed in $SEEDS; do
-            run=runs/seeds/${preset}_${flow}_s${seed}
+            run=runs/seeds/${preset}_${flow}${TAG}_s${seed}
             if [ -f "$run/checkpoint.pt" ]; then
                 $PY -m p4bg.train --resume "$run" --no-progress
             else
+                # shellcheck disable=SC2086  # TRAIN_ARGS is a list of overrides
                 $PY -m p4bg.train --preset "$preset" --flow "$flow" --seed "$seed" --out "$run" \
-                    --no-progress
+                    $TRAIN_ARGS --no-progress
             fi
             [ -f "$run/samples.json" ] && grep -q '"status": "complete"' "$run/samples.json" \
                 || $PY -m p4bg.sample "$run" --n "$N" --overwrite --no-progress
             [ -f "$run/report/metrics.json" ] \
                 || $PY -m p4bg.analyze "$run" --reference "$REF" --split all --out "$run/report"
+            fresh=$run/report_all_$(basename "${REF2:-none}")
+            [ -z "$REF2" ] || [ -f "$fresh/metrics.json" ] \
+                || $PY -m p4bg.analyze "$run" --reference "$REF2" --split all --out "$fresh"
             # the same model from the prior N(0, τ²I) at other τ, against the same reference
             [ -z "$TAUS" ] || TAUS="$TAUS" REF="$REF" SPLIT=all N="$N" \
                 bash benchmarks/prior_scale_scan.sh "$run"

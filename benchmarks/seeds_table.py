@@ -8,6 +8,7 @@ docs/results.md §6.
     # the four couplings x mixings at τ = 1 (docs/results.md §7; reports copied flat there)
     python benchmarks/seeds_table.py docs/results/seeds --models reweight_p4inv reweight_swap \
         spline_p4inv spline_swap --report tau1.0 .
+    python benchmarks/seeds_table.py --fill docs/results.md   # every marked table there
 
 "±" is the sample standard deviation over the seeds; [min, max] follows it. A model column
 needs every listed seed's report; missing ones are named. No torch: it reads text files only.
@@ -20,6 +21,7 @@ import csv
 import json
 import math
 import re
+import shlex
 import statistics
 from pathlib import Path
 
@@ -59,17 +61,26 @@ def load(run: Path, report: str) -> tuple[dict, dict, list[dict]]:
     return next(iter(data["models"].values())), data["reference"], rows
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("root", type=Path, help="folder of <preset>_<flow>_s<seed> runs")
+    parser.add_argument("root", type=Path, nargs="?",
+                        help="folder of <preset>_<flow>_s<seed> runs")  # fmt: skip
     parser.add_argument("--report", nargs="+", default=["report"],
                         help="report folder inside each run; with several, each run's first "
                         "that exists")  # fmt: skip
     parser.add_argument("--models", nargs="+", default=None,
                         help="only these <preset>_<flow> models, in this order")  # fmt: skip
-    args = parser.parse_args(argv)
+    parser.add_argument("--fill", type=Path, default=None, metavar="MARKDOWN",
+                        help="instead of printing: rewrite every table of this file between "
+                        "'<!-- NAME table: python benchmarks/seeds_table.py ARGS -->' and "
+                        "'<!-- end NAME table -->' from its own ARGS")  # fmt: skip
+    return parser
+
+
+def table(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """(notes on which runs and reports were read, the markdown table's lines)."""
     groups: dict[str, list[Path]] = {}
     for run in sorted(args.root.iterdir()):
         match = re.fullmatch(r"(.+)_s(\d+)", run.name)
@@ -86,22 +97,22 @@ def main(argv: list[str] | None = None) -> None:
     def report_of(run: Path) -> str | None:
         return next((r for r in args.report if (run / r / "metrics.json").is_file()), None)
 
+    notes: list[str] = []
     columns: dict[str, list[list[float]]] = {}
     for model, runs in groups.items():
         have = [r for r in runs if report_of(r)]
         missing = sorted(set(runs) - set(have))
         if missing:
-            print(f"{model}: no {' or '.join(args.report)}/metrics.json in "
-                  f"{', '.join(m.name for m in missing)}")  # fmt: skip
+            notes.append(f"{model}: no {' or '.join(args.report)}/metrics.json in "
+                         f"{', '.join(m.name for m in missing)}")  # fmt: skip
         if have:
             used = sorted({report_of(r) for r in have})
-            print(f"{model}: {', '.join(r.name for r in have)} from {', '.join(used)}")
+            notes.append(f"{model}: {', '.join(r.name for r in have)} from {', '.join(used)}")
             loaded = [load(r, report_of(r)) for r in have]
             columns[f"{model} ({len(have)} seed{'s' if len(have) > 1 else ''})"] = [
                 [get(*x) for x in loaded] for _, get, _ in METRICS
             ]
-    print(f"\n| metric | {' | '.join(columns)} |")
-    print(f"|---|{'---|' * len(columns)}")
+    lines = [f"| metric | {' | '.join(columns)} |", f"|---|{'---|' * len(columns)}"]
     for i, (label, _, fmt) in enumerate(METRICS):
         cells = []
         for values in columns.values():
@@ -113,7 +124,50 @@ def main(argv: list[str] | None = None) -> None:
                              f"[{fmt.format(min(v))}, {fmt.format(max(v))}]")  # fmt: skip
             else:
                 cells.append(fmt.format(mean))
-        print(f"| {label} | {' | '.join(cells)} |")
+        lines.append(f"| {label} | {' | '.join(cells)} |")
+    return notes, lines
+
+
+_MARKED = re.compile(
+    r"(<!-- (?P<name>[\w-]+) table: python benchmarks/seeds_table.py (?P<args>[^>]*?) -->\n)"
+    r".*?(<!-- end (?P=name) table -->)",
+    re.S,
+)
+
+
+def fill(path: Path, parser: argparse.ArgumentParser) -> None:
+    """Regenerate the marked tables of a markdown file in place (docs/results.md)."""
+    text = path.read_text()
+
+    def redo(m: re.Match) -> str:
+        args = parser.parse_args(shlex.split(m.group("args")))
+        if args.root is None or args.fill is not None:
+            raise SystemExit(f"{path}: table {m.group('name')!r}: give a root and no --fill")
+        notes, lines = table(args)
+        print(f"{m.group('name')} table: " + "; ".join(notes))
+        return m.group(1) + "\n".join(lines) + "\n" + m.group(4)
+
+    new, n = _MARKED.subn(redo, text)
+    if n == 0:
+        raise SystemExit(f"{path}: no '<!-- NAME table: python benchmarks/seeds_table.py ... -->'")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(new)
+    tmp.replace(path)
+    print(f"{path}: {n} table(s) rewritten")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.fill is not None:
+        fill(args.fill, parser)
+        return
+    if args.root is None:
+        parser.error("give the runs folder (or --fill MARKDOWN)")
+    notes, lines = table(args)
+    print("\n".join(notes))
+    print()
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

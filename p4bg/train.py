@@ -727,15 +727,30 @@ class Trainer:
             f"data {cfg.data} at {cfg.temperature:g} K: {self.n_train:,} train frames "
             f"(first {cfg.train_fraction:g} of each replica, every {cfg.train_stride}), "
             f"{self.n_val:,} val frames; device {self.device}",
-            f"plan: {cfg.nll_steps:,} NLL steps at lr {cfg.nll_lr:g}, then {cfg.mixed_steps:,} "
-            f"mixed steps at lr {cfg.mixed_lr:g} ({cfg.lr_schedule}"
+            f"plan: {cfg.nll_steps:,} NLL steps at lr {cfg.nll_lr:g}"
+            + (
+                f", then {cfg.mixed_steps:,} mixed steps at lr {cfg.mixed_lr:g}"
+                if cfg.mixed_steps
+                else " and no energy phase"
+            )
+            + f" ({cfg.lr_schedule}"
             + (f" to x{cfg.lr_final_factor:g}" if cfg.lr_schedule == "cosine" else "")
             + (f", warm-up {cfg.warmup_steps}" if cfg.warmup_steps else "")
-            + f"); w_e/w_l = {cfg.energy_weight_ratio:g}"
-            + (f" reached over {cfg.energy_ramp_steps:,} steps" if cfg.energy_ramp_steps else "")
-            + f"; batch {cfg.batch_size}, KL batch {cfg.kl_batch_size or cfg.batch_size}"
+            + ")"
+            + (f"; w_e/w_l = {cfg.energy_weight_ratio:g}" if cfg.mixed_steps else "")
+            + (
+                f" reached over {cfg.energy_ramp_steps:,} steps"
+                if cfg.mixed_steps and cfg.energy_ramp_steps
+                else ""
+            )
+            + f"; batch {cfg.batch_size}"
+            + (f", KL batch {cfg.kl_batch_size or cfg.batch_size}" if cfg.mixed_steps else "")
             + (f"; AdamW weight decay {cfg.weight_decay:g}" if cfg.weight_decay else "; Adam")
-            + (", moments cleared at the mixed phase" if cfg.mixed_fresh_optimizer else "")
+            + (
+                ", moments cleared at the mixed phase"
+                if cfg.mixed_fresh_optimizer and cfg.mixed_steps
+                else ""
+            )
             + (f"; grad clip {cfg.max_grad_norm:g}" if cfg.max_grad_norm else ""),
             f"validation every {cfg.val_every} steps: NLL by basin"
             + (f", reverse ESS of {cfg.val_samples:,} samples" if cfg.val_samples else "")
@@ -801,7 +816,11 @@ def main(argv: list[str] | None = None) -> None:
     result = trainer.run()
     status = "finished" if trainer.step >= config.total_steps else "interrupted"
     val = result.get("val_nll", float("nan"))
-    print(f"{status} at step {trainer.step} in {trainer.seconds:.0f} s; last val NLL {val:.4f}; "
+    best = trainer.best
+    val_text = f"last val NLL {val:.4f}" if math.isfinite(val) else "no validation at the last step"
+    if math.isfinite(best.get("val_nll", math.inf)):
+        val_text += f" (best {best['val_nll']:.4f} at step {best['step']}, in best.pt)"
+    print(f"{status} at step {trainer.step} in {trainer.seconds:.0f} s; {val_text}; "
           f"run in {config.out}")  # fmt: skip
 
 

@@ -148,6 +148,32 @@ def test_seeds_table_gives_mean_and_spread_over_seeds(tmp_path):
         in out
     )
     assert "reweight_swap" not in out and "| 20.0 ± 10.0 [10.0, 30.0] |" in out
+    # --fill rewrites the marked tables of a markdown file from their own arguments
+    doc = tmp_path / "results.md"
+    marker = (f"<!-- ess table: python benchmarks/seeds_table.py {tmp_path} --models "
+              "reweight_p4inv --report tau1.0 report -->")  # fmt: skip
+    doc.write_text(f"# Results\n\n{marker}\nstale\n<!-- end ess table -->\n\nafter\n")
+    out = run("benchmarks/seeds_table.py", "--fill", str(doc))
+    assert "1 table(s) rewritten" in out
+    text = doc.read_text()
+    assert "stale" not in text and text.startswith(f"# Results\n\n{marker}\n| metric |")
+    assert "| 20.0 ± 10.0 [10.0, 30.0] |" in text and text.endswith(
+        "<!-- end ess table -->\n\nafter\n"
+    )
+    doc.write_text("no tables here\n")
+    result = subprocess.run([sys.executable, "benchmarks/seeds_table.py", "--fill", str(doc)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode != 0 and "no '<!-- NAME table" in result.stderr
+
+
+def test_md_vs_md_compares_datasets(data):
+    """Each dataset's ΔF and floor, and the cross KL; a dataset against itself is its floor."""
+    out = run("benchmarks/md_vs_md.py", str(data), str(data), "--max-frames", "500")
+    name = data.name
+    rows = [line for line in out.splitlines() if line.startswith(f"| {name} |")]
+    assert len(rows) == 4, out  # two in the ΔF table, two in the KL matrix
+    assert "(1.00×) | " in rows[2] and rows[2].count("(1.00×)") == 2
+    assert "every" in rows[0] and "±" in rows[0]
 
 
 def test_train_step_compare_smoke(data):

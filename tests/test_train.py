@@ -106,6 +106,17 @@ def test_dry_run_of_the_spline_presets(data, capsys, preset, mixing):
     n_p4 = 2 * cfg.n_blocks if mixing == "p4inv" else 0
     assert (f"parameters: spline {2 * cfg.n_blocks * per_coupling:,}, P4Inv {180 * n_p4:,} "
             f"({n_p4} layers)") in out  # fmt: skip
+    # maximum likelihood only (docs/results.md §7); --mixed_steps brings reweight's phase back
+    assert (
+        "8,000 NLL steps at lr 0.001 and no energy phase (cosine to x0.01); batch 256; Adam\n"
+        in out
+    )
+    main(["--preset", preset, "--data", str(data), "--mixed_steps=2000", "--dry-run"])
+    out = capsys.readouterr().out
+    assert (
+        "then 2,000 mixed steps at lr 0.0001 (cosine to x0.01); w_e/w_l = 0.25 reached over "
+        "200 steps; batch 256, KL batch 256; Adam, moments cleared at the mixed phase"
+    ) in out
 
 
 def test_configuration_errors(data, tmp_path):
