@@ -66,11 +66,15 @@ def parse_args(argv: list[str]) -> tuple[dict[str, Any], dict[str, str]]:
             raise ConfigError(f"unexpected argument {arg!r}; options look like --key=value")
         name, eq, value = arg.partition("=")
         if name in ("-h", "--help"):
-            print(__doc__)
-            print("configuration keys and defaults (the 'paper' preset):")
-            for f in fields(TrainConfig):
-                print(f"  --{f.name}={getattr(TrainConfig(), f.name)!r}")
-            print(f"presets: {', '.join(PRESETS)}")
+            lines = [__doc__ or "", "configuration keys and defaults (the 'paper' preset):"]
+            lines += [
+                f"  --{f.name}={getattr(TrainConfig(), f.name)!r}" for f in fields(TrainConfig)
+            ]
+            lines.append(f"presets: {', '.join(PRESETS)}")
+            try:
+                print("\n".join(lines), flush=True)
+            except BrokenPipeError:  # `--help | head`: the reader left; no traceback at exit
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             raise SystemExit(0)
         if name in ("--dry-run", "--no-progress"):
             if eq:
