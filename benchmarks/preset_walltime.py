@@ -17,6 +17,10 @@ writes (every 1,000 steps, about 0.1 s each) are left out of both.
     python benchmarks/preset_walltime.py
     python benchmarks/preset_walltime.py --data DATA --steps 3 --presets paper quick   # quick
     python benchmarks/preset_walltime.py --presets paper spline spline_swap   # the spline models
+    python benchmarks/preset_walltime.py --presets paper spline:nll_steps=16000   # a variant
+
+A preset may carry overrides, ``NAME:key=value,key=value``, as ``--key=value`` would give them to
+``p4bg.train``.
 """
 
 from __future__ import annotations
@@ -33,12 +37,25 @@ from p4bg.config import PRESETS, TrainConfig, apply_overrides
 from p4bg.train import Trainer
 
 
+def split_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """``"spline:nll_steps=16000,hidden=64"`` -> ``("spline", {"nll_steps": "16000", ...})``."""
+    name, _, rest = spec.partition(":")
+    extra = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise SystemExit(f"preset_walltime: {spec!r}: overrides look like NAME:key=value,...")
+        extra[key] = value
+    return name, extra
+
+
 def measure(
     preset: str, data: str | None, steps: int, flow: str | None, out: str
 ) -> dict[str, float]:
     """Seconds per NLL step, per mixed step and per validation of ``preset``, and its plan."""
+    name, extra = split_spec(preset)
     changes = {"out": out, **({"flow": flow} if flow else {}), **({"data": data} if data else {})}
-    config = apply_overrides(TrainConfig(), {**PRESETS[preset], **changes}, preset)
+    config = apply_overrides(TrainConfig(), {**PRESETS[name], **extra, **changes}, preset)
     if not Path(config.data).is_dir():
         raise SystemExit(f"preset_walltime: the {preset} preset's dataset {config.data} is not "
                          "here; make it (README, 'Datasets') or pass --data")  # fmt: skip
@@ -78,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="the mixing of every preset (default: each preset's own)")  # fmt: skip
     parser.add_argument("--steps", type=int, default=30, help="timed steps per phase")
     args = parser.parse_args(argv)
-    unknown = [p for p in args.presets if p not in PRESETS]
+    unknown = [p for p in args.presets if split_spec(p)[0] not in PRESETS]
     if unknown:
         parser.error(f"unknown preset(s) {unknown}; known: {sorted(PRESETS)}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
@@ -89,10 +106,11 @@ def main(argv: list[str] | None = None) -> None:
         for preset in args.presets:
             rows[preset] = measure(preset, args.data, args.steps, args.flow, f"{tmp}/{preset}")
     base = rows[args.presets[0]]["wall"]
-    print(f"  {'preset':<12} {'NLL steps':>9} {'ms/step':>8} {'mixed':>6} {'ms/step':>8} "
+    width = max(12, *(len(p) for p in args.presets))
+    print(f"  {'preset':<{width}} {'NLL steps':>9} {'ms/step':>8} {'mixed':>6} {'ms/step':>8} "
           f"{'val':>4} {'s/val':>6} {'planned h':>9} {'ratio':>6}")  # fmt: skip
     for preset, r in rows.items():
-        print(f"  {preset:<12} {r['nll_steps']:>9,} {r['t_nll'] * 1e3:>8.1f} "
+        print(f"  {preset:<{width}} {r['nll_steps']:>9,} {r['t_nll'] * 1e3:>8.1f} "
               f"{r['mixed_steps']:>6,} {r['t_mixed'] * 1e3:>8.1f} {r['n_val']:>4} "
               f"{r['t_val']:>6.2f} {r['wall'] / 3600:>9.2f} {r['wall'] / base:>6.2f}")  # fmt: skip
     for preset, r in rows.items():

@@ -105,6 +105,18 @@ def test_preset_walltime_prints_both_plans_and_their_ratio(data):
     assert rows["quick"][1] == "3,000" and float(rows["quick"][-1]) > 1
 
 
+def test_preset_walltime_takes_overrides(data):
+    out = run("benchmarks/preset_walltime.py", "--data", str(data), "--presets", "smoke",
+              "smoke:nll_steps=40,mixed_steps=0", "--steps", "1")  # fmt: skip
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith("smoke")]
+    assert rows[0][1] == "20" and rows[1][0] == "smoke:nll_steps=40,mixed_steps=0"
+    assert rows[1][1] == "40" and rows[1][3] == "0"
+    result = subprocess.run([sys.executable, "benchmarks/preset_walltime.py", "--presets",
+                             "smoke:nll_steps"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)  # fmt: skip
+    assert result.returncode != 0 and "overrides look like NAME:key=value" in result.stderr
+
+
 def test_spline_primitive_benchmark_smoke():
     out = run("benchmarks/spline_primitive.py", "--batch", "4", "--features", "3", "--repeats", "2")
     assert "inverse + log-slopes, fwd+bwd" in out and "zuko/p4bg" in out

@@ -108,7 +108,7 @@ def test_dry_run_of_the_spline_presets(data, capsys, preset, mixing):
             f"({n_p4} layers)") in out  # fmt: skip
     # maximum likelihood only (docs/results.md §7); --mixed_steps brings reweight's phase back
     assert (
-        "8,000 NLL steps at lr 0.001 and no energy phase (cosine to x0.01); batch 256; Adam\n"
+        "16,000 NLL steps at lr 0.001 and no energy phase (cosine to x0.01); batch 256; Adam\n"
         in out
     )
     main(["--preset", preset, "--data", str(data), "--mixed_steps=2000", "--dry-run"])
