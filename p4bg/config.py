@@ -239,7 +239,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 # (3 seeds x 2 mixings) the validation ESS fell from 41-47 % at its start to 13-37 %, and a
 # gentler one (mixed_lr 1e-5 or 3e-5) lowered it too; the mixed_* keys stay reweight's, so
 # `--mixed_steps=2000` restores that phase. 6 blocks of hidden 128 and 8 bins take about the
-# paper model's time per step; planned wall time 0.69x the paper preset's
+# paper model's time per step; planned wall time 0.60x the paper preset's
 # (docs/results/preset_walltime_spline_nll.txt). `spline_swap` is the same flow with the fixed swap.
 PRESETS["spline"] = {
     **{k: v for k, v in PRESETS["reweight"].items() if k != "sample_prior_scale"},
