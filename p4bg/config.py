@@ -97,8 +97,9 @@ class TrainConfig:
     n_workers: int = 2  # energy worker processes (energy = "openmm")
     device: str = "auto"
     # torch.compile the flow and transform of the training step (the NLL loss, and the sampling
-    # pass of the energy loss): about 1.6x faster steps here, after a compilation of minutes on
-    # the first step of each phase; pays for long runs (the paper preset), not for short ones
+    # pass of the energy loss) and TorchEnergy: about 1.6x faster steps here, after a
+    # compilation of minutes on the first step of each phase; pays for long runs (the paper
+    # preset), not for short ones
     compile: bool = False
     dtype: str = "float32"  # of the model and the data; P4Inv buffers stay float64 regardless
     seed: int = 0

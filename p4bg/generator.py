@@ -113,11 +113,28 @@ class BoltzmannGenerator(nn.Module):
         if self.target is None:
             raise RuntimeError("BoltzmannGenerator.reverse_kl: no target energy was given")
         x, log_q = (generate or self.generate)(self.prior_sample(n) if z is None else z)
+        return self.reverse_kl_of(x, log_q, high, max_energy)
+
+    def reverse_kl_of(
+        self, x: Tensor, log_q: Tensor, high: float = 1e3, max_energy: float = 1e9
+    ) -> tuple[Tensor, Tensor]:
+        """:meth:`reverse_kl` of samples already generated: ``x`` [batch, 66] nm with their
+        ``log_q`` [batch]; returns (loss, raw u of the samples, kT)."""
+        if self.target is None:
+            raise RuntimeError("BoltzmannGenerator.reverse_kl: no target energy was given")
         u = self.target(x)
         ok = torch.isfinite(u)  # a non-finite log q stays in: the loss is NaN, the step skipped
         terms = linlogcut(u, high, max_energy) + log_q
         # a masked mean, not terms[ok]: no host synchronisation; every evaluation failed → 0/0
         return torch.where(ok, terms, 0.0).sum() / ok.sum(), u.detach()
+
+    def nll_and_generate(self, x: Tensor, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The two flow passes of a mixed training step: (:meth:`nll` of data ``x``, and
+        :meth:`generate` of prior draws ``z``: samples [batch, 66] nm and their log q).
+
+        One call, so that ``torch.compile`` makes the step one graph: one guard check over the
+        parameters, one backward that sums both passes' gradients in its own kernels."""
+        return self.nll(x), *self.generate(z)
 
     @torch.no_grad()
     def sample(self, n: int, with_energy: bool = True) -> Samples:

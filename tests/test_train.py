@@ -340,12 +340,15 @@ def test_weight_decay_spares_p4inv_and_biases(data, tmp_path):
     from p4bg.nn import P4Inv
 
     trainer = Trainer(smoke_config(data, tmp_path / "run", weight_decay=0.1), progress=False)
-    decayed = {id(p) for g in trainer.optimizer.param_groups if g["weight_decay"] > 0
-               for p in g["params"]}  # fmt: skip
+    # the optimizer's decayed tensors: flat buffers whose members are the 2-D weight matrices
+    decayed = [q for g in trainer.optimizer.param_groups if g["weight_decay"] > 0
+               for q in g["params"]]  # fmt: skip
+    members = [p for q in decayed for p, _ in trainer.flat.members.get(id(q), [(q, 0)])]
     p4 = [p for m in trainer.flow.modules() if isinstance(m, P4Inv) for p in m.parameters()]
-    assert p4 and not any(id(p) in decayed for p in p4)
-    assert decayed and all(p.ndim == 2 for g in trainer.optimizer.param_groups
-                           if g["weight_decay"] > 0 for p in g["params"])  # fmt: skip
+    assert p4 and not any(p is q for p in p4 for q in members)
+    assert members and all(p.ndim == 2 for p in members)
+    weights = [p for p in trainer.flow.parameters() if p.ndim == 2 and not any(p is q for q in p4)]
+    assert len(members) == len(weights)
 
 
 def test_failed_energies_are_left_out_of_the_kl_loss():
@@ -406,7 +409,7 @@ def test_mixed_fresh_optimizer_clears_adams_moments_once(data, tmp_path, fresh):
     counts = []
     for _ in range(config.total_steps):
         trainer.train_step()
-        counts.append(int(trainer.optimizer.state[param]["step"]))
+        counts.append(int(trainer.flat.state_of(trainer.optimizer, param)["step"]))
     if fresh:
         assert counts == [1, 2, 3, 4, 5, 1, 2, 3]
     else:
@@ -419,7 +422,8 @@ def test_a_non_finite_step_is_skipped_on_the_device_and_counted(data, tmp_path):
     trainer = Trainer(smoke_config(data, tmp_path / "run"), progress=False)
     trainer.train_step()
     params = [p.detach().clone() for p in trainer.flow.parameters()]
-    moments = [trainer.optimizer.state[p]["exp_avg"].clone() for p in trainer.flow.parameters()]
+    state = [trainer.flat.state_of(trainer.optimizer, p) for p in trainer.flow.parameters()]
+    moments = [s["exp_avg"].clone() for s in state]
     nll = trainer._nll
     trainer._nll = lambda x: nll(x) * float("nan")
     row = host_row(trainer.train_step())
@@ -427,7 +431,7 @@ def test_a_non_finite_step_is_skipped_on_the_device_and_counted(data, tmp_path):
     assert math.isnan(row["loss"])
     for p, before, m in zip(trainer.flow.parameters(), params, moments, strict=True):
         assert torch.equal(p.detach(), before)
-        assert torch.equal(trainer.optimizer.state[p]["exp_avg"], m)
+        assert torch.equal(trainer.flat.state_of(trainer.optimizer, p)["exp_avg"], m)
     assert trainer.flush_counters()["skipped_steps"] == 1
     trainer.train_step()
     assert not all(
@@ -475,6 +479,7 @@ def test_compiled_training_matches_eager_and_resumes(data, tmp_path):
     assert torch._dynamo.explain(compiled.bg.nll)(x).graph_break_count == 0
     z = compiled._prior(16, "validation")
     assert torch._dynamo.explain(compiled.bg.generate)(z).graph_break_count == 0
+    assert torch._dynamo.explain(compiled.bg.nll_and_generate)(x, z).graph_break_count == 0
     a, b = eager.run(), compiled.run()
     assert a["step"] == b["step"] == eager.config.total_steps
     assert b["loss"] == pytest.approx(a["loss"], rel=1e-3, abs=1e-2)
