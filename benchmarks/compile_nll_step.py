@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def step(loss_fn) -> float:
         t0 = time.perf_counter()
-        trainer.optimizer.zero_grad(set_to_none=True)
+        trainer.flat.zero_grad()
         loss_fn(x).backward()
         trainer.optimizer.step()
         return time.perf_counter() - t0

@@ -41,8 +41,8 @@ class FlatParameters:
             not do with its own step count).
 
     The members must not be replaced after flattening (``module.to()``, ``p.data = …``): move
-    the model first. Call :meth:`zero_grad` instead of the optimizer's, which would drop the
-    flat gradients that the members' ``.grad`` are views of.
+    the model first. Call :meth:`zero_grad` rather than the optimizer's: ``set_to_none`` there drops
+    the flat gradients that the members' ``.grad`` are views of (:meth:`zero_grad` restores them).
     """
 
     def __init__(self, groups: Sequence[dict], keep_separate: Iterable[Tensor] = ()) -> None:
@@ -72,6 +72,7 @@ class FlatParameters:
         grad = torch.zeros_like(data)
         flat = nn.Parameter(data)
         flat.grad = grad
+        self._grad_views.append((flat, grad))  # restored if the optimizer drops it
         members, offset = [], 0
         for p in params:
             n = p.numel()
@@ -93,11 +94,11 @@ class FlatParameters:
     def zero_grad(self) -> None:
         """Zero the flat gradients (their members' ``.grad`` are views of them) and drop the
         separate parameters' gradients (``set_to_none``, as the optimizer would)."""
+        for p, view in self._grad_views:
+            if p.grad is not view:  # replaced from outside (e.g. optimizer.zero_grad()): restore
+                p.grad = view
         for flat in self.flats:
             flat.grad.zero_()
-        for p, view in self._grad_views:
-            if p.grad is not view:  # replaced from outside (e.g. module.zero_grad()): point back
-                p.grad = view
         for group in self.groups:
             for p in group["params"]:
                 if id(p) not in self.members:
