@@ -209,3 +209,12 @@ def test_cuda_mixed_step_smoke(data):
 def test_compile_nll_step_smoke(data):
     out = run("benchmarks/compile_nll_step.py", "--data", str(data), "--steps", "1", "--batch", "8")
     assert "graph breaks in the loss" in out and re.search(r"eager/compiled [\d.]+x", out)
+
+
+def test_mixed_step_parts_smoke(data):
+    out = run("benchmarks/mixed_step_parts.py", "--data", str(data), "--steps", "1", "--batch",
+              "8", "--blocks", "1", "--base-ms", "100")  # fmt: skip
+    for part in ("coordinate transform", "couplings (2)", "P4Inv layers (2)", "whole flow",
+                 "TorchEnergy with forces", "grad norm + Adam", "whole mixed step"):  # fmt: skip
+        assert re.search(rf"^\s+{re.escape(part)}\s+[\d.]+\s+\d+%", out, re.M), part
+    assert "a 2.5x step from 100.0 ms: 40.0 ms" in out
