@@ -4,12 +4,12 @@ Why: the paper's flow has 800 parameter tensors (50 couplings × 2 MLPs × 6, 50
 coupling scales). On the CPU, fused Adam and the foreach gradient norm still loop over tensors,
 at about 7 µs per tensor: 7.1 ms per step against 2.2 ms with the conditioners in one buffer
 and P4Inv's 150 tensors apart (``python benchmarks/flat_params.py``). :class:`FlatParameters`
-stores each group's
-parameters as views into one contiguous buffer and their gradients as views into that buffer's
-gradient, so that autograd accumulates in place and the optimizer, the gradient norm and
-``zero_grad`` see a handful of tensors. The modules, their ``state_dict`` and every forward pass
-are unchanged; apex's flat FusedAdam buffers and DDP's ``gradient_as_bucket_view`` rest on the
-same idea, and neither is a dependency that fits here (apex is CUDA-only, DDP a process group).
+stores each group's parameters as views into one contiguous buffer and their gradients as views
+into that buffer's gradient, so that autograd accumulates in place and the optimizer, the
+gradient norm and ``zero_grad`` see a handful of tensors. The modules, their ``state_dict`` and
+every forward pass are unchanged; apex's flat FusedAdam buffers and DDP's
+``gradient_as_bucket_view`` rest on the same idea, and neither is a dependency that fits here
+(apex is CUDA-only, DDP a process group).
 
 Checkpoints keep the per-parameter layout (:meth:`FlatParameters.state_dict` and
 :meth:`FlatParameters.load_state_dict`), so the files do not depend on the flattening: runs saved
@@ -30,8 +30,8 @@ __all__ = ["FlatParameters"]
 
 
 class FlatParameters:
-    """Parameter groups for an optimizer, each group's ``flatten`` members merged into one
-    buffer.
+    """Parameter groups for an optimizer, each group's trainable parameters (all but
+    ``keep_separate``) merged into one buffer.
 
     Args:
         groups: optimizer parameter groups (dicts with ``"params"`` and any hyper-parameters, as

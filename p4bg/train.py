@@ -255,9 +255,8 @@ def make_optimizer(
     flat = FlatParameters(groups, keep_separate=p4)
     # fused: one multi-tensor kernel instead of ~10 small kernels per parameter tensor (the
     # for-loop Adam took a third of the NLL step of the paper model on the CPU)
-    if config.weight_decay == 0:
-        return torch.optim.Adam(flat.groups, lr=config.nll_lr, fused=True), flat
-    return torch.optim.AdamW(flat.groups, lr=config.nll_lr, fused=True), flat
+    kind = torch.optim.Adam if config.weight_decay == 0 else torch.optim.AdamW
+    return kind(flat.groups, lr=config.nll_lr, fused=True), flat
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:
@@ -342,8 +341,8 @@ class Trainer:
         self.target = None
         self.bg = BoltzmannGenerator(self.flow, self.coordinates, None)
         self.optimizer, self.flat = make_optimizer(self.flow, config)
-        # the training step's passes through flow and transform, compiled on request (the
-        # target energy and validation stay eager: neither is worth minutes of compilation)
+        # the training step's passes through flow and transform, compiled on request (with
+        # TorchEnergy, see energy(); validation stays eager: not worth minutes of compilation)
         self._nll, self._nll_and_generate = self.bg.nll, self.bg.nll_and_generate
         if config.compile:  # the mixed step's two passes: one graph, one backward
             self._nll = torch.compile(self.bg.nll, options=COMPILE_OPTIONS)
