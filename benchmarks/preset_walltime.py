@@ -6,7 +6,8 @@ NLL step, the median mixed step (sampling, OpenMM energies and forces, the KL te
 validation at the preset's own settings (validation NLL of ``val_frames`` held-out frames and the
 reverse ESS of ``val_samples`` fresh samples), and multiplies by the preset's plan:
 
-    wall ≈ nll_steps · t_nll + mixed_steps · t_mixed + validations · t_val
+    wall ≈ nll_steps · t_nll + mixed_steps · t_mixed + anneal_steps · t_anneal
+           + validations · t_val
 
 It prints both plans side by side with the ratio to the first preset (the issue "Samples that
 reweight" asks the new preset for at most 1.5× `paper`). Each preset is timed on its own
@@ -20,7 +21,11 @@ writes (every 1,000 steps, about 0.1 s each) are left out of both.
     python benchmarks/preset_walltime.py --presets paper spline:nll_steps=16000   # a variant
 
 A preset may carry overrides, ``NAME:key=value,key=value``, as ``--key=value`` would give them to
-``p4bg.train``.
+``p4bg.train``. Stages that run one after the other are joined by ``+`` and their plans added:
+``spline+spline300`` is the 600 K spline model and the annealing to 300 K that starts from it
+(a preset's ``init`` is left out: a fresh model's steps cost the same).
+
+    python benchmarks/preset_walltime.py --presets paper spline spline+spline300   # 300 K
 """
 
 from __future__ import annotations
@@ -54,15 +59,18 @@ def measure(
 ) -> dict[str, float]:
     """Seconds per NLL step, per mixed step and per validation of ``preset``, and its plan."""
     name, extra = split_spec(preset)
-    changes = {"out": out, **({"flow": flow} if flow else {}), **({"data": data} if data else {})}
+    changes = {"out": out, "init": "", **({"flow": flow} if flow else {}),
+               **({"data": data} if data else {})}  # fmt: skip
     config = apply_overrides(TrainConfig(), {**PRESETS[name], **extra, **changes}, preset)
     if not Path(config.data).is_dir():
         raise SystemExit(f"preset_walltime: the {preset} preset's dataset {config.data} is not "
                          "here; make it (README, 'Datasets') or pass --data")  # fmt: skip
     trainer = Trainer(config, progress=False)
-    times: dict[str, list[float]] = {"nll": [], "mixed": []}
-    for phase, start in (("nll", 0), ("mixed", config.nll_steps)):
-        if (config.nll_steps if phase == "nll" else config.mixed_steps) == 0:
+    times: dict[str, list[float]] = {"nll": [], "mixed": [], "anneal": []}
+    lengths = {"nll": config.nll_steps, "mixed": config.mixed_steps, "anneal": config.anneal_steps}
+    starts = {"nll": 0, "mixed": config.nll_steps, "anneal": config.nll_steps + config.mixed_steps}
+    for phase, start in starts.items():
+        if lengths[phase] == 0:
             continue
         trainer.step = start  # the schedules (lr, w_e) read the step; the cost does not
         for _ in range(steps + 2):  # the first two warm up caches and worker processes
@@ -78,10 +86,29 @@ def measure(
     n_val = total // config.val_every + (total % config.val_every != 0)
     t_nll = statistics.median(times["nll"][2:]) if times["nll"] else 0.0
     t_mixed = statistics.median(times["mixed"][2:]) if times["mixed"] else 0.0
-    wall = config.nll_steps * t_nll + config.mixed_steps * t_mixed + n_val * t_val
+    t_anneal = statistics.median(times["anneal"][2:]) if times["anneal"] else 0.0
+    wall = (config.nll_steps * t_nll + config.mixed_steps * t_mixed
+            + config.anneal_steps * t_anneal + n_val * t_val)  # fmt: skip
     return {"data": config.data, "n_val_frames": trainer.n_val, "nll_steps": config.nll_steps,
-            "mixed_steps": config.mixed_steps, "t_nll": t_nll, "t_mixed": t_mixed,
+            "mixed_steps": config.mixed_steps, "anneal_steps": config.anneal_steps,
+            "t_nll": t_nll, "t_mixed": t_mixed, "t_anneal": t_anneal,
             "n_val": n_val, "t_val": t_val, "wall": wall}  # fmt: skip
+
+
+def add_stages(stages: list[dict[str, float]]) -> dict[str, float]:
+    """The plan of stages run one after the other: steps, validations and wall add up; each
+    step time is the steps' weighted mean."""
+    out: dict[str, float] = {"data": " then ".join(str(s["data"]) for s in stages),
+                             "n_val_frames": stages[-1]["n_val_frames"]}  # fmt: skip
+    for key in ("nll_steps", "mixed_steps", "anneal_steps", "n_val", "wall"):
+        out[key] = sum(s[key] for s in stages)
+    for phase in ("nll", "mixed", "anneal"):
+        n = out[f"{phase}_steps"]
+        out[f"t_{phase}"] = (
+            sum(s[f"{phase}_steps"] * s[f"t_{phase}"] for s in stages) / n if n else 0.0
+        )
+    out["t_val"] = sum(s["n_val"] * s["t_val"] for s in stages) / max(out["n_val"], 1)
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -95,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="the mixing of every preset (default: each preset's own)")  # fmt: skip
     parser.add_argument("--steps", type=int, default=30, help="timed steps per phase")
     args = parser.parse_args(argv)
-    unknown = [p for p in args.presets if split_spec(p)[0] not in PRESETS]
+    unknown = [s for p in args.presets for s in p.split("+") if split_spec(s)[0] not in PRESETS]
     if unknown:
         parser.error(f"unknown preset(s) {unknown}; known: {sorted(PRESETS)}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
@@ -103,16 +130,23 @@ def main(argv: list[str] | None = None) -> None:
           f"median of {args.steps} steps per phase")  # fmt: skip
     rows = {}
     with tempfile.TemporaryDirectory(prefix="p4bg_walltime_") as tmp:
+        measured: dict[str, dict[str, float]] = {}
         for preset in args.presets:
-            rows[preset] = measure(preset, args.data, args.steps, args.flow, f"{tmp}/{preset}")
+            for stage in preset.split("+"):
+                if stage not in measured:
+                    measured[stage] = measure(stage, args.data, args.steps, args.flow,
+                                              f"{tmp}/{len(measured)}")  # fmt: skip
+            rows[preset] = add_stages([measured[s] for s in preset.split("+")])
     base = rows[args.presets[0]]["wall"]
     width = max(12, *(len(p) for p in args.presets))
     print(f"  {'preset':<{width}} {'NLL steps':>9} {'ms/step':>8} {'mixed':>6} {'ms/step':>8} "
-          f"{'val':>4} {'s/val':>6} {'planned h':>9} {'ratio':>6}")  # fmt: skip
+          f"{'anneal':>6} {'ms/step':>8} {'val':>4} {'s/val':>6} {'planned h':>9} "
+          f"{'ratio':>6}")  # fmt: skip
     for preset, r in rows.items():
         print(f"  {preset:<{width}} {r['nll_steps']:>9,} {r['t_nll'] * 1e3:>8.1f} "
-              f"{r['mixed_steps']:>6,} {r['t_mixed'] * 1e3:>8.1f} {r['n_val']:>4} "
-              f"{r['t_val']:>6.2f} {r['wall'] / 3600:>9.2f} {r['wall'] / base:>6.2f}")  # fmt: skip
+              f"{r['mixed_steps']:>6,} {r['t_mixed'] * 1e3:>8.1f} {r['anneal_steps']:>6,} "
+              f"{r['t_anneal'] * 1e3:>8.1f} {r['n_val']:>4} {r['t_val']:>6.2f} "
+              f"{r['wall'] / 3600:>9.2f} {r['wall'] / base:>6.2f}")  # fmt: skip
     for preset, r in rows.items():
         print(f"  {preset}: data {r['data']}, {r['n_val_frames']:,} validation frames scored")
 

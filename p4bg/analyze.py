@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,10 @@ class Reference:
         self.segments = replica_segments([int(r["frames"]) for r in meta["replicas"]], idx)
         self.ps_per_frame = meta.get("save_every_ps")
         steps, rate = meta.get("steps_per_frame"), meta.get("steps_per_second_total")
+        # replica exchange (p4bg.remd): a frame at the lowest temperature costs the MD steps of
+        # every temperature of the ladder (its steps_per_second_total counts them all)
+        self.n_temperatures = len(meta.get("temperatures_K", [self.temperature]))
+        steps = steps * self.n_temperatures if steps else steps
         ok = isinstance(rate, int | float) and rate > 0 and steps
         self.seconds_per_frame = float(steps) / float(rate) if ok else None
         total_steps = sum(int(r["frames"]) for r in meta["replicas"]) * int(steps or 0)
@@ -241,7 +246,9 @@ def read_samples(
     t = meta.get("temperature_K")
     if t is None or abs(float(t) - temperature) > 1e-6:
         raise ConfigError(f"{meta_path}: samples weighted at {t} K, the reference is at "
-                          f"{temperature} K; use a dataset at the run's temperature")  # fmt: skip
+                          f"{temperature:g} K; give a reference at the samples' temperature, or "
+                          f"weight them for this one: `python -m p4bg.sample {run} --overwrite "
+                          f"--target-temperature {temperature:g}`")  # fmt: skip
     with np.load(path) as data:
         missing = [k for k in ("u", "log_q", "log_w", "phi", "psi") if k not in data]
         if missing:
@@ -279,6 +286,27 @@ def read_training_metrics(run: Path) -> dict[str, np.ndarray] | None:
 
     out = {"step": column("step"), "nll": column("nll"), "val_nll": column("val_nll")}
     return out | {k: column(k) for k in OPTIONAL_TRAINING_COLUMNS if k in rows[0]}
+
+
+def reference_free_energy(meta: dict[str, Any]) -> tuple[float, float, str] | None:
+    """ΔF(φ>0 vs φ<0) with its uncertainty (kT) and its source, from what a dataset's
+    metadata.json records besides its frames: umbrella sampling along φ (and ψ) with MBAR
+    (p4bg.umbrella) first, else MBAR over a replica-exchange ladder (p4bg.remd); None if
+    neither is there (the frames' own ΔF is used)."""
+    umbrella, mbar = meta.get("umbrella"), meta.get("mbar")
+    if isinstance(umbrella, dict) and umbrella.get("status") == "complete":
+        plan = umbrella["plan"]
+        grid = (
+            f"{plan['windows']} x {plan['psi_windows']} (φ, ψ)"
+            if plan.get("psi_windows")
+            else f"{plan['windows']} φ"
+        )
+        return (float(umbrella["delta_f"]), float(umbrella["delta_f_err"]),
+                f"umbrella sampling, {grid} windows, MBAR (p4bg.umbrella)")  # fmt: skip
+    if isinstance(mbar, dict) and math.isfinite(mbar.get("delta_f", math.nan)):
+        return (float(mbar["delta_f"]), float(mbar["delta_f_err"]),
+                f"MBAR over {len(meta['temperatures_K'])} temperatures (p4bg.remd)")  # fmt: skip
+    return None
 
 
 def analyze(
@@ -337,6 +365,13 @@ def analyze(
     u_noisy = perturbed_energies(ref, noise, seed, n_workers, energy)
     reference = reference_metrics(ref.u, ref.phi, ref.psi, ref.is_l, u_train_max, ref.segments,
                                   ref.ps_per_frame, ref.seconds_per_frame)  # fmt: skip
+    estimate = reference_free_energy(ref.meta) if split == "all" else None
+    if estimate is not None:
+        # a free-energy estimate recorded with the dataset (umbrella sampling, or MBAR over
+        # a replica-exchange ladder) replaces the one from the frames (kept as delta_f_frames)
+        reference["delta_f_frames"] = reference["delta_f"]
+        reference["delta_f_frames_err"] = reference["delta_f_err"]
+        reference["delta_f"], reference["delta_f_err"], reference["delta_f_source"] = estimate
     noisy_label = f"MD + {noise:g} nm noise"
     reference["perturbed"] = {
         "noise_nm": noise,
@@ -363,6 +398,10 @@ def analyze(
         models[run.name]["u_train_max_source"] = threshold["source"]
         models[run.name]["u_train_max_dataset"] = threshold["dataset"]
         models[run.name]["sampling_device"] = meta.get("device")
+        models[run.name]["temperature_K"] = float(meta["temperature_K"])
+        # the frames the model learned from (samples from before target_temperature: the same)
+        models[run.name]["data_temperature_K"] = float(meta.get("data_temperature_K",
+                                                                meta["temperature_K"]))  # fmt: skip
         # samples from before the `energy` option were scored by the OpenMM workers
         models[run.name]["sample_energy"] = meta.get("energy", "openmm")
         run_info[run.name] = (
@@ -370,6 +409,8 @@ def analyze(
             + (f", prior scale τ = {scale:g}" if scale != 1 else "")
             + (f", sampled on {meta['device']}" if meta.get("device") else "")
             + f", energies by {models[run.name]['sample_energy']}"
+            + f" at {models[run.name]['temperature_K']:g} K (trained on "
+            + f"{models[run.name]['data_temperature_K']:g} K data)"
             + f"; threshold from {threshold['source']}"
             + (f" ({threshold['dataset']})" if threshold["dataset"] else "")
         )

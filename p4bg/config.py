@@ -40,7 +40,11 @@ class TrainConfig:
     system: str = "alanine_dipeptide"
     data: str = "data/alanine_dipeptide_600K"
     out: str = "runs/p4inv"
-    temperature: float = 600.0  # K, of the data and of the target energy; checked against both
+    temperature: float = 600.0  # K, of the data (checked against its metadata.json)
+    # K of the target energy: the KL term, the annealing phase's end, validation's reverse ESS
+    # and the samples' weights; 0: the data's temperature. Samples, checkpoints and reports
+    # record both
+    target_temperature: float = 0.0
     train_fraction: float = 1.0  # first fraction of each replica's training block (shorter MD)
     train_stride: int = 1  # every k-th training frame (sparser saving)
     # model (paper App. H)
@@ -72,6 +76,15 @@ class TrainConfig:
     # and the stale moments (time constant 1,000 steps) turn its first steps into jumps that
     # can empty the phi > 0 basin (docs/results.md §6). The paper keeps them (False).
     mixed_fresh_optimizer: bool = False
+    # Temperature annealing (after the NLL and mixed phases): the model moves from the data's
+    # temperature to target_temperature through anneal_stages geometric stages of equal length.
+    # Each step draws anneal_samples from the model, weights them to the stage's Boltzmann
+    # density (w ∝ exp(−u_T(x)) / q(x)), resamples a batch by the weights and takes an NLL
+    # step on it: reweighted forward KL on the model's own samples (TA-BG, arXiv 2510.18460)
+    anneal_steps: int = 0
+    anneal_stages: int = 6
+    anneal_samples: int = 2048
+    anneal_lr: float = 1e-4
     # P4Inv merges (paper App. H)
     merge_every: int = 100
     force_every: int = 10
@@ -108,6 +121,17 @@ class TrainConfig:
         """Raise :class:`ConfigError` for values that cannot work."""
         if not self.temperature > 0:
             raise ConfigError(f"temperature must be > 0 K, got {self.temperature}")
+        if self.target_temperature < 0:
+            raise ConfigError(f"target_temperature must be > 0 K (or 0: the data's "
+                              f"temperature), got {self.target_temperature}")  # fmt: skip
+        if self.anneal_steps and self.target_of() == self.temperature:
+            raise ConfigError(f"anneal_steps = {self.anneal_steps} needs a target_temperature "
+                              f"other than the data's {self.temperature:g} K")  # fmt: skip
+        if self.anneal_steps and not 1 <= self.anneal_stages <= self.anneal_steps:
+            raise ConfigError(f"anneal_stages must be in [1, anneal_steps], got "
+                              f"{self.anneal_stages}")  # fmt: skip
+        if self.anneal_samples < 1:
+            raise ConfigError(f"anneal_samples must be >= 1, got {self.anneal_samples}")
         if not 0 < self.train_fraction <= 1:
             raise ConfigError(f"train_fraction must be in (0, 1], got {self.train_fraction}")
         if self.lr_schedule not in ("constant", "cosine"):
@@ -137,10 +161,10 @@ class TrainConfig:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
         for key in ("nll_steps", "mixed_steps", "force_every", "correct_every", "n_workers",
                     "warmup_steps", "kl_batch_size", "energy_ramp_steps", "val_frames",
-                    "val_samples"):  # fmt: skip
+                    "val_samples", "anneal_steps"):  # fmt: skip
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be >= 0, got {getattr(self, key)}")
-        for key in ("nll_lr", "mixed_lr"):
+        for key in ("nll_lr", "mixed_lr", "anneal_lr"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"{key} must be > 0, got {getattr(self, key)}")
         for f in fields(self):
@@ -158,12 +182,33 @@ class TrainConfig:
             )
         if not self.energy_high < self.energy_max:
             raise ConfigError("energy_high must be < energy_max")
-        if self.nll_steps + self.mixed_steps < 1:
-            raise ConfigError("nll_steps + mixed_steps must be >= 1")
+        if self.total_steps < 1:
+            raise ConfigError("nll_steps + mixed_steps + anneal_steps must be >= 1")
 
     @property
     def total_steps(self) -> int:
-        return self.nll_steps + self.mixed_steps
+        return self.nll_steps + self.mixed_steps + self.anneal_steps
+
+    def target_of(self) -> float:
+        """The target energy's temperature, K (``target_temperature``, or the data's if 0)."""
+        return self.target_temperature or self.temperature
+
+    def anneal_temperature(self, step: int) -> float:
+        """K of the annealing stage that optimizer step ``step`` (0-based) belongs to: stage
+        s of S runs at T_data · (T_target/T_data)^((s+1)/S), so that the last is the target."""
+        start = self.nll_steps + self.mixed_steps
+        stage = min(
+            self.anneal_stages - 1, (step - start) * self.anneal_stages // self.anneal_steps
+        )
+        ratio = self.target_of() / self.temperature
+        return self.temperature * ratio ** ((stage + 1) / self.anneal_stages)
+
+    def anneal_ladder(self) -> list[float]:
+        """The annealing stages' temperatures, K, in order (the last is the target)."""
+        start = self.nll_steps + self.mixed_steps
+        steps = [start + math.ceil(k * self.anneal_steps / self.anneal_stages)
+                 for k in range(self.anneal_stages)]  # fmt: skip
+        return [self.anneal_temperature(s) for s in steps]
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -329,3 +374,22 @@ def to_toml(config: TrainConfig) -> str:
             text = str(value)
         lines.append(f"{f.name} = {text}")
     return "\n".join(lines) + "\n"
+
+
+# 300 K from 600 K data (issue "The field's standard temperature", docs/results.md §8): the
+# `spline` model trained at 600 K (its run folder is `init`), then annealed to 300 K by
+# reweighted maximum likelihood on its own samples through geometric temperature stages.
+# Train the 600 K stage first: `python -m p4bg.train --preset spline --out runs/spline`.
+PRESETS["spline300"] = {
+    **PRESETS["spline"],
+    "init": "runs/spline",
+    "out": "runs/spline300",
+    "nll_steps": 0,
+    "mixed_steps": 0,
+    "target_temperature": 300.0,
+    "anneal_steps": 3_000,
+    "anneal_stages": 6,
+    "anneal_samples": 2048,
+    "anneal_lr": 1e-4,
+    "lr_schedule": "constant",
+}

@@ -80,12 +80,15 @@ def write_chunk(
     energies: np.ndarray,
     steps: np.ndarray,
     checkpoint: bytes,
+    extra: dict[str, np.ndarray] | None = None,
 ) -> None:
     """Write chunk ``index`` of one replica atomically.
 
     xyz: positions, shape (frames, n_atoms, 3), nm. energies: kJ/mol, shape (frames,).
     steps: production step of each frame. checkpoint: OpenMM ``Context.createCheckpoint()``
-    taken after the last frame, from which a killed run resumes.
+    taken after the last frame, from which a killed run resumes (for a replica-exchange chain,
+    p4bg.remd's pickled state of all its temperatures). extra: more per-frame arrays stored in
+    the ``.npz`` (p4bg.remd: energies and angles at every temperature).
     """
     from mdtraj.formats import DCDTrajectoryFile
 
@@ -101,6 +104,7 @@ def write_chunk(
         energies=np.asarray(energies, dtype=np.float64),
         steps=np.asarray(steps, dtype=np.int64),
         checkpoint=np.frombuffer(checkpoint, dtype=np.uint8),
+        **(extra or {}),
     )
     os.replace(tmp_npz, npz)
 

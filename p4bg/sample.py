@@ -10,7 +10,9 @@ Writes into the run folder:
     samples.npz    per frame: u (kT; +inf where the energy evaluation failed), log_q (model
                    log-density on the 60-dim latent space), log_w = −u − log_q (−inf for failed
                    samples), phi and psi (radians), finite (positions finite), is_l (L-alanine)
-    samples.json   counts, seed, energy platform, checkpoint step, status
+    samples.json   counts, seed, energy platform, checkpoint step, status; temperature_K (of
+                   u and log_w: the run's target temperature, or --target-temperature) and
+                   data_temperature_K (of the frames the model learned from)
 
 Energies, φ and ψ are computed from the positions exactly as stored in the DCD (rounded to
 float32 Å), so that anyone re-evaluating the file gets the stored numbers. Samples are written
@@ -204,20 +206,27 @@ def sample_run(
     prior_scale: float | None = None,
     checkpoint: str = "last",
     energy: str | None = None,
+    target_temperature: float | None = None,
 ) -> dict[str, Any]:
     """Draw ``n`` samples from ``run`` and write them (module docstring); returns samples.json.
     ``checkpoint``: "last" (checkpoint.pt) or "best" (best.pt, lowest validation NLL).
     ``prior_scale``: τ of the prior N(0, τ²I); None takes the run's ``sample_prior_scale``.
-    ``energy``: auto | openmm | torch (p4bg.energy.make_energy); None takes the run's."""
+    ``energy``: auto | openmm | torch (p4bg.energy.make_energy); None takes the run's.
+    ``target_temperature``: K of the energies and weights; None takes the run's target (a 600 K
+    model's samples weighted to 300 K, for instance: the weights stay exact, the ESS says how
+    far the model is from that density)."""
     from tqdm import tqdm
 
     from analysis.geometry import dihedral, is_l_chirality
     from p4bg.energy import energy_kind, make_energy
+    from p4bg.systems import MOLAR_GAS_CONSTANT
 
     if n < 1 or batch < 1:
         raise ConfigError(f"--n and --batch must be >= 1, got {n} and {batch}")
     if prior_scale is not None and not 0 < prior_scale <= 10:
         raise ConfigError(f"--prior-scale must be in (0, 10], got {prior_scale}")
+    if target_temperature is not None and not 0 < target_temperature < 1e5:
+        raise ConfigError(f"--target-temperature must be in (0, 1e5) K, got {target_temperature}")
     if energy is not None and energy not in ENERGIES:
         raise ConfigError(f"--energy must be one of {', '.join(ENERGIES)}, got {energy!r}")
     run = Path(run)
@@ -226,6 +235,8 @@ def sample_run(
     if prior_scale is None:
         prior_scale = loaded.config.sample_prior_scale
     system, bg = loaded.system, loaded.bg
+    temperature = loaded.config.target_of() if target_temperature is None else target_temperature
+    kT = MOLAR_GAS_CONSTANT * temperature
     bg.prior_scale = float(prior_scale)  # log q below is the density of this tempered model
     workers = loaded.config.n_workers if n_workers is None else n_workers
     param = next(bg.flow.parameters())
@@ -234,14 +245,15 @@ def sample_run(
         "run": str(run), "checkpoint": checkpoint, "checkpoint_step": loaded.step, "seed": seed,
         "requested": n,
         "batch": batch, "device": str(param.device), "prior_scale": float(prior_scale),
-        "system": loaded.config.system, "temperature_K": system.temperature,
-        "kT_kJ_per_mol": system.kT,
+        "system": loaded.config.system, "temperature_K": temperature,
+        "kT_kJ_per_mol": kT, "data_temperature_K": loaded.config.temperature,
+        "run_target_temperature_K": loaded.config.target_of(),
         "command": command or f"p4bg.sample.sample_run({str(run)!r}, {n}, batch={batch}, "
         f"seed={seed})",
     }  # fmt: skip
     start = time.perf_counter()
     target = make_energy(energy, system, n_workers=workers, platform=loaded.energy_platform,
-                         device=param.device)  # fmt: skip
+                         device=param.device, temperature=temperature)  # fmt: skip
     with target as energy:
         info["energy"], info["energy_platform"] = energy_kind(energy), energy.platform
         writer = SampleWriter(run, system.topology, info)
@@ -368,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="target energy: torch (TorchEnergy on --device), openmm (worker "
                         "processes), auto (torch where the System's forces allow) (default: "
                         "the run's)")  # fmt: skip
+    parser.add_argument("--target-temperature", type=float, default=None, metavar="K",
+                        help="temperature of the energies and weights (default: the run's "
+                        "target_temperature)")  # fmt: skip
     parser.add_argument("--n-workers", type=int, default=None,
                         help="energy worker processes (default: the run's n_workers)")  # fmt: skip
     parser.add_argument("--overwrite", action="store_true",
@@ -399,7 +414,8 @@ def main(argv: list[str] | None = None) -> None:
         result = sample_run(run, args.n, args.batch, args.device, args.seed, args.n_workers,
                             progress=not args.no_progress, command=command,
                             prior_scale=args.prior_scale, checkpoint=args.checkpoint,
-                            energy=args.energy)  # fmt: skip
+                            energy=args.energy,
+                            target_temperature=args.target_temperature)  # fmt: skip
     except (ConfigError, SystemConfigError, UnsupportedForceError) as err:
         print(f"p4bg.sample: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -22,8 +22,10 @@ import queue as queue_module
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -323,8 +325,14 @@ def _phi_positive_fraction(out: Path, system: MolecularSystem, plan: dict) -> fl
     return positive / total
 
 
-def _run_jobs(jobs: list[ReplicaJob], workers: int, plan: dict, progress_bar: bool) -> list[dict]:
-    """Run the replicas in up to ``workers`` processes, with a progress bar; re-raise errors."""
+def _run_jobs(
+    jobs: list[Any], workers: int, plan: dict, progress_bar: bool, target: Callable = _worker
+) -> list[dict]:
+    """Run the replicas in up to ``workers`` processes, with a progress bar; re-raise errors.
+
+    jobs: picklable, with ``index`` and ``frames``; ``target(job, queue)`` runs one in a worker
+    process and reports ``("frames" | "resumed", index, count)``, ``("done", index, result)`` or
+    ``("error", index, traceback)`` (:func:`_worker`; p4bg.remd's chains use the same protocol)."""
     from tqdm import tqdm
 
     ctx = mp.get_context("spawn")  # a fresh interpreter: no inherited OpenMM or thread state
@@ -334,14 +342,20 @@ def _run_jobs(jobs: list[ReplicaJob], workers: int, plan: dict, progress_bar: bo
     results: dict[int, dict] = {}
     total = sum(j.frames for j in jobs)
     ps_per_frame = plan["save_every_ps"]
-    bar = tqdm(total=total, unit="frame", disable=not progress_bar, dynamic_ncols=True, desc="MD")
+    bar = tqdm(
+        total=total,
+        unit="frame",
+        disable=not progress_bar,
+        dynamic_ncols=True,
+        desc=plan.get("progress_label", "MD"),
+    )
     start = time.perf_counter()
     new_frames = 0
     try:
         while pending or running:
             while pending and len(running) < workers:
                 job = pending.pop(0)
-                proc = ctx.Process(target=_worker, args=(job, progress), daemon=True)
+                proc = ctx.Process(target=target, args=(job, progress), daemon=True)
                 proc.start()
                 running[job.index] = proc
             try:

@@ -7,8 +7,11 @@
 
 Phases (paper App. H): ``nll_steps`` of maximum likelihood on training frames at ``nll_lr``,
 then ``mixed_steps`` of ``w_l·NLL + w_e·KL`` at ``mixed_lr`` with ``w_e/w_l =
-energy_weight_ratio``; P4Inv merges every ``merge_every`` steps. Any configuration key can be
-given as ``--key=value`` (or ``--key value``); ``--config FILE`` reads a TOML file.
+energy_weight_ratio``, then ``anneal_steps`` of temperature annealing from the data's
+temperature to ``target_temperature`` at ``anneal_lr`` (reweighted maximum likelihood on the
+model's own samples, :meth:`Trainer.anneal_batch`); P4Inv merges every ``merge_every``
+steps. Any configuration key can be given as ``--key=value`` (or ``--key value``);
+``--config FILE`` reads a TOML file.
 Output in ``--out``: config.toml, checkpoint.pt (atomic), metrics.csv, train.log.
 """
 
@@ -41,6 +44,7 @@ METRIC_COLUMNS = [
     "best_val_nll", "mean_u", "grad_norm", "lr", "w_e",
     "merges_accepted", "merges_skipped", "merges_forced", "merge_resets", "max_residual",
     "energy_failures", "skipped_steps", "clamped_coordinates", "seconds",
+    "anneal_temperature", "anneal_ess",
 ]  # fmt: skip
 # Random streams of their own (seed offsets), so that e.g. validation settings never change the
 # training trajectory: minibatches, prior draws of the KL term, validation samples, P4Inv resets.
@@ -126,6 +130,8 @@ def resolve_config(flags: dict[str, Any], overrides: dict[str, str]) -> TrainCon
         if flags["config"]:
             config = apply_overrides(config, load_toml(flags["config"]), str(flags["config"]))
         config = apply_overrides(config, overrides, "command line")
+        # the run records the target's temperature itself, not "the data's"
+        config.target_temperature = config.target_of()
     config.validate()
     return config
 
@@ -264,8 +270,11 @@ def learning_rate(config: TrainConfig, step: int) -> float:
     to ``lr × lr_final_factor``; a linear warm-up over the first ``warmup_steps``."""
     if step < config.nll_steps:
         base, start, length = config.nll_lr, 0, config.nll_steps
-    else:
+    elif step < config.nll_steps + config.mixed_steps:
         base, start, length = config.mixed_lr, config.nll_steps, config.mixed_steps
+    else:
+        base, start = config.anneal_lr, config.nll_steps + config.mixed_steps
+        length = config.anneal_steps
     lr = base
     if config.lr_schedule == "cosine" and length > 1:
         t = (step - start) / (length - 1)
@@ -279,7 +288,7 @@ def learning_rate(config: TrainConfig, step: int) -> float:
 def energy_weight(config: TrainConfig, step: int) -> float:
     """w_e of the mixed loss ``(1 − w_e)·NLL + w_e·KL`` at ``step``: ``r / (1 + r)`` for
     ``r = energy_weight_ratio``, reached linearly over ``energy_ramp_steps`` mixed steps."""
-    if step < config.nll_steps:
+    if not config.nll_steps <= step < config.nll_steps + config.mixed_steps:
         return 0.0
     w_e = config.energy_weight_ratio / (1.0 + config.energy_weight_ratio)
     if config.energy_ramp_steps > 0:
@@ -331,7 +340,9 @@ class Trainer:
         self.coordinates = MixedCoordinateTransform(self.system, fit).to(self.device, dtype)
         self.train_x = torch.from_numpy(train).to(self.device, dtype)  # moved to the device once
         self.val_x = torch.from_numpy(data.xyz[val_idx]).to(self.device, dtype)
-        kT = MOLAR_GAS_CONSTANT * config.temperature
+        # the data's energies at the target's temperature: a Boltzmann sample of the target
+        # only when the two temperatures agree (else the forward log Z is not reported)
+        kT = MOLAR_GAS_CONSTANT * config.target_of()
         self.val_u = torch.from_numpy(data.energies[val_idx] / kT).double()
         val_phi = dihedral(data.xyz[val_idx].reshape(len(val_idx), -1, 3).astype(np.float64),
                            self.system.phi_atoms)  # fmt: skip
@@ -395,6 +406,7 @@ class Trainer:
             "counters": dict(self.counters),
             "best": dict(self.best),
             "temperature_K": self.config.temperature,
+            "target_temperature_K": self.config.target_of(),
             "seconds": self.seconds,
             "energy_platform": self.energy_platform,
         }
@@ -451,7 +463,9 @@ class Trainer:
         a fresh optimizer and step 0: fine-tuning, e.g. more energy training after the paper."""
         path = run / "checkpoint.pt"
         if not path.is_file():
-            raise ConfigError(f"init={run}: no checkpoint.pt there; give a trained run folder")
+            raise ConfigError(f"init={run}: no checkpoint.pt there; give a trained run folder "
+                              f"(the spline300 preset starts from the spline preset's: `python "
+                              f"-m p4bg.train --preset spline --out {run}`)")  # fmt: skip
         state = torch.load(path, map_location="cpu", weights_only=False)
         saved = state["config"]
         keys = ("system", "flow", "coupling", "n_blocks", "hidden", "spline_bins",
@@ -495,6 +509,7 @@ class Trainer:
                 platform=self.energy_platform,
                 device=self.device,
                 compile=cfg.compile,  # the energy of the step is compiled with its flow passes
+                temperature=cfg.target_of(),
             )
             self.energy_platform = self.target.platform
             self.bg.target = self.target
@@ -503,7 +518,33 @@ class Trainer:
         return self.target
 
     def phase(self, step: int) -> str:
-        return "nll" if step < self.config.nll_steps else "mixed"
+        cfg = self.config
+        if step < cfg.nll_steps:
+            return "nll"
+        return "mixed" if step < cfg.nll_steps + cfg.mixed_steps else "anneal"
+
+    @torch.no_grad()
+    def anneal_batch(self, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """A training batch for the annealing phase: ``anneal_samples`` fresh samples of the
+        model (τ = 1), importance-weighted to the Boltzmann density at ``temperature`` (K),
+        ``log w = −u_T(x) − log q(x)``, resampled with replacement to ``batch_size`` frames.
+        The NLL of the batch is then a self-normalised estimate of the forward KL from that
+        density, with its gradient (TA-BG). Returns (x [batch, 66] nm, the weights' ESS as a
+        fraction, a 0-dim tensor); failed energies get weight 0, and a batch whose weights
+        are all 0 or not finite comes out non-finite, so the step is skipped and counted."""
+        cfg = self.config
+        z = self._prior(cfg.anneal_samples, "kl")
+        x, log_q = self.bg.generate(z)
+        u = self.energy()(x).double() * (cfg.target_of() / temperature)
+        self._pending["energy_failures"] += (~torch.isfinite(u)).sum()
+        log_w = torch.nan_to_num(-u - log_q.double(), nan=-math.inf, posinf=-math.inf)
+        w = torch.softmax(log_w, 0)
+        ess = 1.0 / (w.square().sum() * len(w))
+        ok = torch.isfinite(w).all() & (w.sum() > 0)
+        w = torch.where(ok, w, torch.ones_like(w))  # multinomial needs valid weights
+        idx = torch.multinomial(w, cfg.batch_size, replacement=True, generator=self.streams["kl"])
+        batch = x[idx]
+        return torch.where(ok, batch, math.nan), ess
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step; returns its losses, as 0-dim tensors on the device (non-finite
@@ -516,11 +557,21 @@ class Trainer:
             group["lr"] = lr
         if cfg.mixed_fresh_optimizer and self.step == cfg.nll_steps > 0 and phase == "mixed":
             self.optimizer.state.clear()  # Adam starts its moments afresh at the next step
+        if phase == "anneal" and self.step == cfg.nll_steps + cfg.mixed_steps:
+            # the self-sampled batches' gradients are not the data's: fresh moments
+            self.optimizer.state.clear()
         idx = torch.randint(self.n_train, (cfg.batch_size,), generator=self.batches,
                             device=self.device)  # fmt: skip
         self.flat.zero_grad()
         kl = torch.zeros((), device=self.device)
-        if phase == "mixed":
+        extra: dict[str, Any] = {}
+        if phase == "anneal":
+            temperature = cfg.anneal_temperature(self.step)
+            x, ess = self.anneal_batch(temperature)
+            nll = self._nll(x)
+            loss = nll
+            extra = {"anneal_temperature": temperature, "anneal_ess": ess}
+        elif phase == "mixed":
             z = self._prior(cfg.kl_batch_size or cfg.batch_size, "kl")
             self.energy()
             nll, x, log_q = self._nll_and_generate(self.train_x[idx], z)
@@ -548,7 +599,7 @@ class Trainer:
         elif not bool(skip):
             self.optimizer.step()
         row = {"phase": phase, "loss": loss.detach(), "nll": nll.detach(), "kl": kl.detach(),
-               "lr": lr, "w_e": w_e, "grad_norm": grad_norm.detach()}  # fmt: skip
+               "lr": lr, "w_e": w_e, "grad_norm": grad_norm.detach(), **extra}  # fmt: skip
         self.step += 1
         stats = self.merger.step()
         if stats is not None:
@@ -586,7 +637,10 @@ class Trainer:
             "val_nll_phi_pos": float(-log_q[pos].mean()) if pos.any() else float("nan"),
             "val_nll_phi_neg": float(-log_q[~pos].mean()) if (~pos).any() else float("nan"),
         }
-        row["val_logz_forward"] = log_z_forward((-self.val_u - log_q).numpy())
+        if self.config.target_of() == self.config.temperature:
+            row["val_logz_forward"] = log_z_forward((-self.val_u - log_q).numpy())
+        else:  # the data are not a sample of the target at another temperature
+            row["val_logz_forward"] = float("nan")
         n = self.config.val_samples or self.config.sample_batch
         energy = self.energy()
         before = energy.stats.failures
@@ -655,7 +709,10 @@ class Trainer:
                     last = row
                 if self.step % cfg.val_every == 0 or at_end:
                     row.update(self.validate())
-                    if row["val_nll"] < self.best["val_nll"]:
+                    # the data's NLL ranks models of the data's temperature: annealed ones
+                    # are judged by their samples (val_ess), so best.pt stays the last model
+                    # before annealing
+                    if row["val_nll"] < self.best["val_nll"] and row["phase"] != "anneal":
                         self.best = {"val_nll": row["val_nll"], "step": self.step}
                         self.save("best.pt")
                     row["best_val_nll"] = self.best["val_nll"]
@@ -703,11 +760,16 @@ class Trainer:
                 f"{self.best['step']})")  # fmt: skip
         if "val_ess" in row:
             n = self.config.val_samples
-            text += f", reverse ESS {100 * row['val_ess']:.3g}% of {n:,} samples"
+            text += (f", reverse ESS {100 * row['val_ess']:.3g}% of {n:,} samples at "
+                     f"{self.config.target_of():g} K")  # fmt: skip
             if "val_ess_clipped" in row:
                 text += f" (clipped top 1e-4: {100 * row['val_ess_clipped']:.3g}%)"
             gap = row["val_logz_forward"] - row["val_logz_reverse"]
-            text += f", log Z gap {gap:.3f}"
+            if math.isfinite(gap):
+                text += f", log Z gap {gap:.3f}"
+        if row["phase"] == "anneal":
+            text += (f", annealing at {row['anneal_temperature']:.0f} K (batch ESS "
+                     f"{100 * row['anneal_ess']:.3g}%)")  # fmt: skip
         return text + f", mean u {row['mean_u']:.2f} kT, failed energies {row['val_failures']}"
 
     def _on_interrupt(self, signum: int, frame: Any) -> None:
@@ -777,9 +839,18 @@ class Trainer:
                 else ""
             )
             + (f"; grad clip {cfg.max_grad_norm:g}" if cfg.max_grad_norm else ""),
+            f"target energy at {cfg.target_of():g} K"
+            + (
+                f"; then {cfg.anneal_steps:,} annealing steps at lr {cfg.anneal_lr:g} through "
+                + ", ".join(f"{t:.0f}" for t in cfg.anneal_ladder())
+                + f" K ({cfg.anneal_samples:,} samples reweighted per batch)"
+                if cfg.anneal_steps
+                else ""
+            )
+            + (f"; starts from the model of {cfg.init}" if cfg.init else ""),
             f"validation every {cfg.val_every} steps: NLL by basin"
             + (f", reverse ESS of {cfg.val_samples:,} samples" if cfg.val_samples else "")
-            + "; best model kept in best.pt",
+            + "; best model (lowest NLL, before any annealing) kept in best.pt",
             f"merges every {cfg.merge_every} steps, forced every {cfg.force_every}, "
             f"corrected every {cfg.correct_every} merges, penalty {cfg.penalty:g}",
             f"target energy: {cfg.energy} -> {self._energy_plan()}",

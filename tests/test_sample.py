@@ -428,7 +428,7 @@ def test_analyze_errors_name_what_to_do(run, data, tmp_path, capsys):
     assert "p4bg.simulate" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("module", ["p4bg.sample", "p4bg.analyze"])
+@pytest.mark.parametrize("module", ["p4bg.sample", "p4bg.analyze", "p4bg.remd", "p4bg.umbrella"])
 def test_command_lines_start(module):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-m", module, "--help"], env=env, capture_output=True,

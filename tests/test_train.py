@@ -440,14 +440,17 @@ def test_a_non_finite_step_is_skipped_on_the_device_and_counted(data, tmp_path):
     assert trainer.flush_counters()["skipped_steps"] == 1
 
 
-@pytest.mark.parametrize("phase", ["nll", "mixed"])
+@pytest.mark.parametrize("phase", ["nll", "mixed", "anneal"])
 def test_a_training_step_never_reads_a_tensor_on_the_host(data, tmp_path, monkeypatch, phase):
     """The step leaves its values on the device: no .item(), float(), bool(), .tolist() or
     .cpu() of a tensor outside logging and merge events (on a GPU each would wait for the
     device). Checked on the CPU by making those calls raise."""
-    config = smoke_config(data, tmp_path / phase, energy="torch", nll_steps=3, merge_every=1000)
+    anneal = {"mixed_steps": 0, "target_temperature": 300.0, "anneal_steps": 10,
+              "anneal_samples": 64}  # fmt: skip
+    config = smoke_config(data, tmp_path / phase, energy="torch", nll_steps=3, merge_every=1000,
+                          **(anneal if phase == "anneal" else {}))  # fmt: skip
     trainer = Trainer(config, progress=False)
-    for _ in range(3 if phase == "mixed" else 1):
+    for _ in range(1 if phase == "nll" else 3):
         trainer.train_step()  # the mixed phase's first step creates the energy
     calls = []
 

@@ -1,0 +1,107 @@
+"""python -m p4bg.remd: the exchange rule, MBAR against a known answer, a short run that analyze
+reads as a dataset, and exact resume."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from p4bg.data import load_dataset
+from p4bg.remd import exchange, geometric_ladder, main, mbar_delta_f, read_chain_arrays
+
+R = 8.314462618e-3  # kJ/(mol K)
+
+
+def test_geometric_ladder_has_a_constant_ratio():
+    t = geometric_ladder(300.0, 600.0, 5)
+    assert t[0] == 300.0 and math.isclose(t[-1], 600.0)
+    ratios = np.array(t[1:]) / np.array(t[:-1])
+    assert np.allclose(ratios, 2**0.25)
+    with pytest.raises(ValueError, match="t_min < t_max"):
+        geometric_ladder(600.0, 300.0, 4)
+
+
+def test_exchange_accepts_with_the_metropolis_probability():
+    """Empirical swap frequency of one pair against min(1, exp((β_0 − β_1)(U_0 − U_1)))."""
+    beta = 1.0 / (R * np.array([300.0, 400.0]))
+    rng = np.random.default_rng(0)
+    for u0, u1 in [(10.0, 0.0), (0.0, 5.0), (0.0, 20.0)]:
+        energy = np.array([u0, u1])
+        expected = min(1.0, math.exp((beta[0] - beta[1]) * (u0 - u1)))
+        n = 20_000
+        swaps = sum(exchange(energy, beta, 0, rng)[0] == 1 for _ in range(n))
+        assert abs(swaps / n - expected) < 4 * math.sqrt(expected * (1 - expected) / n) + 1e-9
+    # odd parity leaves the first temperature out; counts go to the pair's slot
+    attempts, accepts = np.zeros(3, dtype=np.int64), np.zeros(3, dtype=np.int64)
+    perm = exchange(np.array([0.0, 9.0, 0.0, 0.0]), 1.0 / (R * np.array([300, 350, 400, 450])),
+                    1, rng, attempts, accepts)  # fmt: skip
+    assert perm[0] == 0 and perm[3] == 3 and list(attempts) == [0, 1, 0]
+    assert sorted(perm) == [0, 1, 2, 3]
+
+
+def test_mbar_recovers_a_two_state_free_energy():
+    """Two basins of energies 0 and ΔE (kJ/mol) with equal degeneracy, sampled exactly at each
+    temperature of the ladder: ΔF at the lowest is ΔE/kT_0."""
+    rng = np.random.default_rng(1)
+    temps = geometric_ladder(300.0, 600.0, 4)
+    d_e = 12.0
+    energies, phi = [], []
+    for _ in range(2):  # two chains
+        e = np.zeros((20_000, len(temps)))
+        p = np.zeros_like(e)
+        for k, t in enumerate(temps):
+            p_b = 1.0 / (1.0 + math.exp(d_e / (R * t)))
+            b = rng.random(len(e)) < p_b
+            e[:, k] = np.where(b, d_e, 0.0) + rng.normal(0, 1e-3, len(e))  # no exact ties
+            p[:, k] = np.where(b, 1.0, -1.0)
+        energies.append(e)
+        phi.append(p)
+    result = mbar_delta_f(energies, phi, temps)
+    exact = d_e / (R * temps[0])
+    assert abs(result["delta_f"] - exact) < 4 * result["delta_f_err"]
+    assert 0.01 < result["delta_f_err"] < 0.1 and result["stride"] <= 2  # iid: g ≈ 1
+
+
+def _remd(out, *extra):
+    main(["--ns", "0.01", "--chains", "2", "--n-temperatures", "3", "--t-max", "500",
+          "--exchange-every-ps", "0.05", "--equilibration-ps", "1", "--chunk-frames", "80",
+          "--platform", "Reference", "--no-progress", "--out", str(out), *extra])  # fmt: skip
+
+
+def test_remd_writes_a_dataset_at_the_lowest_temperature_and_resumes_exactly(tmp_path):
+    _remd(tmp_path / "a")
+    meta = json.loads((tmp_path / "a" / "metadata.json").read_text())
+    assert meta["status"] == "complete" and meta["temperature_K"] == 300.0
+    assert len(meta["temperatures_K"]) == 3 and meta["replicas"][0]["frames"] == 200
+    mbar = meta["mbar"]
+    for key in ("delta_f", "delta_f_err", "acceptance", "delta_f_chains", "round_trips"):
+        assert key in mbar
+    assert all(0 < a <= 1 for a in mbar["acceptance"])
+    data = load_dataset(tmp_path / "a")
+    assert data.xyz.shape == (400, 66)
+    chain = read_chain_arrays(tmp_path / "a" / "replica_00")
+    # the dataset's energies are the lowest temperature's column
+    assert np.array_equal(data.energies[:200], chain["energies_all"][:, 0])
+    assert chain["energies_all"].shape == (200, 3) and chain["walker"].shape == (200, 3)
+    assert all(sorted(row) == [0, 1, 2] for row in chain["walker"])
+
+    # killed after its first chunk, then resumed: the same frames as the uninterrupted run
+    _remd(tmp_path / "b", "--stop-after-chunks", "1")
+    assert json.loads((tmp_path / "b" / "metadata.json").read_text())["status"] == "interrupted"
+    _remd(tmp_path / "b", "--resume")
+    again = load_dataset(tmp_path / "b")
+    assert np.array_equal(again.xyz, data.xyz)
+    assert np.array_equal(again.energies, data.energies)
+    with pytest.raises(SystemExit, match="--resume"):
+        _remd(tmp_path / "b")
+
+
+def test_remd_cli_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--ns", "1", "--t-min", "600", "--t-max", "300", "--out", str(tmp_path / "x")])
+    assert "--t-min < --t-max" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="exchange-every-ps"):
+        main(["--ns", "1", "--exchange-every-ps", "0.0005", "--out", str(tmp_path / "y")])

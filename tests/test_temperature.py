@@ -1,0 +1,168 @@
+"""A target temperature of its own: training (annealing phase, records), sampling and analysis
+at another temperature than the data's, and the mismatches that are refused."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from p4bg.analyze import main as analyze_main
+from p4bg.config import PRESETS, ConfigError, TrainConfig, apply_overrides, load_toml
+from p4bg.remd import main as remd_main
+from p4bg.sample import sample_run
+from p4bg.train import Trainer, main, resolve_config
+
+ANNEAL = {"target_temperature": 300.0, "anneal_steps": 8, "anneal_stages": 2,
+          "anneal_samples": 64}  # fmt: skip
+
+
+def smoke_config(data: Path, out: Path, **changes) -> TrainConfig:
+    config = apply_overrides(TrainConfig(), PRESETS["smoke"], "smoke")
+    return apply_overrides(config, {"data": str(data), "out": str(out), **changes}, "test")
+
+
+@pytest.fixture(scope="module")
+def annealed(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "annealed"
+    main(["--preset", "smoke", "--data", str(data), "--out", str(out), "--no-progress",
+          *[f"--{k}={v}" for k, v in ANNEAL.items()]])  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="module")
+def remd_reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("md") / "remd300"
+    remd_main(["--ns", "0.01", "--chains", "2", "--n-temperatures", "3",
+               "--exchange-every-ps", "0.05", "--equilibration-ps", "1", "--platform",
+               "Reference", "--no-progress", "--out", str(out)])  # fmt: skip
+    return out
+
+
+def test_anneal_ladder_ends_at_the_target():
+    config = apply_overrides(TrainConfig(), {"nll_steps": 10, "mixed_steps": 0,
+                                             **ANNEAL}, "test")  # fmt: skip
+    assert config.anneal_ladder() == pytest.approx([math.sqrt(600 * 300), 300.0])
+    assert [config.anneal_temperature(s) for s in (10, 13, 14, 17)] == pytest.approx(
+        [math.sqrt(600 * 300)] * 2 + [300.0] * 2
+    )
+    assert config.total_steps == 18
+
+
+def test_target_temperature_configuration_errors(data, tmp_path):
+    with pytest.raises(ConfigError, match="target_temperature"):
+        smoke_config(data, tmp_path, target_temperature=-1.0).validate()
+    with pytest.raises(ConfigError, match="anneal_steps = 5 needs a target_temperature"):
+        smoke_config(data, tmp_path, anneal_steps=5).validate()
+    with pytest.raises(ConfigError, match="anneal_stages"):
+        smoke_config(data, tmp_path, **{**ANNEAL, "anneal_stages": 9}).validate()
+    # a new run records the target's temperature itself, the data's when none is given
+    flags = {"preset": "smoke", "config": None, "resume": None}
+    assert resolve_config(flags, {"data": str(data)}).target_temperature == 600.0
+    assert resolve_config(flags, {"target_temperature": "300"}).target_temperature == 300.0
+
+
+def test_annealing_run_records_both_temperatures(annealed):
+    saved = load_toml(annealed / "config.toml")
+    assert saved["temperature"] == 600.0 and saved["target_temperature"] == 300.0
+    state = torch.load(annealed / "checkpoint.pt", weights_only=False)
+    assert state["temperature_K"] == 600.0 and state["target_temperature_K"] == 300.0
+    assert state["step"] == 20 + 6 + 8
+    with (annealed / "metrics.csv").open() as f:
+        rows = [r for r in csv.DictReader(f) if r["phase"] == "anneal"]
+    assert rows and float(rows[-1]["anneal_temperature"]) == 300.0
+    assert all(0 < float(r["anneal_ess"]) <= 1 for r in rows)
+    log = (annealed / "train.log").read_text()
+    assert "at 300 K" in log and "annealing at 300 K" in log
+    assert "T=300.0 K" in log  # the target energy
+
+
+def test_resume_in_the_annealing_phase_is_exact(data, tmp_path):
+    reference = Trainer(smoke_config(data, tmp_path / "a", **ANNEAL), progress=False)
+    reference.run()
+    interrupted = Trainer(smoke_config(data, tmp_path / "b", **ANNEAL), progress=False)
+    original_step = interrupted.train_step
+
+    def stop_in_the_anneal_phase() -> dict:
+        row = original_step()
+        if interrupted.step == 29:
+            interrupted.stop_requested = True
+        return row
+
+    interrupted.train_step = stop_in_the_anneal_phase
+    interrupted.run()
+    resumed = Trainer(smoke_config(data, tmp_path / "b", **ANNEAL), resume=True, progress=False)
+    assert resumed.step == 29 and resumed.phase(29) == "anneal"
+    resumed.run()
+    for (name, a), (_, b) in zip(
+        reference.flow.state_dict().items(), resumed.flow.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    with pytest.raises(ConfigError, match="target_temperature"):
+        Trainer(smoke_config(data, tmp_path / "b", **{**ANNEAL, "target_temperature": 400.0}),
+                resume=True, progress=False)  # fmt: skip
+
+
+def test_anneal_batch_resamples_by_the_boltzmann_weights(data, tmp_path):
+    """With a target energy that is +inf except where φ > 0 (a failed evaluation elsewhere),
+    every resampled frame has φ > 0, and the ESS is that share of the draws."""
+    from analysis.geometry import dihedral
+
+    trainer = Trainer(smoke_config(data, tmp_path / "w", **{**ANNEAL, "anneal_samples": 512}),
+                      progress=False)  # fmt: skip
+    atoms = trainer.system.phi_atoms
+
+    def target(x):
+        phi = dihedral(x.detach().double().reshape(len(x), -1, 3).numpy(), atoms)
+        return torch.where(torch.from_numpy(phi > 0), 0.0, math.inf).to(x.dtype)
+
+    trainer.target = target
+    x, ess = trainer.anneal_batch(300.0)
+    phi = dihedral(x.double().reshape(len(x), -1, 3).numpy(), atoms)
+    assert (phi > 0).all()
+    assert 0 < float(ess) < 0.5
+    assert trainer.flush_counters()["energy_failures"] > 256
+
+
+def test_samples_are_weighted_at_the_target_and_record_both(annealed, tmp_path):
+    info = sample_run(annealed, 40, batch=40, progress=False)
+    assert info["temperature_K"] == 300.0 and info["data_temperature_K"] == 600.0
+    assert math.isclose(info["kT_kJ_per_mol"], 8.314462618e-3 * 300.0)
+    with np.load(annealed / "samples.npz") as s:
+        u300 = s["u"].copy()
+    info = sample_run(annealed, 40, batch=40, progress=False, target_temperature=600.0)
+    assert info["temperature_K"] == 600.0 and info["run_target_temperature_K"] == 300.0
+    with np.load(annealed / "samples.npz") as s:
+        np.testing.assert_allclose(s["u"], u300 / 2.0, rtol=1e-9)  # the same draws, half 1/kT
+    with pytest.raises(ConfigError, match="target-temperature"):
+        sample_run(annealed, 4, progress=False, target_temperature=-3.0)
+
+
+def test_analyze_refuses_samples_at_another_temperature_and_reads_a_remd_reference(
+    annealed, data, remd_reference, tmp_path, capsys
+):
+    sample_run(annealed, 40, batch=40, progress=False)  # weighted at 300 K
+    with pytest.raises(SystemExit):  # a 600 K reference for 300 K samples
+        analyze_main([str(annealed), "--reference", str(data), "--out", str(tmp_path / "r1"),
+                      "--n-workers", "1"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert "at 300.0 K, the reference is at 600 K" in err
+    assert "--target-temperature 600" in err
+    out = tmp_path / "r2"
+    analyze_main([str(annealed), "--reference", str(remd_reference), "--split", "all", "--out",
+                  str(out), "--n-workers", "1"])  # fmt: skip
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["info"]["temperature_K"] == 300.0
+    model = metrics["models"]["annealed"]
+    assert model["temperature_K"] == 300.0 and model["data_temperature_K"] == 600.0
+    ref = metrics["reference"]
+    meta = json.loads((remd_reference / "metadata.json").read_text())
+    assert ref["delta_f"] == meta["mbar"]["delta_f"] and "MBAR" in ref["delta_f_source"]
+    assert "delta_f_frames" in ref
+    # the MD cost of a 300 K frame counts every temperature of the ladder
+    assert metrics["info"]["md_timing"]["md_steps_per_frame"] == 3 * meta["steps_per_frame"]
