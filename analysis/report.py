@@ -182,6 +182,12 @@ def write_report_md(
         "each run's own threshold is in the table.",
         "",
     ]
+    if "delta_f_source" in reference:
+        lines += [f"The reference's ΔF is {reference['delta_f']:.3f} ± "
+                  f"{reference['delta_f_err']:.3f} kT from {reference['delta_f_source']}, "
+                  "recorded with the dataset; its frames alone give "
+                  f"{reference['delta_f_frames']:.3f} ± {reference['delta_f_frames_err']:.3f} kT.",
+                  ""]  # fmt: skip
     for name, meta in info.get("runs", {}).items():
         lines.append(f"- `{name}`: {meta}")
     notes = info.get("notes", [])

@@ -20,6 +20,7 @@ N=${N:-100000}
 SEEDS=${SEEDS:-"0 1 2"}
 TRAIN_ARGS=${TRAIN_ARGS:-}  # extra --key=value overrides of the annealing runs
 TAG=${TAG:-}  # run folder suffix for those: runs/seeds/spline300<TAG>_s<seed>
+COOLED=${COOLED:-1}  # 0: skip the cooled-prior comparison
 
 mkdir -p data
 exec 9>data/.seeds_300k.lock
@@ -28,6 +29,11 @@ $PY -m p4bg.simulate --ns 100 --save-every-ps 0.04 --replicas 2 --seed 0 --chunk
     --out data/alanine_dipeptide_600K_100ns --resume --no-progress
 $PY -m p4bg.remd --ns 9 --chains 2 --n-temperatures 5 --exchange-every-ps 0.25 --seed 0 \
     --out "$REF" --resume --no-progress
+$PY -m p4bg.simulate --ns 1 --replicas 2 --seed 7 --out data/alanine_dipeptide_600K_umbrella_check \
+    --resume --no-progress
+$PY -m p4bg.umbrella "$REF" --windows 18 --psi-windows 12 --k 100 --k-psi 50 --ns 0.05 \
+    --save-every-ps 0.2 --equilibration-ps 10 \
+    --start-frames data/alanine_dipeptide_600K_umbrella_check --no-progress
 $PY -m p4bg.simulate --temperature 300 --ns 20 --save-every-ps 0.5 --replicas 2 --seed 5 \
     --out "$MD" --resume --no-progress
 flock -u 9
@@ -55,6 +61,7 @@ for seed in $SEEDS; do
             || $PY -m p4bg.analyze "$run" --reference "$ref" --split all --out "$out"
     done
     # the cooled prior: the 600 K model itself, τ = sqrt(300/600), weighted at 300 K
+    [ "$COOLED" = 1 ] || continue
     cooled=runs/seeds/spline_cooled300_s${seed}
     if [ ! -f "$cooled/samples.json" ] || ! grep -q '"status": "complete"' "$cooled/samples.json"; then
         mkdir -p "$cooled"
@@ -62,7 +69,9 @@ for seed in $SEEDS; do
         $PY -m p4bg.sample "$cooled" --n "$N" --overwrite --no-progress --target-temperature 300 \
             --prior-scale 0.7071
     fi
-    out=$cooled/report_all_$(basename "$REF")
-    [ -f "$out/metrics.json" ] \
-        || $PY -m p4bg.analyze "$cooled" --reference "$REF" --split all --out "$out"
+    for ref in "$REF" "$MD"; do
+        out=$cooled/report_all_$(basename "$ref")
+        [ -f "$out/metrics.json" ] \
+            || $PY -m p4bg.analyze "$cooled" --reference "$ref" --split all --out "$out"
+    done
 done

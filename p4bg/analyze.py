@@ -500,7 +500,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
     print(f"report in {out}/: report.md, metrics.json, {', '.join(result['info']['figures'])}")
     ref = result["reference"]
-    print(f"  MD: ΔF {ref['delta_f']:.2f} ± {ref['delta_f_err']:.2f} kT, τ(φ>0) "
+    source = f" ({ref['delta_f_source']})" if "delta_f_source" in ref else ""
+    print(f"  MD: ΔF {ref['delta_f']:.2f} ± {ref['delta_f_err']:.2f} kT{source}, τ(φ>0) "
           f"{ref['tau_phi_ps']:.1f} ps, {ref['independent_samples_per_second']:.3g} independent "
           "samples/s")  # fmt: skip
     for name, m in result["models"].items():

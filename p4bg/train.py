@@ -756,8 +756,10 @@ class Trainer:
         """One train.log line per validation; only the measured quantities appear."""
         text = (f"step {self.step} {row['phase']}: loss {row['loss']:.4f}, val NLL "
                 f"{row['val_nll']:.4f} (phi>0 {row['val_nll_phi_pos']:.2f}, phi<0 "
-                f"{row['val_nll_phi_neg']:.2f}; best {self.best['val_nll']:.4f} at "
-                f"{self.best['step']})")  # fmt: skip
+                f"{row['val_nll_phi_neg']:.2f}"
+                + (f"; best {self.best['val_nll']:.4f} at {self.best['step']}"
+                   if math.isfinite(self.best["val_nll"]) else "")
+                + ")")  # fmt: skip
         if "val_ess" in row:
             n = self.config.val_samples
             text += (f", reverse ESS {100 * row['val_ess']:.3g}% of {n:,} samples at "

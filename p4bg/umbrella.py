@@ -224,6 +224,9 @@ def umbrella(args: argparse.Namespace) -> dict:
     if old is not None and old != plan:
         raise SystemExit(f"{dataset}: its umbrella/ windows were made with {old}; use the same "
                          f"options, or delete {folder} to start again")  # fmt: skip
+    done = all((folder / f"window_{i:03d}.npz").is_file() for i in range(len(centers)))
+    if previous.get("status") == "complete" and old == plan and done:
+        return previous  # nothing to simulate or estimate again
     meta["umbrella"] = {**previous, "plan": plan, "status": "running"}
     write_json(dataset / "metadata.json", meta)
     platform, _ = _choose_platform(args.platform, system)

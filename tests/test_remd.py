@@ -87,6 +87,10 @@ def test_remd_writes_a_dataset_at_the_lowest_temperature_and_resumes_exactly(tmp
     assert np.array_equal(data.energies[:200], chain["energies_all"][:, 0])
     assert chain["energies_all"].shape == (200, 3) and chain["walker"].shape == (200, 3)
     assert all(sorted(row) == [0, 1, 2] for row in chain["walker"])
+    # the estimate again from the stored chunks, without MD
+    main(["--out", str(tmp_path / "a"), "--reestimate"])
+    again = json.loads((tmp_path / "a" / "metadata.json").read_text())["mbar"]
+    assert again["delta_f_chains"] == pytest.approx(mbar["delta_f_chains"], nan_ok=True)
 
     # killed after its first chunk, then resumed: the same frames as the uninterrupted run
     _remd(tmp_path / "b", "--stop-after-chunks", "1")
