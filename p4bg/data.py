@@ -38,6 +38,7 @@ __all__ = [
     "load_metadata",
     "make_split",
     "read_chunk",
+    "resume_point",
     "write_chunk",
     "write_json",
 ]
@@ -123,6 +124,29 @@ def complete_chunks(folder: Path) -> int:
         if stray.exists():
             stray.unlink()
     return count
+
+
+class ResumePoint(NamedTuple):
+    """Where a chunked simulation stands: complete chunks, frames in them, the last chunk's
+    checkpoint (None before the first) and the production step of its last frame (0 before)."""
+
+    chunks: int
+    frames: int
+    checkpoint: bytes | None
+    step: int
+
+
+def resume_point(folder: Path) -> ResumePoint:
+    """The :class:`ResumePoint` of one replica's (or chain's) folder of chunks."""
+    chunks = complete_chunks(folder)
+    frames, checkpoint, step = 0, None, 0
+    for i in range(chunks):
+        with np.load(chunk_paths(folder, i)[1]) as data:
+            frames += len(data["energies"])
+            if i == chunks - 1:
+                checkpoint = data["checkpoint"].tobytes()
+                step = int(data["steps"][-1])
+    return ResumePoint(chunks, frames, checkpoint, step)
 
 
 @contextlib.contextmanager

@@ -53,6 +53,7 @@ from p4bg.data import (
     complete_chunks,
     load_metadata,
     make_split,
+    resume_point,
     write_chunk,
     write_json,
 )
@@ -204,19 +205,11 @@ def exchange(
 
 def run_chain(job: ChainJob, progress: Any = None) -> dict:
     """Run (or continue) one chain; return its statistics. Runs inside a worker process."""
-    from p4bg.data import read_chunk
-
     chain = _Chain(job)
     folder = Path(job.folder)
-    done_chunks = complete_chunks(folder)
-    frames_done = 0
-    step = 0
-    if done_chunks:
-        for i in range(done_chunks):
-            _, energies, steps, blob = read_chunk(folder, i)
-            frames_done += len(energies)
+    done_chunks, frames_done, blob, step = resume_point(folder)
+    if blob is not None:
         chain.restore(blob)
-        step = int(steps[-1])
         if progress is not None:
             progress.put(("resumed", job.index, frames_done))
     else:

@@ -35,6 +35,7 @@ from p4bg.data import (
     load_metadata,
     make_split,
     read_chunk,
+    resume_point,
     write_chunk,
     write_json,
 )
@@ -78,20 +79,14 @@ def run_replica(job: ReplicaJob, progress: mp.Queue | None = None) -> dict:
     platform = openmm.Platform.getPlatformByName(job.platform)
     context = openmm.Context(system.openmm_system, integrator, platform)
     folder = Path(job.folder)
-    done_chunks = complete_chunks(folder)
-    frames_done = 0
-    if done_chunks:
-        for i in range(done_chunks):
-            _, energies, steps, checkpoint = read_chunk(folder, i)
-            frames_done += len(energies)
+    done_chunks, frames_done, checkpoint, step = resume_point(folder)
+    if checkpoint is not None:
         context.loadCheckpoint(checkpoint)
-        step = int(steps[-1])
     else:
         context.setPositions(system.positions)
         openmm.LocalEnergyMinimizer.minimize(context, 10.0, job.minimize_iterations)
         context.setVelocitiesToTemperature(system.temperature, job.seed)
         integrator.step(job.equilibration_steps)
-        step = 0
     if progress is not None and frames_done:
         progress.put(("resumed", job.index, frames_done))
 
