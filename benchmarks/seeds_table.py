@@ -42,7 +42,7 @@ METRICS = [
     ("share above max training energy (%)", lambda m, r, t: 100 * m["high_energy_fraction"],
      "{:.2f}"),
     ("failed energies", lambda m, r, t: m["n_failed_energies"], "{:.0f}"),
-    ("D-form samples (%)", lambda m, r, t: 100 * m["d_form_fraction"], "{:.3f}"),
+    ("D-form samples (%)", lambda m, r, t: 100 * m.get("d_form_fraction", math.nan), "{:.3f}"),
     ("final − best val NLL (nat)", lambda m, r, t: final_minus_best(t), "{:.2f}"),
     ("training wall time (h)", lambda m, r, t: float(t[-1]["seconds"]) / 3600, "{:.2f}"),
     ("BG value", lambda m, r, t: m["bg_value"], "{:,.0f}"),
@@ -118,6 +118,9 @@ def table(args: argparse.Namespace) -> tuple[list[str], list[str]]:
         cells = []
         for values in columns.values():
             v = values[i]
+            if any(math.isnan(x) for x in v):  # a report from before the metric existed
+                cells.append("—")
+                continue
             mean = statistics.fmean(v)
             if len(v) > 1:
                 sd = statistics.stdev(v)
