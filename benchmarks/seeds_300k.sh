@@ -21,17 +21,19 @@ SEEDS=${SEEDS:-"0 1 2"}
 TRAIN_ARGS=${TRAIN_ARGS:-}  # extra --key=value overrides of the annealing runs
 TAG=${TAG:-}  # run folder suffix for those: runs/seeds/spline300<TAG>_s<seed>
 COOLED=${COOLED:-1}  # 0: skip the cooled-prior comparison
+REMD_NS=${REMD_NS:-9}  # replica exchange: ns per temperature per chain
+UMBRELLA_NS=${UMBRELLA_NS:-0.05}  # umbrella: ns per window
 
 mkdir -p data
 exec 9>data/.seeds_300k.lock
 flock 9
 $PY -m p4bg.simulate --ns 100 --save-every-ps 0.04 --replicas 2 --seed 0 --chunk-frames 12500 \
     --out data/alanine_dipeptide_600K_100ns --resume --no-progress
-$PY -m p4bg.remd --ns 9 --chains 2 --n-temperatures 5 --exchange-every-ps 0.25 --seed 0 \
+$PY -m p4bg.remd --ns "$REMD_NS" --chains 2 --n-temperatures 5 --exchange-every-ps 0.25 --seed 0 \
     --out "$REF" --resume --no-progress
 $PY -m p4bg.simulate --ns 1 --replicas 2 --seed 7 --out data/alanine_dipeptide_600K_umbrella_check \
     --resume --no-progress
-$PY -m p4bg.umbrella "$REF" --windows 18 --psi-windows 12 --k 100 --k-psi 50 --ns 0.05 \
+$PY -m p4bg.umbrella "$REF" --windows 18 --psi-windows 12 --k 100 --k-psi 50 --ns "$UMBRELLA_NS" \
     --save-every-ps 0.2 --equilibration-ps 10 \
     --start-frames data/alanine_dipeptide_600K_umbrella_check --no-progress
 $PY -m p4bg.simulate --temperature 300 --ns 20 --save-every-ps 0.5 --replicas 2 --seed 5 \
