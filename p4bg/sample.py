@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from p4bg.config import ENERGIES, ConfigError, TrainConfig, apply_overrides
-from p4bg.train import pick_device
+from p4bg.distributed import pick_device
 
 __all__ = [
     "LatentStream",

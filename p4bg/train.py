@@ -17,8 +17,6 @@ Output in ``--out``: config.toml, checkpoint.pt (atomic), metrics.csv, train.log
 
 from __future__ import annotations
 
-import csv
-import logging
 import math
 import os
 import random
@@ -33,22 +31,35 @@ from typing import Any
 import numpy as np
 import torch
 
+from analysis.geometry import dihedral
+from analysis.metrics import (
+    CLIP_FRACTION,
+    log_z_forward,
+    log_z_reverse,
+    reverse_ess,
+    reverse_ess_clipped,
+)
+from p4bg import distributed
 from p4bg.config import PRESETS, ConfigError, TrainConfig, apply_overrides, load_toml, to_toml
+from p4bg.coordinates import MixedCoordinateTransform
+from p4bg.data import DatasetError, load_dataset, load_metadata
+from p4bg.distributed import SINGLE, World, all_sum, pick_device
+from p4bg.energy import TorchEnergy, UnsupportedForceError, make_energy
+from p4bg.flows import count_parameters, flow_from_config
+from p4bg.generator import BoltzmannGenerator
+from p4bg.nn import P4Inv, P4Merger, p4inv_penalty
 from p4bg.optim import FlatParameters
+from p4bg.reporters import RunReporter, save_checkpoint
+from p4bg.systems import MOLAR_GAS_CONSTANT, SystemConfigError, load_system
 
 __all__ = ["Trainer", "main", "parse_args"]
 
-METRIC_COLUMNS = [
-    "step", "phase", "loss", "nll", "kl", "val_nll", "val_nll_phi_pos", "val_nll_phi_neg",
-    "val_ess", "val_ess_clipped", "val_logz_reverse", "val_logz_forward", "val_failures",
-    "best_val_nll", "mean_u", "grad_norm", "lr", "w_e",
-    "merges_accepted", "merges_skipped", "merges_forced", "merge_resets", "max_residual",
-    "energy_failures", "skipped_steps", "clamped_coordinates", "seconds",
-    "anneal_temperature", "anneal_ess",
-]  # fmt: skip
 # Random streams of their own (seed offsets), so that e.g. validation settings never change the
 # training trajectory: minibatches, prior draws of the KL term, validation samples, P4Inv resets.
+# Across processes the first two are shared (every rank draws the global batch and takes its
+# part); the merge stream is each rank's own (rank 0's draws are broadcast: P4Merger).
 _STREAMS = {"batches": 1, "kl": 2, "validation": 3, "merges": 4}
+_RANK_STREAMS = {"merges"}
 _FLAGS = {"--preset", "--config", "--resume", "--dry-run", "--no-progress", "--help", "-h"}
 # Settings that do not change the computation and may differ when a run is resumed.
 _RESUME_OVERRIDES = {"device", "n_workers", "energy", "compile"}
@@ -136,50 +147,6 @@ def resolve_config(flags: dict[str, Any], overrides: dict[str, str]) -> TrainCon
     return config
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={name}: torch sees no CUDA device here; use device=cpu or auto")
-    return torch.device(name)
-
-
-# ------------------------------------------------------------------------------- reporters
-class MetricsCSV:
-    """Appends one row per logging step to metrics.csv (header once; kept across resumes)."""
-
-    def __init__(self, path: Path, resume_step: int) -> None:
-        self.path = path
-        if path.exists() and resume_step > 0:  # drop rows written after the checkpoint
-            with path.open() as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
-            self._write(rows)
-        elif not path.exists() or resume_step == 0:
-            self._write([])
-
-    def _write(self, rows: list[dict]) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        with tmp.open("w", newline="") as f:
-            writer = csv.DictWriter(f, METRIC_COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, self.path)
-
-    def write(self, row: dict) -> None:
-        with self.path.open("a", newline="") as f:
-            csv.DictWriter(f, METRIC_COLUMNS).writerow({k: row.get(k, "") for k in METRIC_COLUMNS})
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    """torch.save to a temporary file, then os.replace: a kill never leaves half a checkpoint."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _rng_state(device: torch.device) -> dict:
     state = {
         "torch": torch.get_rng_state(),
@@ -202,8 +169,6 @@ def _set_rng_state(state: dict) -> None:
 def check_temperature(config: TrainConfig) -> None:
     """The data's temperature (metadata.json) must be the training temperature: a flow fitted to
     300 K frames trained against 600 K energies would be a silent mix of two distributions."""
-    from p4bg.data import load_metadata
-
     meta = load_metadata(config.data)
     data_t = meta.get("temperature_K")
     if data_t is None:
@@ -247,8 +212,6 @@ def make_optimizer(
     The conditioners' parameters reach the optimizer as flat buffers (:mod:`p4bg.optim`; the
     returned :class:`FlatParameters` zeroes the gradients and converts the state for
     checkpoints); P4Inv's stay separate, so that a merge resets their Adam state alone."""
-    from p4bg.nn import P4Inv
-
     p4 = [p for m in flow.modules() if isinstance(m, P4Inv) for p in m.parameters()]
     if config.weight_decay == 0:
         groups = [{"params": list(flow.parameters())}]
@@ -296,23 +259,86 @@ def energy_weight(config: TrainConfig, step: int) -> float:
     return w_e
 
 
+class StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM (a scheduler's polite kill) ask the loop to stop at the end
+    of the step, after a checkpoint; a second signal stops at once. Handlers are installed
+    only in the main thread and restored on exit."""
+
+    HANDLED = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.HANDLED:
+                self._previous[sig] = signal.getsignal(sig)
+                signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+# ------------------------------------------------------------------------------- objective
+class Objective(torch.nn.Module):
+    """The loss of one training step as one module call, so that DistributedDataParallel's
+    hooks see all of it: the NLL of data frames through the inverse and, given prior draws
+    ``z``, the energy term through the forward.
+
+    ``forward(x, z=None, w_e=0)``: x [batch, 66] nm; z [kl_batch, 60]. Returns (loss, nll, kl,
+    u of the samples or None): ``(1 − w_e)·NLL + w_e·KL`` (+ the P4Inv penalty), means over this
+    process's batch; across processes DDP averages the gradients, i.e. those of the means over
+    the global batch. ``nll``, ``nll_and_generate``: the generator's passes, compiled or not."""
+
+    def __init__(self, bg: Any, config: TrainConfig, nll: Any, nll_and_generate: Any) -> None:
+        super().__init__()
+        self.bg = bg
+        self.nll, self.nll_and_generate = nll, nll_and_generate
+        self.high, self.max_energy = config.energy_high, config.energy_max
+        self.penalty = config.penalty
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor | None = None,
+                w_e: float = 0.0) -> tuple[Any, ...]:  # fmt: skip
+        if z is None:
+            nll = self.nll(x)
+            kl, u, loss = torch.zeros((), device=x.device), None, nll
+        else:
+            nll, samples, log_q = self.nll_and_generate(x, z)
+            kl, u = self.bg.reverse_kl_of(samples, log_q, self.high, self.max_energy)
+            loss = (1.0 - w_e) * nll + w_e * kl
+        if self.penalty > 0:
+            loss = loss + self.penalty * p4inv_penalty(self.bg.flow)
+        return loss, nll, kl, u
+
+
 # --------------------------------------------------------------------------------- trainer
 class Trainer:
     """Owns the model, optimizer, merge schedule, data and reporters of one run."""
 
-    def __init__(self, config: TrainConfig, resume: bool = False, progress: bool = True) -> None:
-        from analysis.geometry import dihedral
-        from p4bg.coordinates import MixedCoordinateTransform
-        from p4bg.data import load_dataset
-        from p4bg.flows import flow_from_config
-        from p4bg.generator import BoltzmannGenerator
-        from p4bg.nn import P4Merger
-        from p4bg.systems import MOLAR_GAS_CONSTANT, load_system
-
+    def __init__(
+        self,
+        config: TrainConfig,
+        resume: bool = False,
+        progress: bool = True,
+        world: World = SINGLE,
+        device: str | None = None,
+    ) -> None:
+        """``world``: the processes of a torchrun launch (:func:`p4bg.distributed.setup`);
+        ``config.batch_size`` is then each process's batch, the global batch ``batch_size ×
+        world.size``. ``device``: this process's device (default ``config.device``)."""
         self.config = config
-        self.progress = progress
+        self.world = world
+        self.progress = progress and world.main
         self.out = Path(config.out)
-        self.device = pick_device(config.device)
+        self.device = pick_device(device or config.device)
         torch.manual_seed(config.seed)
         np.random.seed(config.seed % 2**32)
         random.seed(config.seed)
@@ -360,15 +386,13 @@ class Trainer:
             self._nll_and_generate = torch.compile(self._nll_and_generate, options=COMPILE_OPTIONS)
         # the random streams live on the training device: indices and prior draws are made
         # where they are used, with no host round trip (on the CPU, as before)
-        self.streams = {
-            name: torch.Generator(device=self.device).manual_seed(config.seed + offset)
-            for name, offset in _STREAMS.items()
-        }
+        self.streams = {name: torch.Generator(device=self.device).manual_seed(self._seed(name))
+                        for name in _STREAMS}  # fmt: skip
         self.batches = self.streams["batches"]
         self.merger = P4Merger(self.flow, self.optimizer, every=config.merge_every,
                                force_every=config.force_every, correct_every=config.correct_every,
                                reset_optimizer=config.reset_optimizer,
-                               generator=self.streams["merges"])  # fmt: skip
+                               generator=self.streams["merges"], world=world)  # fmt: skip
         self.step = 0
         self.counters = {"skipped_steps": 0, "energy_failures": 0}
         # the same counts for the steps since the last report, kept on the device so that a
@@ -377,9 +401,9 @@ class Trainer:
                          for name in self.counters}  # fmt: skip
         self.best = {"val_nll": float("inf"), "step": 0}
         self.seconds = 0.0
-        self.stop_requested = False
+        self.stop_requested = False  # set (by a signal or a caller) to stop after this step
         self.notes: list[str] = []  # said in train.log when the run starts
-        self.log: logging.Logger | None = None  # train.log, opened by run()
+        self.reporter: RunReporter | None = None  # train.log, metrics.csv: opened by run()
         # The OpenMM platform is measured once and then kept, so that a resumed run evaluates
         # energies exactly as the original did.
         self.energy_platform = "auto"
@@ -389,6 +413,22 @@ class Trainer:
             self._load(self.out / "checkpoint.pt")
         elif config.init:
             self._init_from(Path(config.init))
+        self.objective = Objective(self.bg, config, self._nll, self._nll_and_generate)
+        self.model: torch.nn.Module = self.objective
+        if world.distributed:
+            # parameters and buffers from rank 0 once, here; P4Inv's buffers change only at
+            # merges, which broadcast them (P4Merger), so not on every forward pass
+            self.model = torch.nn.parallel.DistributedDataParallel(
+                self.objective,
+                device_ids=[self.device] if self.device.type == "cuda" else None,
+                forward_sync_buffers=False,
+            )
+
+    def _seed(self, stream: str) -> int:
+        """The seed of a random stream: the run's seed plus the stream's offset, and for the
+        streams each process keeps to itself a rank's own offset."""
+        rank = self.world.rank if stream in _RANK_STREAMS else 0
+        return self.config.seed + _STREAMS[stream] + 7_919 * rank
 
     # ------------------------------------------------------------------- state
     def state(self) -> dict:
@@ -400,6 +440,7 @@ class Trainer:
             "optimizer": self.flat.state_dict(self.optimizer),
             "merger": self.merger.state_dict(),
             "rng": _rng_state(self.device),
+            "world_size": self.world.size,
             "streams_device": self.device.type,
             "batches": self.batches.get_state(),
             "streams": {name: g.get_state() for name, g in self.streams.items()},
@@ -411,10 +452,27 @@ class Trainer:
             "energy_platform": self.energy_platform,
         }
 
+    def _rank_states(self) -> list[dict]:
+        """Every rank's random states (a collective across processes; rank order)."""
+        own = {"rng": _rng_state(self.device),
+               "streams": {name: g.get_state() for name, g in self.streams.items()}}  # fmt: skip
+        return distributed.gather_objects(own, self.world)
+
     def _load(self, path: Path) -> None:
         if not path.is_file():
             raise ConfigError(f"--resume: {path} does not exist; start the run without --resume")
         state = torch.load(path, map_location="cpu", weights_only=False)  # RNG states stay on CPU
+        saved_world = int(state.get("world_size", 1))
+        if saved_world != self.world.size:
+            launch = ("python -m p4bg.train" if saved_world == 1 else
+                      f"torchrun --nproc_per_node={saved_world} -m p4bg.train")  # fmt: skip
+            raise ConfigError(
+                f"--resume {path.parent}: the run was trained by {saved_world} process(es), this "
+                f"launch has {self.world.size}; resume on the same number: `{launch} --resume "
+                f"{path.parent}` (the batches and random streams depend on it)"
+            )
+        if "ranks" in state:  # this rank's own random states
+            state = {**state, **state["ranks"][self.world.rank]}
         saved, now, default = dict(state["config"]), asdict(self.config), asdict(TrainConfig())
         # a key added to TrainConfig after the checkpoint was written counts as its default
         changed = [
@@ -449,7 +507,8 @@ class Trainer:
         self.best = dict(state.get("best", self.best))
         best = path.with_name("best.pt")
         if (
-            best.is_file()
+            self.world.main
+            and best.is_file()
             and int(torch.load(best, map_location="cpu", weights_only=False)["step"]) > self.step
         ):
             # saved after the last checkpoint, on a branch the resumed run need not repeat
@@ -481,14 +540,25 @@ class Trainer:
         self.coordinates.load_state_dict(state["coordinates"])
         self.energy_platform = state.get("energy_platform", self.energy_platform)
 
-    def save(self, name: str = "checkpoint.pt") -> None:
+    def save(self) -> None:
+        """checkpoint.pt, with every rank's random states (a collective across processes:
+        every rank calls it; rank 0 writes)."""
         self.flush_counters()
-        save_checkpoint(self.out / name, self.state())
+        ranks = self._rank_states() if self.world.distributed else None
+        if self.world.main:
+            state = self.state()
+            if ranks is not None:
+                state["ranks"] = ranks
+            save_checkpoint(self.out / "checkpoint.pt", state)
+
+    def save_best(self) -> None:
+        """best.pt: the model at the lowest validation NLL (rank 0 alone; not for resuming)."""
+        save_checkpoint(self.out / "best.pt", self.state())
 
     def flush_counters(self) -> dict[str, int]:
         """Add the device-side counts of the steps since the last call to :attr:`counters`
-        (one synchronisation) and return the totals."""
-        pending = torch.stack(list(self._pending.values())).tolist()
+        (one synchronisation; summed over ranks) and return the totals."""
+        pending = all_sum(torch.stack(list(self._pending.values())), self.world).tolist()
         for (name, t), value in zip(self._pending.items(), pending, strict=True):
             self.counters[name] += int(value)
             t.zero_()
@@ -499,8 +569,6 @@ class Trainer:
         """The target energy (``config.energy``), created on first use (OpenMM: worker
         processes started; torch: on the training device)."""
         if self.target is None:
-            from p4bg.energy import make_energy
-
             cfg = self.config
             self.target = make_energy(
                 cfg.energy,
@@ -513,8 +581,8 @@ class Trainer:
             )
             self.energy_platform = self.target.platform
             self.bg.target = self.target
-            if self.log is not None:
-                self.log.info("target energy: %r", self.target)
+            if self.reporter is not None:
+                self.reporter.info("target energy: %r", self.target)
         return self.target
 
     def phase(self, step: int) -> str:
@@ -532,18 +600,25 @@ class Trainer:
         density, with its gradient (TA-BG). Returns (x [batch, 66] nm, the weights' ESS as a
         fraction, a 0-dim tensor); failed energies get weight 0, and a batch whose weights
         are all 0 or not finite comes out non-finite, so the step is skipped and counted."""
-        cfg = self.config
-        z = self._prior(cfg.anneal_samples, "kl")
+        cfg, world = self.config, self.world
+        # across processes: each rank generates its part of the global draws, the parts are
+        # gathered, and every rank resamples the global batch alike and trains on its part
+        z = self._prior(cfg.anneal_samples * world.size, "kl")[
+            world.shard(cfg.anneal_samples * world.size)
+        ]
         x, log_q = self.bg.generate(z)
         u = self.energy()(x).double() * (cfg.target_of() / temperature)
         self._pending["energy_failures"] += (~torch.isfinite(u)).sum()
         log_w = torch.nan_to_num(-u - log_q.double(), nan=-math.inf, posinf=-math.inf)
+        x = distributed.all_gather_rows(x, world)
+        log_w = distributed.all_gather_rows(log_w, world)
         w = torch.softmax(log_w, 0)
         ess = 1.0 / (w.square().sum() * len(w))
         ok = torch.isfinite(w).all() & (w.sum() > 0)
         w = torch.where(ok, w, torch.ones_like(w))  # multinomial needs valid weights
-        idx = torch.multinomial(w, cfg.batch_size, replacement=True, generator=self.streams["kl"])
-        batch = x[idx]
+        n = cfg.batch_size * world.size
+        idx = torch.multinomial(w, n, replacement=True, generator=self.streams["kl"])
+        batch = x[idx[world.shard(n)]]
         return torch.where(ok, batch, math.nan), ess
 
     def train_step(self) -> dict[str, Any]:
@@ -560,35 +635,32 @@ class Trainer:
         if phase == "anneal" and self.step == cfg.nll_steps + cfg.mixed_steps:
             # the self-sampled batches' gradients are not the data's: fresh moments
             self.optimizer.state.clear()
-        idx = torch.randint(self.n_train, (cfg.batch_size,), generator=self.batches,
-                            device=self.device)  # fmt: skip
+        # every rank draws the global batch from the shared stream and takes its part
+        world, n = self.world, cfg.batch_size * self.world.size
+        idx = torch.randint(self.n_train, (n,), generator=self.batches, device=self.device)
+        idx = idx[world.shard(n)]
         self.flat.zero_grad()
-        kl = torch.zeros((), device=self.device)
         extra: dict[str, Any] = {}
         if phase == "anneal":
             temperature = cfg.anneal_temperature(self.step)
             x, ess = self.anneal_batch(temperature)
-            nll = self._nll(x)
-            loss = nll
+            loss, nll, kl, _ = self.model(x)
             extra = {"anneal_temperature": temperature, "anneal_ess": ess}
         elif phase == "mixed":
-            z = self._prior(cfg.kl_batch_size or cfg.batch_size, "kl")
+            n_kl = (cfg.kl_batch_size or cfg.batch_size) * world.size
+            z = self._prior(n_kl, "kl")[world.shard(n_kl)]
             self.energy()
-            nll, x, log_q = self._nll_and_generate(self.train_x[idx], z)
-            kl, u = self.bg.reverse_kl_of(x, log_q, cfg.energy_high, cfg.energy_max)
+            loss, nll, kl, u = self.model(self.train_x[idx], z, w_e)
             self._pending["energy_failures"] += (~torch.isfinite(u)).sum()
-            loss = (1.0 - w_e) * nll + w_e * kl
         else:
-            nll = self._nll(self.train_x[idx])
-            loss = nll
-        if cfg.penalty > 0:
-            from p4bg.nn import p4inv_penalty
-
-            loss = loss + cfg.penalty * p4inv_penalty(self.flow)
+            loss, nll, kl, _ = self.model(self.train_x[idx])
         # No host synchronisation in the step: a non-finite loss or gradient is found on the
         # device and the fused optimizer skips the update there (`found_inf`: parameters and
         # Adam's moments untouched); the values reach the host only when they are logged.
-        loss.backward()
+        loss.backward()  # across processes DDP averages the gradients here
+        if world.distributed:  # the global batch's losses, alike on every rank
+            losses = all_sum(torch.stack([loss.detach(), nll.detach(), kl.detach()]), world)
+            loss, nll, kl = (losses / world.size).unbind()
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.flat.tensors(), max_norm, foreach=True)
         skip = ~(torch.isfinite(loss.detach()) & torch.isfinite(grad_norm))
@@ -621,14 +693,6 @@ class Trainer:
         weights clipped), the log Z sandwich and the mean sample energy (kT). The samples come
         from the prior N(0, τ²I) with τ = ``sample_prior_scale``, as `p4bg.sample` will draw
         them, their log q from that tempered model."""
-        from analysis.metrics import (
-            CLIP_FRACTION,
-            log_z_forward,
-            log_z_reverse,
-            reverse_ess,
-            reverse_ess_clipped,
-        )
-
         log_q = torch.cat([self.bg.log_prob(c) for c in torch.split(self.val_x, 4096)]).double()
         log_q = log_q.cpu()
         pos = self.val_phi_pos
@@ -672,82 +736,60 @@ class Trainer:
 
     # --------------------------------------------------------------------- loop
     def run(self) -> dict[str, float]:
-        from tqdm import tqdm
-
-        cfg = self.config
-        self.out.mkdir(parents=True, exist_ok=True)
-        tmp = self.out / "config.toml.tmp"
-        tmp.write_text(to_toml(cfg))
-        os.replace(tmp, self.out / "config.toml")
-        log = self.log = _logger(self.out / "train.log")
-        metrics = MetricsCSV(self.out / "metrics.csv", self.step)
-        log.info("start at step %d of %d; device %s; %d train / %d val frames", self.step,
-                 cfg.total_steps, self.device, self.n_train, self.n_val)  # fmt: skip
+        """Train to ``total_steps`` (or to a stop signal), reporting and checkpointing on
+        schedule; returns the last reported row. Every rank runs it; rank 0 validates and
+        writes."""
+        cfg, world = self.config, self.world
+        out = self.reporter = RunReporter(self.out, to_toml(cfg), self.step, cfg.total_steps,
+                                          active=world.main, progress=self.progress)  # fmt: skip
+        out.info("start at step %d of %d; device %s; %d process(es), global batch %d; %d train "
+                 "/ %d val frames", self.step, cfg.total_steps, self.device, world.size,
+                 cfg.batch_size * world.size, self.n_train, self.n_val)  # fmt: skip
         for note in self.notes:
-            log.warning(note)
+            out.warning(note)
         if cfg.compile:
-            log.info("compile: the first step of each phase compiles the flow (minutes)")
-        bar = tqdm(
-            total=cfg.total_steps, initial=self.step, disable=not self.progress, dynamic_ncols=True
-        )
-        handled = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C, and a scheduler's polite kill
-        previous = {sig: signal.getsignal(sig) for sig in handled}
-        main_thread = threading.current_thread() is threading.main_thread()
-        for sig in handled if main_thread else ():
-            signal.signal(sig, self._on_interrupt)
-        last = {}
+            out.info("compile: the first step of each phase compiles the flow (minutes)")
+        last: dict[str, Any] = {}
+        stopped = False
         try:
-            start = time.perf_counter() - self.seconds
-            while self.step < cfg.total_steps and not self.stop_requested:
-                row = self.train_step()
-                self.seconds = time.perf_counter() - start
-                at_end = self.step == cfg.total_steps
-                report = (self.step % cfg.log_every == 0 or self.step % cfg.val_every == 0
-                          or "merges_accepted" in row or at_end)  # fmt: skip
-                if report:  # the step's values reach the host only here
-                    row = host_row(row)
-                    last = row
-                if self.step % cfg.val_every == 0 or at_end:
-                    row.update(self.validate())
-                    # the data's NLL ranks models of the data's temperature: annealed ones
-                    # are judged by their samples (val_ess), so best.pt stays the last model
-                    # before annealing
-                    if row["val_nll"] < self.best["val_nll"] and row["phase"] != "anneal":
-                        self.best = {"val_nll": row["val_nll"], "step": self.step}
-                        self.save("best.pt")
-                    row["best_val_nll"] = self.best["val_nll"]
-                    log.info(self._validation_line(row))
-                if report:
-                    metrics.write(
-                        {
-                            **row,
-                            **self.flush_counters(),
-                            # clamps of degenerate geometry or torsion tails since the start
-                            # (or the resume) of this process
-                            "clamped_coordinates": int(self.coordinates.n_clamped),
-                            "step": self.step,
-                            "seconds": round(self.seconds, 3),
-                        }
-                    )
-                if self.step % cfg.checkpoint_every == 0 or at_end:
+            with out, StopSignals() as signals:
+                start = time.perf_counter() - self.seconds
+                while self.step < cfg.total_steps and not stopped:
+                    row = self.train_step()
+                    self.seconds = time.perf_counter() - start
+                    at_end = self.step == cfg.total_steps
+                    report = (self.step % cfg.log_every == 0 or self.step % cfg.val_every == 0
+                              or "merges_accepted" in row or at_end)  # fmt: skip
+                    if report:  # the step's values reach the host only here
+                        row = last = host_row(row)
+                    if world.main and (self.step % cfg.val_every == 0 or at_end):
+                        row.update(self.validate())
+                        # the data's NLL ranks models of the data's temperature: annealed
+                        # ones are judged by their samples (val_ess), so best.pt stays the
+                        # last model before annealing
+                        if row["val_nll"] < self.best["val_nll"] and row["phase"] != "anneal":
+                            self.best = {"val_nll": row["val_nll"], "step": self.step}
+                            self.save_best()
+                        row["best_val_nll"] = self.best["val_nll"]
+                        out.info(self._validation_line(row))
+                    if report:
+                        out.row({**row, **self.flush_counters(), "step": self.step,
+                                 # clamps of degenerate geometry or torsion tails since the
+                                 # start (or the resume) of this process
+                                 "clamped_coordinates": int(self.coordinates.n_clamped),
+                                 "seconds": round(self.seconds, 3)})  # fmt: skip
+                    if self.step % cfg.checkpoint_every == 0 or at_end:
+                        self.save()
+                    out.advance()
+                    # the ranks agree on stopping at reports (one process alone stops now)
+                    if not world.distributed or report:
+                        asked = signals.requested or self.stop_requested
+                        stopped = distributed.any_rank(asked, world, self.device)
+                if stopped and self.step < cfg.total_steps:
                     self.save()
-                if report:
-                    bar.set_description(f"{row['phase']} loss {row['loss']:.3f}")
-                bar.update(1)
-            if self.stop_requested and self.step < cfg.total_steps:
-                self.save()
-                log.info(
-                    "interrupted at step %d; checkpoint saved, continue with --resume %s",
-                    self.step,
-                    self.out,
-                )
+                    out.info("interrupted at step %d; checkpoint saved, continue with "
+                             "--resume %s", self.step, self.out)  # fmt: skip
         finally:
-            for sig in handled if main_thread else ():
-                signal.signal(sig, previous[sig])
-            bar.close()
-            for handler in log.handlers[:]:
-                handler.close()
-                log.removeHandler(handler)
             if self.target is not None:
                 self.target.close()
         return {"step": self.step, **host_row(last)}
@@ -774,16 +816,9 @@ class Trainer:
                      f"{100 * row['anneal_ess']:.3g}%)")  # fmt: skip
         return text + f", mean u {row['mean_u']:.2f} kT, failed energies {row['val_failures']}"
 
-    def _on_interrupt(self, signum: int, frame: Any) -> None:
-        if self.stop_requested:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self.stop_requested = True
-
     # ------------------------------------------------------------------ dry run
     def _energy_plan(self) -> str:
         """What ``config.energy`` will resolve to, without starting any worker."""
-        from p4bg.energy import TorchEnergy, UnsupportedForceError
-
         if self.config.energy == "openmm":
             return f"OpenMM workers ({self.config.n_workers})"
         try:
@@ -795,8 +830,6 @@ class Trainer:
         return f"TorchEnergy on {self.device}"
 
     def describe(self) -> str:
-        from p4bg.flows import count_parameters
-
         cfg = self.config
         counts = count_parameters(self.flow)
         p4 = sum(1 for _ in self.merger.layers)
@@ -871,21 +904,8 @@ def host_row(row: dict[str, Any]) -> dict[str, Any]:
     return {**row, **dict(zip(keys, values, strict=True))}
 
 
-def _logger(path: Path) -> logging.Logger:
-    log = logging.getLogger(f"p4bg.train.{path}")
-    log.setLevel(logging.INFO)
-    log.propagate = False
-    if not log.handlers:
-        handler = logging.FileHandler(path)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-        log.addHandler(handler)
-    return log
-
-
 def main(argv: list[str] | None = None) -> None:
-    from p4bg.data import DatasetError
-    from p4bg.systems import SystemConfigError
-
+    """``python -m p4bg.train``, or under ``torchrun`` one process of a distributed run."""
     argv = sys.argv[1:] if argv is None else argv
     try:
         flags, overrides = parse_args(argv)
@@ -899,17 +919,30 @@ def main(argv: list[str] | None = None) -> None:
                 f"out={config.out} already holds a run; continue it with "
                 f"--resume {config.out} or choose another --out"
             )
-        trainer = Trainer(config, resume=bool(flags["resume"]), progress=not flags["no_progress"])
+        world, device = (SINGLE, config.device) if flags["dry_run"] else distributed.setup(
+            config.device)  # fmt: skip
+        trainer = Trainer(config, resume=bool(flags["resume"]), progress=not flags["no_progress"],
+                          world=world, device=device)  # fmt: skip
     except (ConfigError, DatasetError, SystemConfigError) as err:
-        print(f"p4bg.train: error: {err}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # said once, not by every process
+            print(f"p4bg.train: error: {err}", file=sys.stderr)
+        distributed.shutdown()
         raise SystemExit(2) from None
+    try:
+        _train(trainer, flags)
+    finally:
+        distributed.shutdown()
+
+
+def _train(trainer: Trainer, flags: dict[str, Any]) -> None:
+    config, say = trainer.config, print if trainer.world.main else (lambda *a: None)
     if flags["dry_run"]:
         print(trainer.flow)
         print(trainer.describe())
         return
-    print(trainer.describe())
+    say(trainer.describe())
     if trainer.step >= config.total_steps:
-        print(f"{config.out} already finished all {config.total_steps} steps; nothing to do")
+        say(f"{config.out} already finished all {config.total_steps} steps; nothing to do")
         return
     result = trainer.run()
     status = "finished" if trainer.step >= config.total_steps else "interrupted"
@@ -918,8 +951,8 @@ def main(argv: list[str] | None = None) -> None:
     val_text = f"last val NLL {val:.4f}" if math.isfinite(val) else "no validation at the last step"
     if math.isfinite(best.get("val_nll", math.inf)):
         val_text += f" (best {best['val_nll']:.4f} at step {best['step']}, in best.pt)"
-    print(f"{status} at step {trainer.step} in {trainer.seconds:.0f} s; {val_text}; "
-          f"run in {config.out}")  # fmt: skip
+    say(f"{status} at step {trainer.step} in {trainer.seconds:.0f} s; {val_text}; "
+        f"run in {config.out}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -424,10 +424,10 @@ def test_a_non_finite_step_is_skipped_on_the_device_and_counted(data, tmp_path):
     params = [p.detach().clone() for p in trainer.flow.parameters()]
     state = [trainer.flat.state_of(trainer.optimizer, p) for p in trainer.flow.parameters()]
     moments = [s["exp_avg"].clone() for s in state]
-    nll = trainer._nll
-    trainer._nll = lambda x: nll(x) * float("nan")
+    nll = trainer.objective.nll
+    trainer.objective.nll = lambda x: nll(x) * float("nan")
     row = host_row(trainer.train_step())
-    trainer._nll = nll
+    trainer.objective.nll = nll
     assert math.isnan(row["loss"])
     for p, before, m in zip(trainer.flow.parameters(), params, moments, strict=True):
         assert torch.equal(p.detach(), before)

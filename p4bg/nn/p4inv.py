@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from p4bg.distributed import SINGLE, World, broadcast_
 from p4bg.nn.base import Bijection, check_input
 
 __all__ = [
@@ -326,21 +327,20 @@ class P4Inv(Bijection):
         force: bool = False,
         generator: torch.Generator | None = None,
         check: list[float] | None = None,
+        decision: MergeResult | None = None,
     ) -> MergeResult:
         """Try to fold ``u vᵀ`` into ``A``, and say what happened (see :class:`MergeResult`).
         ``generator``: the random stream of the new ``v`` (see :meth:`reset_perturbation`).
-        ``check``: :meth:`merge_check` already read to the host (default: read it now)."""
-        finite, G, log_abs_det, _ = self.merge_check().tolist() if check is None else check
-        if not finite:
+        ``check``: :meth:`merge_check` already read to the host (default: read it now).
+        ``decision``: :meth:`merge_decision` taken elsewhere (by rank 0 for all ranks)."""
+        check = self.merge_check().tolist() if check is None else check
+        result = self.merge_decision(check, force) if decision is None else decision
+        if result is MergeResult.RESET_NONFINITE:
             self.reset_perturbation(generator)
-            return MergeResult.RESET_NONFINITE
-        if not math.isfinite(G) or G == 0.0:
-            return MergeResult.REFUSED
-        log_g = math.log(abs(G))
-        log_det = log_abs_det + log_g
-        sane = log_g >= self.c_min - 4.0 and self.c_min - 0.5 <= log_det <= self.c_max + 0.5
-        if not (sane or force):
-            return MergeResult.SKIPPED
+        if not result.merged:
+            return result
+        _, G, log_abs_det, _ = check
+        log_det = log_abs_det + math.log(abs(G))
         u, v = self.u.double(), self.v.double()
         Ainv_u = self.Ainv @ u
         vT_Ainv = v @ self.Ainv
@@ -350,7 +350,22 @@ class P4Inv(Bijection):
         self.sign_A.mul_(math.copysign(1.0, G))
         self.n_merges.add_(1)
         self.reset_perturbation(generator)
-        return MergeResult.ACCEPTED if sane else MergeResult.FORCED
+        return result
+
+    def merge_decision(self, check: list[float], force: bool = False) -> MergeResult:
+        """What a merge attempt with :meth:`merge_check`'s values ``check`` does (App. A): a
+        pure function of them, so that one process can decide for all (:class:`P4Merger`)."""
+        finite, G, log_abs_det, _ = check
+        if not finite:
+            return MergeResult.RESET_NONFINITE
+        if not math.isfinite(G) or G == 0.0:
+            return MergeResult.REFUSED
+        log_g = math.log(abs(G))
+        log_det = log_abs_det + log_g
+        sane = log_g >= self.c_min - 4.0 and self.c_min - 0.5 <= log_det <= self.c_max + 0.5
+        if sane:
+            return MergeResult.ACCEPTED
+        return MergeResult.FORCED if force else MergeResult.SKIPPED
 
     def merge(self, force: bool = False) -> bool:
         """Merge if the update is sane (or ``force``); return whether it merged (contract)."""
@@ -496,6 +511,16 @@ class MergeStats:
         return asdict(self)
 
 
+# the order in which merge decisions travel between processes (as their index)
+_RESULTS = list(MergeResult)
+
+
+def _merge_state(layer: P4Inv) -> list[Tensor]:
+    """What a merge or a reset changes in a layer: its buffers and the perturbation."""
+    return [layer.A, layer.Ainv, layer.log_abs_det_A, layer.sign_A, layer.n_merges,
+            layer.u, layer.v]  # fmt: skip
+
+
 def reset_optimizer_state(optimizer: torch.optim.Optimizer, params: Iterable[Tensor]) -> None:
     """Return the optimizer state of ``params`` (only them) to what a fresh optimizer has.
 
@@ -524,9 +549,12 @@ class P4Merger:
     every ``correct_every``-th merge of a layer (0: never) its inverse is corrected.
     ``track_residual`` measures max |I − A·Ainv| at each merge event (O(n³) per layer).
     ``generator`` draws the new ``v`` of merged layers from a stream of their own (on the
-    layers' device). A merge event synchronises with the device twice, whatever the number of
-    layers: once to read every layer's :meth:`P4Inv.merge_check`, once for the residuals; an
-    inverse correction (every ``correct_every``-th merge of a layer) adds its own.
+    layers' device). ``world``: the processes of a distributed run (:mod:`p4bg.distributed`);
+    rank 0 decides every merge and its merged state is broadcast after the event (once per
+    event, not per forward pass), so that all ranks hold the same P4Inv state bit for bit.
+    A merge event synchronises with the device twice, whatever the number of layers: once to
+    read every layer's :meth:`P4Inv.merge_check`, once for the residuals; an inverse
+    correction (every ``correct_every``-th merge of a layer) adds its own.
     """
 
     def __init__(
@@ -540,6 +568,7 @@ class P4Merger:
         correction_threshold: float = 1e-6,
         track_residual: bool = True,
         generator: torch.Generator | None = None,
+        world: World = SINGLE,
     ) -> None:
         for name, value, low in (
             ("every", every, 1),
@@ -562,6 +591,7 @@ class P4Merger:
         self.correction_threshold = correction_threshold
         self.track_residual = track_residual
         self.generator = generator
+        self.world = world
         self.steps = 0
         self.events = 0
         self.totals = MergeStats()
@@ -579,16 +609,10 @@ class P4Merger:
         if force is None:
             force = self.force_every > 0 and self.events % self.force_every == 0
         stats = MergeStats()
-        # every layer's check on the device, read with one synchronisation
-        checks = (
-            torch.stack([layer.merge_check().to(self.layers[0].A.device) for layer in self.layers])
-            .cpu()
-            .tolist()
-            if self.layers
-            else []
-        )
-        for layer, check in zip(self.layers, checks, strict=True):
-            result = layer.merge_step(force, self.generator, check)
+        checks, decisions = self._decide(force)
+        touched_layers = []
+        for layer, check, decision in zip(self.layers, checks, decisions, strict=True):
+            result = layer.merge_step(force, self.generator, check, decision)
             stats.attempts += 1
             counter = {
                 MergeResult.ACCEPTED: "accepted",
@@ -599,6 +623,8 @@ class P4Merger:
             }[result]
             setattr(stats, counter, getattr(stats, counter) + 1)
             touched = result.merged or result is MergeResult.RESET_NONFINITE
+            if touched:
+                touched_layers.append(layer)
             if touched and self.reset_optimizer and self.optimizer is not None:
                 reset_optimizer_state(self.optimizer, (layer.u, layer.v))
             merges = int(check[3]) + int(result.merged)  # layer.n_merges, without a sync
@@ -606,12 +632,36 @@ class P4Merger:
                 fell_back, _ = layer.correct_inverse(self.correction_threshold)
                 stats.corrections += 1
                 stats.fallbacks += int(fell_back)
+        # rank 0's merged state (A, its inverse and determinant, the fresh u and v) replaces the
+        # others' bit for bit: no rank's own rounding or random draw survives a merge
+        broadcast_([t for layer in touched_layers for t in _merge_state(layer)], self.world)
         if self.track_residual and self.layers:  # one more synchronisation, for all layers
             device = self.layers[0].A.device
             residuals = [layer.inverse_residual_tensor().to(device) for layer in self.layers]
             stats.max_residual = float(torch.stack(residuals).max())
         self.totals.add(stats)
         return stats
+
+    def _decide(self, force: bool) -> tuple[list[list[float]], list[MergeResult]]:
+        """Every layer's :meth:`P4Inv.merge_check` and merge decision, read with one
+        synchronisation. Across processes rank 0 decides: its checks and decisions are
+        broadcast, so that values differing in the last bit cannot split the ranks."""
+        if not self.layers:
+            return [], []
+        device = self.layers[0].A.device
+        table = torch.stack([layer.merge_check().to(device) for layer in self.layers])
+        if not self.world.distributed:
+            checks = table.cpu().tolist()
+            pairs = zip(self.layers, checks, strict=True)
+            return checks, [layer.merge_decision(check, force) for layer, check in pairs]
+        codes = torch.zeros(len(self.layers), 1, dtype=torch.float64, device=device)
+        if self.world.main:
+            for i, (layer, check) in enumerate(zip(self.layers, table.cpu().tolist(), strict=True)):
+                codes[i] = _RESULTS.index(layer.merge_decision(check, force))
+        table = torch.cat([table, codes], 1)
+        broadcast_([table], self.world)
+        rows = table.cpu().tolist()
+        return [row[:4] for row in rows], [_RESULTS[int(row[4])] for row in rows]
 
     def state_dict(self) -> dict:
         return {"steps": self.steps, "events": self.events, "totals": self.totals.as_dict()}

@@ -1,0 +1,172 @@
+"""Several processes, one run: ``torchrun`` launches them, :mod:`torch.distributed` joins them.
+
+    torchrun --standalone --nproc_per_node=2 -m p4bg.train --preset smoke --out runs/ddp
+    torchrun --standalone --nproc_per_node=2 -m p4bg.sample runs/ddp --n-samples 100000
+
+torchrun sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and the rendezvous address in each
+process's environment; :func:`setup` reads them and joins the process group (gloo on the CPU,
+NCCL on CUDA, one GPU per local rank). Without them (``python -m p4bg.train``) nothing is
+initialised and :data:`SINGLE` describes the one process.
+
+PyTorch's own engine is used as it is (DistributedDataParallel for the gradients, collectives
+for the rest); what this module adds is the few collectives p4bg needs outside DDP's hooks,
+written once: the broadcast of P4Inv's state after merges (:func:`broadcast_`), the sum of
+counters and losses (:func:`all_sum`), agreement on stopping (:func:`any_rank`) and the
+gathering of per-rank random states for checkpoints (:func:`gather_objects`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as torch_dist
+from torch import Tensor
+
+from p4bg.config import ConfigError
+
+__all__ = [
+    "SINGLE",
+    "World",
+    "all_sum",
+    "any_rank",
+    "broadcast_",
+    "gather_objects",
+    "launched",
+    "pick_device",
+    "setup",
+    "shard_sizes",
+]
+
+# Rank 0 validates and writes checkpoints while the others wait in the next step's all-reduce:
+# a validation of 10,000 samples with energies must not trip the collective timeout.
+TIMEOUT = datetime.timedelta(hours=2)
+
+
+@dataclass(frozen=True)
+class World:
+    """Where this process stands: ``rank`` of ``size`` processes, ``local_rank`` on its node."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one process that writes files and logs."""
+        return self.rank == 0
+
+    def shard(self, n: int) -> slice:
+        """This rank's part of a global batch of ``n`` = per-rank × size items."""
+        per = n // self.size
+        return slice(self.rank * per, (self.rank + 1) * per)
+
+
+SINGLE = World()
+
+
+def launched() -> bool:
+    """Whether this process was started by torchrun (or another launcher setting WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def setup(device: str = "auto") -> tuple[World, str]:
+    """Join the process group torchrun describes in the environment; returns the world and
+    the device this rank should use (``cuda:LOCAL_RANK`` for ``auto``/``cuda`` on a GPU
+    node, else ``device`` unchanged). A single process returns (:data:`SINGLE`, ``device``)."""
+    if not launched():
+        return SINGLE, device
+    rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if cuda:
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={device}: torch sees no CUDA device on this node")
+        if device in ("auto", "cuda"):
+            device = f"cuda:{local % torch.cuda.device_count()}"
+        torch.cuda.set_device(torch.device(device))
+    if not torch_dist.is_initialized():
+        torch_dist.init_process_group(
+            backend="nccl" if cuda else "gloo",
+            timeout=TIMEOUT,
+            **({"device_id": torch.device(device)} if cuda else {}),
+        )
+    return World(rank, size, local), device
+
+
+def shutdown() -> None:
+    """Leave the process group (each rank, at the end: no hang, no warning at exit)."""
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+def all_sum(t: Tensor, world: World) -> Tensor:
+    """``t`` summed over ranks, in place (unchanged in a single process)."""
+    if world.distributed:
+        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.SUM)
+    return t
+
+
+def any_rank(flag: bool, world: World, device: torch.device) -> bool:
+    """Whether ``flag`` is set on any rank (a collective: every rank must call it)."""
+    if not world.distributed:
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def broadcast_(tensors: Sequence[Tensor], world: World, src: int = 0) -> None:
+    """Overwrite ``tensors`` on every rank with rank ``src``'s values, bit for bit: one
+    collective for them all (packed as float64, exact for float32 and for integers < 2⁵³)."""
+    if not world.distributed or not tensors:
+        return
+    device = tensors[0].device
+    flat = torch.cat([t.detach().reshape(-1).to(device, torch.float64) for t in tensors])
+    torch_dist.broadcast(flat, src=src)
+    offset = 0
+    with torch.no_grad():
+        for t in tensors:
+            n = t.numel()
+            t.copy_(flat[offset : offset + n].view_as(t))
+            offset += n
+
+
+def gather_objects(obj: Any, world: World) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank (a collective)."""
+    if not world.distributed:
+        return [obj]
+    out: list[Any] = [None] * world.size
+    torch_dist.all_gather_object(out, obj)
+    return out
+
+
+def all_gather_rows(t: Tensor, world: World) -> Tensor:
+    """Every rank's ``t`` (same shape on all) concatenated along dim 0, in rank order."""
+    if not world.distributed:
+        return t
+    parts = [torch.empty_like(t) for _ in range(world.size)]
+    torch_dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+def shard_sizes(n: int, shards: int) -> list[int]:
+    """``n`` items split over ``shards`` as evenly as possible, the larger parts first."""
+    return [n // shards + (k < n % shards) for k in range(shards)]
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto``: CUDA where torch sees it, else the CPU; ``cuda[:N]`` must exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name}: torch sees no CUDA device here; use device=cpu or auto")
+    return torch.device(name)
