@@ -34,6 +34,7 @@ __all__ = [
     "World",
     "all_sum",
     "any_rank",
+    "barrier",
     "broadcast_",
     "gather_objects",
     "launched",
@@ -170,3 +171,9 @@ def pick_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={name}: torch sees no CUDA device here; use device=cpu or auto")
     return torch.device(name)
+
+
+def barrier(world: World) -> None:
+    """Wait until every rank gets here (nothing in a single process)."""
+    if world.distributed:
+        torch_dist.barrier()

@@ -28,6 +28,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -36,9 +38,18 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
+from analysis.geometry import dihedral, is_l_chirality
+from p4bg import distributed
 from p4bg.config import ENERGIES, ConfigError, TrainConfig, apply_overrides
-from p4bg.distributed import pick_device
+from p4bg.coordinates import MixedCoordinateTransform
+from p4bg.data import _quiet_c_stdio, write_json
+from p4bg.distributed import SINGLE, World, pick_device, shard_sizes
+from p4bg.energy import energy_kind, make_energy
+from p4bg.flows import flow_from_config
+from p4bg.generator import BoltzmannGenerator
+from p4bg.systems import MOLAR_GAS_CONSTANT, load_system
 
 __all__ = [
     "LatentStream",
@@ -69,11 +80,6 @@ def load_run(run: str | Path, device: str = "auto", checkpoint: str = "last") ->
 
     The configuration comes from the checkpoint (the one its weights belong to); the coordinate
     transform is rebuilt from its saved buffers, so the training data need not be present."""
-    from p4bg.coordinates import MixedCoordinateTransform
-    from p4bg.flows import flow_from_config
-    from p4bg.generator import BoltzmannGenerator
-    from p4bg.systems import load_system
-
     run = Path(run)
     if checkpoint not in ("last", "best"):
         raise ConfigError(f"--checkpoint must be 'last' or 'best', got {checkpoint!r}")
@@ -120,14 +126,25 @@ def to_dcd_precision(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return angstrom, angstrom.astype(np.float64) / 10.0
 
 
+def shard_seed(seed: int, shard: int) -> int:
+    """The latent stream's seed of shard ``shard`` of a sample set with seed ``seed``: shard 0
+    keeps ``seed`` itself (a single process's samples are shard 0's), the others get
+    independent seeds derived from (seed, shard) by NumPy's SeedSequence."""
+    if shard == 0:
+        return seed
+    state = np.random.SeedSequence([seed, shard]).generate_state(2, np.uint32)
+    return (int(state[0]) << 31 | int(state[1]) >> 1) % 2**63
+
+
 class LatentStream:
     """Prior draws z ~ N(0, I) as one reproducible stream per seed (and model dtype): drawn on
-    the CPU in fixed blocks, so that the samples do not depend on ``--batch`` or the device."""
+    the CPU in fixed blocks, so that the samples do not depend on ``--batch`` or the device.
+    ``shard``: the stream of one shard of a sample set (:func:`shard_seed`)."""
 
     BLOCK = 4096
 
-    def __init__(self, seed: int, dim: int, dtype: torch.dtype) -> None:
-        self.generator = torch.Generator().manual_seed(seed)
+    def __init__(self, seed: int, dim: int, dtype: torch.dtype, shard: int = 0) -> None:
+        self.generator = torch.Generator().manual_seed(shard_seed(seed, shard))
         self.dim, self.dtype = dim, dtype
         self.buffer = torch.empty(0, dim, dtype=dtype)
 
@@ -157,8 +174,6 @@ class SampleWriter:
         self._write_json("running")
 
     def _write_json(self, status: str) -> None:
-        from p4bg.data import write_json
-
         counts = {
             "n_samples": self.n,
             "n_nonfinite_positions": int(sum((~a).sum() for a in self.arrays["finite"])),
@@ -207,6 +222,8 @@ def sample_run(
     checkpoint: str = "last",
     energy: str | None = None,
     target_temperature: float | None = None,
+    shards: int | None = None,
+    world: World = SINGLE,
 ) -> dict[str, Any]:
     """Draw ``n`` samples from ``run`` and write them (module docstring); returns samples.json.
     ``checkpoint``: "last" (checkpoint.pt) or "best" (best.pt, lowest validation NLL).
@@ -214,15 +231,19 @@ def sample_run(
     ``energy``: auto | openmm | torch (p4bg.energy.make_energy); None takes the run's.
     ``target_temperature``: K of the energies and weights; None takes the run's target (a 600 K
     model's samples weighted to 300 K, for instance: the weights stay exact, the ESS says how
-    far the model is from that density)."""
-    from tqdm import tqdm
-
-    from analysis.geometry import dihedral, is_l_chirality
-    from p4bg.energy import energy_kind, make_energy
-    from p4bg.systems import MOLAR_GAS_CONSTANT
-
+    far the model is from that density).
+    ``shards``: the sample set is made of this many shards, each from its own latent stream
+    (:func:`shard_seed`) with ``n / shards`` samples, written in shard order. Under torchrun
+    (``world``) rank r makes shard r (shards = the number of processes); one process makes
+    them in turn, so that the files are the same either way. Default: 1, or the processes."""
+    shards = world.size if shards is None else shards
     if n < 1 or batch < 1:
-        raise ConfigError(f"--n and --batch must be >= 1, got {n} and {batch}")
+        raise ConfigError(f"--n-samples and --batch must be >= 1, got {n} and {batch}")
+    if not 1 <= shards <= n:
+        raise ConfigError(f"--shards must be in [1, --n-samples], got {shards}")
+    if world.distributed and shards != world.size:
+        raise ConfigError(f"--shards {shards} under torchrun with {world.size} processes: each "
+                          "process makes one shard; leave --shards out")  # fmt: skip
     if prior_scale is not None and not 0 < prior_scale <= 10:
         raise ConfigError(f"--prior-scale must be in (0, 10], got {prior_scale}")
     if target_temperature is not None and not 0 < target_temperature < 1e5:
@@ -240,10 +261,9 @@ def sample_run(
     bg.prior_scale = float(prior_scale)  # log q below is the density of this tempered model
     workers = loaded.config.n_workers if n_workers is None else n_workers
     param = next(bg.flow.parameters())
-    stream = LatentStream(seed, bg.dim, param.dtype)
     info = {
         "run": str(run), "checkpoint": checkpoint, "checkpoint_step": loaded.step, "seed": seed,
-        "requested": n,
+        "requested": n, "shards": shards, "processes": world.size,
         "batch": batch, "device": str(param.device), "prior_scale": float(prior_scale),
         "system": loaded.config.system, "temperature_K": temperature,
         "kT_kJ_per_mol": kT, "data_temperature_K": loaded.config.temperature,
@@ -251,48 +271,110 @@ def sample_run(
         "command": command or f"p4bg.sample.sample_run({str(run)!r}, {n}, batch={batch}, "
         f"seed={seed})",
     }  # fmt: skip
+    if shards > 1 and world.main:  # no earlier sample set stays visible while this one is made
+        for name in ("samples.npz", "samples.pdb", "samples.json", "samples.dcd"):
+            (run / name).unlink(missing_ok=True)
     start = time.perf_counter()
+    mine = [world.rank] if world.distributed else list(range(shards))
+    sizes = shard_sizes(n, shards)
     target = make_energy(energy, system, n_workers=workers, platform=loaded.energy_platform,
                          device=param.device, temperature=temperature)  # fmt: skip
     with target as energy:
         info["energy"], info["energy_platform"] = energy_kind(energy), energy.platform
-        writer = SampleWriter(run, system.topology, info)
-        status = "failed"
-        bar = tqdm(total=n, desc="sampling", unit="conf", disable=not progress)
+        bar = tqdm(total=sum(sizes[k] for k in mine), desc="sampling", unit="conf",
+                   disable=not (progress and world.main))  # fmt: skip
         try:
-            done = 0
-            while done < n:
-                size = min(batch, n - done)
-                with torch.no_grad():
-                    z = prior_scale * stream.take(size).to(param.device)
-                    x, log_q = bg.generate(z)
-                angstrom, xyz = to_dcd_precision(x.cpu().numpy())
-                log_q = log_q.double().cpu().numpy()
-                u, _ = energy.evaluate(xyz.reshape(size, -1), forces=False)
-                with np.errstate(invalid="ignore"):
-                    log_w = -u - log_q
-                writer.write(angstrom, {
-                    "u": u, "log_q": log_q, "log_w": log_w,
-                    "phi": dihedral(xyz, system.phi_atoms), "psi": dihedral(xyz, system.psi_atoms),
-                    "finite": np.isfinite(xyz).all(axis=(1, 2)), "is_l": is_l_chirality(xyz),
-                })  # fmt: skip
-                done += size
-                bar.update(size)
-                bar.set_postfix(failed=energy.stats.failures)
-            status = "complete"
-        except KeyboardInterrupt:
-            status = "interrupted"
-            raise
-        except Exception as err:
-            status = f"failed: {type(err).__name__}: {err}"
-            raise
+            for k in mine:
+                folder = run if shards == 1 else _shard_folder(run, k)
+                folder.mkdir(parents=True, exist_ok=True)
+                stream = LatentStream(seed, bg.dim, param.dtype, shard=k)
+                _sample_shard(bg, energy, system, stream, sizes[k], batch, prior_scale,
+                              SampleWriter(folder, system.topology, {**info, "shard": k}),
+                              bar, start)  # fmt: skip
         finally:
             bar.close()
-            writer.info["seconds"] = round(time.perf_counter() - start, 3)
-            # near-degenerate geometry and torsion tails beyond float resolution (coordinates)
-            writer.info["n_clamped_coordinates"] = int(bg.coordinates.n_clamped)
-            writer.close(status)
+    if shards > 1:
+        distributed.barrier(world)
+        if world.main:
+            info["seconds"] = round(time.perf_counter() - start, 3)
+            merge_shards(run, [_shard_folder(run, k) for k in range(shards)], system.topology, info)
+        distributed.barrier(world)
     return json.loads((run / "samples.json").read_text())
+
+
+def _shard_folder(run: Path, shard: int) -> Path:
+    return run / ".shards" / f"shard{shard}"
+
+
+def _sample_shard(bg: Any, energy: Any, system: Any, stream: LatentStream, n: int,
+                  batch: int, prior_scale: float, writer: SampleWriter, bar: Any,
+                  start: float) -> None:  # fmt: skip
+    """Draw ``n`` samples from ``stream`` in chunks of ``batch`` into ``writer``."""
+    status = "failed"
+    try:
+        done = 0
+        param = next(bg.flow.parameters())
+        while done < n:
+            size = min(batch, n - done)
+            with torch.no_grad():
+                z = prior_scale * stream.take(size).to(param.device)
+                x, log_q = bg.generate(z)
+            angstrom, xyz = to_dcd_precision(x.cpu().numpy())
+            log_q = log_q.double().cpu().numpy()
+            u, _ = energy.evaluate(xyz.reshape(size, -1), forces=False)
+            with np.errstate(invalid="ignore"):
+                log_w = -u - log_q
+            writer.write(angstrom, {
+                "u": u, "log_q": log_q, "log_w": log_w,
+                "phi": dihedral(xyz, system.phi_atoms), "psi": dihedral(xyz, system.psi_atoms),
+                "finite": np.isfinite(xyz).all(axis=(1, 2)), "is_l": is_l_chirality(xyz),
+            })  # fmt: skip
+            done += size
+            bar.update(size)
+            bar.set_postfix(failed=energy.stats.failures)
+        status = "complete"
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    except Exception as err:
+        status = f"failed: {type(err).__name__}: {err}"
+        raise
+    finally:
+        writer.info["seconds"] = round(time.perf_counter() - start, 3)
+        # near-degenerate geometry and torsion tails beyond float resolution (coordinates)
+        writer.info["n_clamped_coordinates"] = int(bg.coordinates.n_clamped)
+        writer.close(status)
+
+
+def merge_shards(run: Path, folders: list[Path], topology: Any, info: dict[str, Any]) -> None:
+    """Join the shards' files, in shard order, into ``run``'s samples.dcd/pdb/npz/json (the
+    set analyze reads), then remove them. A shard that did not complete stops the merge."""
+    states = [json.loads((f / "samples.json").read_text()) for f in folders]
+    unfinished = [str(f) for f, st in zip(folders, states, strict=True)
+                  if st.get("status") != "complete"]  # fmt: skip
+    if unfinished:
+        raise ConfigError(f"shards {unfinished} did not complete; sample again with --overwrite")
+    from mdtraj.formats import DCDTrajectoryFile
+
+    writer = SampleWriter(run, topology, info)
+    clamped = 0
+    try:
+        for folder, state in zip(folders, states, strict=True):
+            with _quiet_c_stdio(), DCDTrajectoryFile(str(folder / "samples.dcd")) as f:
+                angstrom = f.read()[0]
+            with np.load(folder / "samples.npz") as data:
+                arrays = {k: data[k] for k in SAMPLE_ARRAYS}
+            writer.write(angstrom, arrays)
+            clamped += int(state.get("n_clamped_coordinates", 0))
+        writer.info["n_clamped_coordinates"] = clamped
+        writer.close("complete")
+    except BaseException:
+        writer.close("failed: merging the shards")
+        raise
+    for folder in folders:
+        shutil.rmtree(folder)
+    if not any((run / ".shards").iterdir()):
+        (run / ".shards").rmdir()
 
 
 def verify_samples(run: str | Path, limit: int | None = None) -> dict[str, float]:
@@ -305,9 +387,6 @@ def verify_samples(run: str | Path, limit: int | None = None) -> dict[str, float
     import openmm
     import openmm.unit as unit
     from mdtraj.formats import DCDTrajectoryFile
-
-    from p4bg.data import _quiet_c_stdio
-    from p4bg.systems import load_system
 
     run = Path(run)
     missing = [f for f in ("samples.json", "samples.npz", "samples.dcd", "samples.pdb")
@@ -364,7 +443,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Draw conformations from a trained run into samples.dcd/pdb/npz.",
     )
     parser.add_argument("run", help="run folder written by p4bg.train (holds checkpoint.pt)")
-    parser.add_argument("--n", type=int, default=100_000, help="number of samples (100000)")
+    parser.add_argument("--n-samples", "--n", dest="n", type=int, default=100_000,
+                        help="number of samples, over all processes (100000; --n is the same "
+                        "option, but torchrun's own parser takes it for its --nnodes or "
+                        "--nproc-per-node before p4bg sees it: use --n-samples there)")  # fmt: skip
+    parser.add_argument("--shards", type=int, default=None,
+                        help="latent streams the set is made of, one per process under torchrun "
+                        "(default: 1, or the number of processes); a single process given the "
+                        "torchrun run's number writes the same files")  # fmt: skip
     parser.add_argument("--batch", type=int, default=4096, help="samples per chunk (4096)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (auto)")
     parser.add_argument("--seed", type=int, default=0,
@@ -403,6 +489,7 @@ def main(argv: list[str] | None = None) -> None:
 
     args = build_parser().parse_args(argv)
     run = Path(args.run)
+    world = SINGLE
     try:
         if args.verify:
             result = verify_samples(run)
@@ -410,19 +497,27 @@ def main(argv: list[str] | None = None) -> None:
             return
         if (run / "samples.npz").exists() and not args.overwrite:
             raise ConfigError(f"{run} already holds samples; pass --overwrite to replace them")
-        command = "python -m p4bg.sample " + " ".join(argv if argv is not None else sys.argv[1:])
-        result = sample_run(run, args.n, args.batch, args.device, args.seed, args.n_workers,
+        launcher = "torchrun -m" if distributed.launched() else "python -m"
+        command = f"{launcher} p4bg.sample " + " ".join(argv if argv is not None else sys.argv[1:])
+        world, device = distributed.setup(args.device)
+        result = sample_run(run, args.n, args.batch, device, args.seed, args.n_workers,
                             progress=not args.no_progress, command=command,
                             prior_scale=args.prior_scale, checkpoint=args.checkpoint,
                             energy=args.energy,
-                            target_temperature=args.target_temperature)  # fmt: skip
+                            target_temperature=args.target_temperature, shards=args.shards,
+                            world=world)  # fmt: skip
     except (ConfigError, SystemConfigError, UnsupportedForceError) as err:
-        print(f"p4bg.sample: error: {err}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # said once, not by every process
+            print(f"p4bg.sample: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
-        print(f"p4bg.sample: interrupted; the finished chunks are in {run}/samples.*",
-              file=sys.stderr)  # fmt: skip
+        where = f"{run}/samples.*" if (args.shards or world.size) == 1 else f"{run}/.shards/"
+        print(f"p4bg.sample: interrupted; the finished chunks are in {where}", file=sys.stderr)
         raise SystemExit(130) from None
+    finally:
+        distributed.shutdown()
+    if not world.main:
+        return
     with np.load(run / "samples.npz") as data:
         u = data["u"]
     ok = np.isfinite(u)

@@ -516,9 +516,8 @@ _RESULTS = list(MergeResult)
 
 
 def _merge_state(layer: P4Inv) -> list[Tensor]:
-    """What a merge or a reset changes in a layer: its buffers and the perturbation."""
-    return [layer.A, layer.Ainv, layer.log_abs_det_A, layer.sign_A, layer.n_merges,
-            layer.u, layer.v]  # fmt: skip
+    """The buffers a merge changes in a layer (u and v are broadcast for every layer)."""
+    return [layer.A, layer.Ainv, layer.log_abs_det_A, layer.sign_A, layer.n_merges]
 
 
 def reset_optimizer_state(optimizer: torch.optim.Optimizer, params: Iterable[Tensor]) -> None:
@@ -632,9 +631,11 @@ class P4Merger:
                 fell_back, _ = layer.correct_inverse(self.correction_threshold)
                 stats.corrections += 1
                 stats.fallbacks += int(fell_back)
-        # rank 0's merged state (A, its inverse and determinant, the fresh u and v) replaces the
-        # others' bit for bit: no rank's own rounding or random draw survives a merge
-        broadcast_([t for layer in touched_layers for t in _merge_state(layer)], self.world)
+        # rank 0's merged state (A, its inverse and determinant) and every layer's u and v (the
+        # fresh ones of merged layers) replace the others' bit for bit: no rank's own rounding
+        # or random draw survives a merge event
+        merged = [t for layer in touched_layers for t in _merge_state(layer)]
+        broadcast_(merged + [t for layer in self.layers for t in (layer.u, layer.v)], self.world)
         if self.track_residual and self.layers:  # one more synchronisation, for all layers
             device = self.layers[0].A.device
             residuals = [layer.inverse_residual_tensor().to(device) for layer in self.layers]

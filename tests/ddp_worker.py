@@ -1,0 +1,82 @@
+"""One process of the distributed tests (tests/test_distributed.py), started by torchrun.
+
+    torchrun --standalone --nproc_per_node=2 tests/ddp_worker.py merges OUT [--alone]
+    torchrun --standalone --nproc_per_node=2 tests/ddp_worker.py train OUT [--stop-at K] -- ARGS
+
+Each rank writes what it holds to ``OUT/rank{r}.pt``, so that the test compares the ranks.
+``merges``: three P4Inv layers trained on each rank's own data, with each rank's own random
+stream for the new v, and no gradient all-reduce: before every merge event the ranks' u and v
+differ. With the process group (the default) every merge is rank 0's; ``--alone`` passes no
+world to P4Merger, to show that the ranks then drift apart. ``train``: ``p4bg.train`` with
+ARGS as on its command line; ``--stop-at K`` stops it after step K as a signal would.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from p4bg import distributed
+from p4bg.nn import P4Inv, P4Merger
+from p4bg.train import Trainer, parse_args, resolve_config
+
+BUFFERS = ("A", "Ainv", "log_abs_det_A", "sign_A", "n_merges", "u", "v")
+
+
+def merges(out: Path, alone: bool) -> None:
+    world, _ = distributed.setup("cpu")
+    torch.manual_seed(0)
+    layers = torch.nn.ModuleList([P4Inv(6), P4Inv(6, init="reverse"), P4Inv(6)])
+    optimizer = torch.optim.Adam(layers.parameters(), lr=0.05)
+    merger = P4Merger(layers, optimizer, every=1, force_every=3, correct_every=7,
+                      generator=torch.Generator().manual_seed(100 + world.rank),
+                      world=distributed.SINGLE if alone else world)  # fmt: skip
+    # wide data: the layers shrink until merges leave the sane bounds (skipped, forced)
+    data = 3.0 * torch.randn(32, 6, generator=torch.Generator().manual_seed(world.rank))
+    for _ in range(120):
+        optimizer.zero_grad()
+        x, ladj = data, torch.zeros(len(data))
+        for layer in layers:
+            x, step_ladj = layer(x)
+            ladj = ladj + step_ladj
+        (0.5 * x.square().sum(1) - ladj).mean().backward()
+        optimizer.step()
+        merger.step()
+    state = {f"{i}.{name}": getattr(layer, name).detach().clone()
+             for i, layer in enumerate(layers) for name in BUFFERS}  # fmt: skip
+    torch.save({"state": state, "totals": merger.totals.as_dict()}, out / f"rank{world.rank}.pt")
+    distributed.shutdown()
+
+
+def train(out: Path, stop_at: int, argv: list[str]) -> None:
+    flags, overrides = parse_args(argv)
+    config = resolve_config(flags, overrides)
+    world, device = distributed.setup(config.device)
+    trainer = Trainer(config, resume=bool(flags["resume"]), progress=False, world=world,
+                      device=device)  # fmt: skip
+    if stop_at:
+        step = trainer.train_step
+
+        def stopping() -> dict:
+            row = step()
+            trainer.stop_requested = trainer.step >= stop_at
+            return row
+
+        trainer.train_step = stopping
+    trainer.run()
+    adam = trainer.flat.state_dict(trainer.optimizer)["state"]
+    torch.save({"state": {k: v.clone() for k, v in trainer.flow.state_dict().items()},
+                "adam": adam, "step": trainer.step,
+                "totals": trainer.merger.totals.as_dict()}, out / f"rank{world.rank}.pt")  # fmt: skip
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    command, folder, *rest = sys.argv[1:]
+    if command == "merges":
+        merges(Path(folder), "--alone" in rest)
+    else:
+        stop = int(rest[rest.index("--stop-at") + 1]) if "--stop-at" in rest else 0
+        train(Path(folder), stop, rest[rest.index("--") + 1 :])
