@@ -13,16 +13,29 @@ make one with ``python -m p4bg.simulate``).
     python benchmarks/train_step.py --data DATA --steps 3 --batch 32     # quick
     python benchmarks/train_step.py --data DATA --models p4inv --energies torch --compile
     python benchmarks/train_step.py --data DATA --energies torch     # the four combinations
+    python benchmarks/train_step.py --data DATA --ddp --models p4inv --couplings rnvp \
+        --energies torch                                              # 1 and 2 processes
+
+``--ddp`` times the first model of the lists under torchrun (DistributedDataParallel, gloo on
+the CPU) at 1 and 2 processes (``--processes``), one thread each as torchrun sets it, at the
+same global batch (``--batch`` split over the processes) and at the same batch per process
+(the global batch grows with them); it prints steps/s and training frames/s with their ratio
+to one process.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
 
+from p4bg import distributed
 from p4bg.config import PRESETS, TrainConfig, apply_overrides
 from p4bg.train import Trainer
 
@@ -57,7 +70,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compile", action="store_true",
                         help="compile=true: the steps' flow passes through torch.compile "
                         "(compilation, in the warm-up steps, is not timed)")  # fmt: skip
+    parser.add_argument("--ddp", action="store_true",
+                        help="time 1 and 2 processes under torchrun (see above)")  # fmt: skip
+    parser.add_argument("--processes", nargs="+", type=int, default=[1, 2],
+                        help="--ddp: the numbers of processes (1 2)")  # fmt: skip
+    parser.add_argument("--ddp-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.ddp_worker:
+        return ddp_worker(args)
+    if args.ddp:
+        return ddp_table(args, sys.argv[1:] if argv is None else argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
           f"median ms per step over {args.steps} steps")  # fmt: skip
     for coupling in args.couplings:
@@ -79,8 +101,51 @@ def main(argv: list[str] | None = None) -> None:
                       f"{mixed * 1e3:>11.1f} {100 * share:>12.0f}% {ratio}")  # fmt: skip
 
 
+def ddp_table(args: argparse.Namespace, argv: list[str]) -> None:
+    """Launch the worker under torchrun for each process count and batch split; print."""
+    coupling, kind, energy = args.couplings[0], args.models[0], args.energies[0]
+    print(f"torch {torch.__version__}; DDP (gloo on the CPU), {os.cpu_count()} cores, one thread "
+          f"per process; {coupling} coupling, {kind} mixing, {energy} energy; median over "
+          f"{args.steps} steps")  # fmt: skip
+    print(f"  {'processes':>9} {'batch/proc':>10} {'global':>7} {'NLL ms':>8} {'mixed ms':>9} "
+          f"{'NLL steps/s':>12} {'frames/s':>9} {'vs 1':>6} {'mixed frames/s':>15} "
+          f"{'vs 1':>6}")  # fmt: skip
+    rest = [a for a in argv if a != "--ddp"]
+    base: tuple[float, float] | None = None
+    for k in args.processes:
+        for per in dict.fromkeys((args.batch // k, args.batch)):  # same global, same per rank
+            command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                       f"--nproc_per_node={k}", __file__, *rest, "--ddp-worker",
+                       "--batch", str(per)]  # fmt: skip
+            env = {**os.environ, "OMP_NUM_THREADS": "1"}
+            out = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+            if out.returncode:
+                raise SystemExit(f"torchrun with {k} processes failed:\n{out.stderr[-3000:]}")
+            nll, mixed = json.loads(out.stdout.strip().splitlines()[-1])["seconds"]
+            frames = (per * k / nll, per * k / mixed)
+            base = base or frames
+            print(f"  {k:>9} {per:>10} {per * k:>7} {nll * 1e3:>8.1f} {mixed * 1e3:>9.1f} "
+                  f"{1 / nll:>12.1f} {frames[0]:>9.0f} {frames[0] / base[0]:>5.2f}x "
+                  f"{frames[1]:>15.0f} {frames[1] / base[1]:>5.2f}x")  # fmt: skip
+
+
+def ddp_worker(args: argparse.Namespace) -> None:
+    """One process of :func:`ddp_table`: rank 0 prints the median step times as JSON."""
+    world, device = distributed.setup(args.device)
+    nll, mixed, _ = time_steps(args, args.models[0], args.energies[0], args.couplings[0],
+                               world=world, device=device)  # fmt: skip
+    if world.main:
+        print(json.dumps({"seconds": [nll, mixed]}))
+    distributed.shutdown()
+
+
 def time_steps(
-    args: argparse.Namespace, kind: str, energy_name: str, coupling: str = "rnvp"
+    args: argparse.Namespace,
+    kind: str,
+    energy_name: str,
+    coupling: str = "rnvp",
+    world: distributed.World = distributed.SINGLE,
+    device: str | None = None,
 ) -> tuple[float, ...]:
     """Median seconds of the NLL and the mixed step, and the energy's share of the mixed step."""
     config = apply_overrides(TrainConfig(), {**model_settings(coupling),
@@ -88,7 +153,7 @@ def time_steps(
         "nll_steps": args.steps + 3, "mixed_steps": args.steps + 3, "n_workers": args.workers,
         "device": args.device, "energy": energy_name, "compile": args.compile},
         "benchmark")  # fmt: skip
-    trainer = Trainer(config, progress=False)
+    trainer = Trainer(config, progress=False, world=world, device=device)
     energy = trainer.energy()
     energy_time: list[float] = []
 

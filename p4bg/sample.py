@@ -1,7 +1,13 @@
 """``python -m p4bg.sample``: draw conformations from a trained Boltzmann generator.
 
-    python -m p4bg.sample runs/p4inv --n 100000
+    python -m p4bg.sample runs/p4inv --n-samples 100000
     python -m p4bg.sample runs/p4inv --n 5000 --batch 1024 --seed 1 --device cpu --overwrite
+    torchrun --standalone --nproc_per_node=2 -m p4bg.sample runs/p4inv --n-samples 100000
+
+Under torchrun each process draws one shard of the set (``n / processes`` samples from its own
+latent stream, derived from (seed, rank)) into RUN/.shards/, and rank 0 joins the shards, in
+rank order, into the files below: analyze sees one sample set. One process given ``--shards
+K`` makes the same K shards in turn and writes the same files.
 
 Writes into the run folder:
 
@@ -25,13 +31,13 @@ Failed samples are kept and counted, never dropped.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -42,14 +48,16 @@ from tqdm import tqdm
 
 from analysis.geometry import dihedral, is_l_chirality
 from p4bg import distributed
+from p4bg.cli import option, parse
 from p4bg.config import ENERGIES, ConfigError, TrainConfig, apply_overrides
 from p4bg.coordinates import MixedCoordinateTransform
 from p4bg.data import _quiet_c_stdio, write_json
 from p4bg.distributed import SINGLE, World, pick_device, shard_sizes
 from p4bg.energy import energy_kind, make_energy
 from p4bg.flows import flow_from_config
+from p4bg.forcefield import UnsupportedForceError
 from p4bg.generator import BoltzmannGenerator
-from p4bg.systems import MOLAR_GAS_CONSTANT, load_system
+from p4bg.systems import MOLAR_GAS_CONSTANT, SystemConfigError, load_system
 
 __all__ = [
     "LatentStream",
@@ -437,60 +445,52 @@ def verify_samples(run: str | Path, limit: int | None = None) -> dict[str, float
     }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m p4bg.sample",
-        description="Draw conformations from a trained run into samples.dcd/pdb/npz.",
-    )
-    parser.add_argument("run", help="run folder written by p4bg.train (holds checkpoint.pt)")
-    parser.add_argument("--n-samples", "--n", dest="n", type=int, default=100_000,
-                        help="number of samples, over all processes (100000; --n is the same "
-                        "option, but torchrun's own parser takes it for its --nnodes or "
-                        "--nproc-per-node before p4bg sees it: use --n-samples there)")  # fmt: skip
-    parser.add_argument("--shards", type=int, default=None,
-                        help="latent streams the set is made of, one per process under torchrun "
-                        "(default: 1, or the number of processes); a single process given the "
-                        "torchrun run's number writes the same files")  # fmt: skip
-    parser.add_argument("--batch", type=int, default=4096, help="samples per chunk (4096)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (auto)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seed of the prior draws; samples depend on it alone (0)")  # fmt: skip
-    parser.add_argument("--prior-scale", type=float, default=None,
-                        help="standard deviation τ of the prior N(0, τ²I) (default: the run's "
-                        "sample_prior_scale; 1: the trained model; < 1 favours low energies, "
-                        "log q and log w stay exact)")  # fmt: skip
-    parser.add_argument("--checkpoint", choices=("last", "best"), default="last",
-                        help="last: checkpoint.pt (the end of training); best: best.pt, the "
-                        "model at the lowest validation NLL (last)")  # fmt: skip
-    parser.add_argument("--energy", choices=ENERGIES, default=None,
-                        help="target energy: torch (TorchEnergy on --device), openmm (worker "
-                        "processes), auto (torch where the System's forces allow) (default: "
-                        "the run's)")  # fmt: skip
-    parser.add_argument("--target-temperature", type=float, default=None, metavar="K",
-                        help="temperature of the energies and weights (default: the run's "
-                        "target_temperature)")  # fmt: skip
-    parser.add_argument("--n-workers", type=int, default=None,
-                        help="energy worker processes (default: the run's n_workers)")  # fmt: skip
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace samples already in the run folder")  # fmt: skip
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument(
-        "--verify",
-        action="store_true",
-        help="instead of sampling: recompute the stored energies and angles of RUN's samples "
-        "with OpenMM and mdtraj and print the largest deviations",
-    )
-    return parser
+@dataclass
+class SampleOptions:
+    """The options of ``python -m p4bg.sample`` (and of ``torchrun … -m p4bg.sample``)."""
+
+    run: str = option(help="run folder written by p4bg.train (holds checkpoint.pt)",
+                      positional=True)  # fmt: skip
+    n_samples: int = option(
+        100_000, "number of samples, over all processes; --n is the same option, but "
+        "torchrun's own parser takes it for its --nnodes or --nproc-per-node before p4bg sees "
+        "it: use --n-samples there", aliases=("--n",))  # fmt: skip
+    batch: int = option(4096, "samples per chunk")
+    device: str = option("auto", "auto | cpu | cuda[:N]; under torchrun each process takes "
+                         "cuda:LOCAL_RANK")  # fmt: skip
+    seed: int = option(0, "seed of the prior draws; samples depend on it alone")
+    shards: int | None = option(
+        None, "latent streams the set is made of, one per process under torchrun (default: 1, "
+        "or the number of processes); one process given torchrun's number writes the same "
+        "files")  # fmt: skip
+    prior_scale: float | None = option(
+        None, "standard deviation τ of the prior N(0, τ²I) (default: the run's "
+        "sample_prior_scale; 1: the trained model; < 1 favours low energies, log q and log w "
+        "stay exact)")  # fmt: skip
+    checkpoint: str = option("last", "last: checkpoint.pt (the end of training); best: best.pt, "
+                             "the model at the lowest validation NLL",
+                             choices=("last", "best"))  # fmt: skip
+    energy: str | None = option(None, "target energy: torch (TorchEnergy on --device), openmm "
+                                "(worker processes), auto (torch where the System's forces "
+                                "allow) (default: the run's)", choices=ENERGIES)  # fmt: skip
+    target_temperature: float | None = option(
+        None, "temperature of the energies and weights (default: the run's "
+        "target_temperature)", metavar="K")  # fmt: skip
+    n_workers: int | None = option(None, "energy worker processes per process (default: the "
+                                   "run's n_workers)")  # fmt: skip
+    overwrite: bool = option(False, "replace samples already in the run folder")
+    no_progress: bool = option(False, "no progress bar")
+    verify: bool = option(False, "instead of sampling: recompute the stored energies and angles "
+                          "of RUN's samples with OpenMM and mdtraj and print the largest "
+                          "deviations")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
-    from p4bg.forcefield import UnsupportedForceError
-    from p4bg.systems import SystemConfigError
-
-    args = build_parser().parse_args(argv)
-    run = Path(args.run)
+    argv = sys.argv[1:] if argv is None else argv
     world = SINGLE
     try:
+        args = parse(SampleOptions, argv, "python -m p4bg.sample", __doc__ or "")
+        run = Path(args.run)
         if args.verify:
             result = verify_samples(run)
             print(json.dumps(result, indent=2))
@@ -498,9 +498,9 @@ def main(argv: list[str] | None = None) -> None:
         if (run / "samples.npz").exists() and not args.overwrite:
             raise ConfigError(f"{run} already holds samples; pass --overwrite to replace them")
         launcher = "torchrun -m" if distributed.launched() else "python -m"
-        command = f"{launcher} p4bg.sample " + " ".join(argv if argv is not None else sys.argv[1:])
+        command = f"{launcher} p4bg.sample " + " ".join(argv)
         world, device = distributed.setup(args.device)
-        result = sample_run(run, args.n, args.batch, device, args.seed, args.n_workers,
+        result = sample_run(run, args.n_samples, args.batch, device, args.seed, args.n_workers,
                             progress=not args.no_progress, command=command,
                             prior_scale=args.prior_scale, checkpoint=args.checkpoint,
                             energy=args.energy,
