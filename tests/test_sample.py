@@ -285,7 +285,7 @@ def test_sample_cli_errors(run, tmp_path, capsys):
         sample_main([str(tmp_path / "nothing"), "--n", "5"])
     assert exit_info.value.code == 2
     assert "no checkpoint.pt" in capsys.readouterr().err
-    with pytest.raises(ConfigError, match="--n and --batch"):
+    with pytest.raises(ConfigError, match="--n-samples and --batch"):
         sample_run(run, 0)
     with pytest.raises(SystemExit):
         sample_main([str(tmp_path), "--verify"])
