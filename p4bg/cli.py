@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import sys
 import types
 import typing
 from collections.abc import Sequence
@@ -57,6 +59,13 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> typing.NoReturn:
         raise ConfigError(f"{message} (see {self.prog} --help)")
+
+    def print_help(self, file: typing.IO[str] | None = None) -> None:
+        try:
+            super().print_help(file)
+            sys.stdout.flush()
+        except BrokenPipeError:  # `--help | head`: the reader left; no traceback at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _kind(hint: Any) -> Any:

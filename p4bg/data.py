@@ -39,6 +39,7 @@ __all__ = [
     "make_split",
     "read_chunk",
     "resume_point",
+    "training_frames",
     "write_chunk",
     "write_json",
 ]
@@ -303,3 +304,15 @@ def _canonical_labels(path: Path, meta: dict, xyz: np.ndarray) -> np.ndarray:
             stacklevel=3,
         )
     return xyz
+
+
+def training_frames(train: np.ndarray, fraction: float = 1.0, stride: int = 1) -> np.ndarray:
+    """Indices of the training frames used: the first ``fraction`` of every contiguous block of
+    ``train`` (one block per replica: a shorter MD run), then every ``stride``-th frame of each
+    block (sparser saving). ``train``: sorted frame indices of the dataset's training split."""
+    if len(train) == 0:
+        return train
+    breaks = np.flatnonzero(np.diff(train) != 1) + 1
+    kept = [block[: max(1, round(len(block) * fraction))][::stride]
+            for block in np.split(train, breaks)]  # fmt: skip
+    return np.concatenate(kept)

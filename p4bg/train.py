@@ -17,6 +17,7 @@ Output in ``--out``: config.toml, checkpoint.pt (atomic), metrics.csv, train.log
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import random
@@ -24,7 +25,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +41,11 @@ from analysis.metrics import (
     reverse_ess_clipped,
 )
 from p4bg import distributed
+from p4bg.cli import Parser, option
+from p4bg.cli import build_parser as build_cli_parser
 from p4bg.config import PRESETS, ConfigError, TrainConfig, apply_overrides, load_toml, to_toml
 from p4bg.coordinates import MixedCoordinateTransform
-from p4bg.data import DatasetError, load_dataset, load_metadata
+from p4bg.data import DatasetError, load_dataset, load_metadata, training_frames
 from p4bg.distributed import SINGLE, World, all_sum, pick_device
 from p4bg.energy import TorchEnergy, UnsupportedForceError, make_energy
 from p4bg.flows import count_parameters, flow_from_config
@@ -60,59 +63,55 @@ __all__ = ["Trainer", "main", "parse_args"]
 # part); the merge stream is each rank's own (rank 0's draws are broadcast: P4Merger).
 _STREAMS = {"batches": 1, "kl": 2, "validation": 3, "merges": 4}
 _RANK_STREAMS = {"merges"}
-_FLAGS = {"--preset", "--config", "--resume", "--dry-run", "--no-progress", "--help", "-h"}
 # Settings that do not change the computation and may differ when a run is resumed.
 _RESUME_OVERRIDES = {"device", "n_workers", "energy", "compile"}
 
 
+@dataclass
+class TrainCommand:
+    """The switches of ``python -m p4bg.train``; the configuration keys (:class:`TrainConfig`)
+    follow as ``--key=value`` (or ``--key value``; dashes or underscores)."""
+
+    preset: str = option("paper", "the configuration to start from", choices=tuple(PRESETS))
+    config: str | None = option(None, "TOML file of configuration keys, over the preset")
+    resume: str | None = option(None, "continue the run in this folder exactly (with its "
+                                "config.toml)", metavar="RUN")  # fmt: skip
+    dry_run: bool = option(False, "print the model, its parameter counts and the plan; train "
+                           "nothing")  # fmt: skip
+    no_progress: bool = option(False, "no progress bar")
+
+
+def build_parser() -> Parser:
+    """The command's parser: :class:`TrainCommand`'s switches, then every configuration key
+    with the ``paper`` preset's value (kept as text: :func:`apply_overrides` converts it and
+    names the key if it cannot)."""
+    parser = build_cli_parser(TrainCommand, "python -m p4bg.train", __doc__ or "")
+    parser.usage = ("python -m p4bg.train [--preset NAME] [--config FILE] [--resume RUN] "
+                    "[--dry-run] [--no-progress] [--KEY=VALUE ...]")  # fmt: skip
+    keys = parser.add_argument_group("configuration keys (the paper preset's values)")
+    for f in fields(TrainConfig):
+        names = dict.fromkeys([f"--{f.name}", f"--{f.name.replace('_', '-')}"])
+        keys.add_argument(*names, dest=f"key:{f.name}", default=argparse.SUPPRESS,
+                          metavar=f.type.upper() if isinstance(f.type, str) else "VALUE",
+                          help=f"{getattr(TrainConfig(), f.name)!r}")  # fmt: skip
+    return parser
+
+
 def parse_args(argv: list[str]) -> tuple[dict[str, Any], dict[str, str]]:
-    """Split the command line into flags and ``--key=value`` configuration overrides."""
-    flags: dict[str, Any] = {
-        "preset": "paper",
-        "config": None,
-        "resume": None,
-        "dry_run": False,
-        "no_progress": False,
-    }
-    overrides: dict[str, str] = {}
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--") and arg not in ("-h",):
-            raise ConfigError(f"unexpected argument {arg!r}; options look like --key=value")
-        name, eq, value = arg.partition("=")
-        if name in ("-h", "--help"):
-            lines = [__doc__ or "", "configuration keys and defaults (the 'paper' preset):"]
-            lines += [
-                f"  --{f.name}={getattr(TrainConfig(), f.name)!r}" for f in fields(TrainConfig)
-            ]
-            lines.append(f"presets: {', '.join(PRESETS)}")
-            try:
-                print("\n".join(lines), flush=True)
-            except BrokenPipeError:  # `--help | head`: the reader left; no traceback at exit
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            raise SystemExit(0)
-        if name in ("--dry-run", "--no-progress"):
-            if eq:
-                raise ConfigError(f"{name} is a switch and takes no value (got {arg!r})")
-            flags[name[2:].replace("-", "_")] = True
-            i += 1
-            continue
-        if not eq:
-            if i + 1 >= len(argv):
-                raise ConfigError(f"{name} needs a value")
-            value = argv[i + 1]
-            i += 1
-        i += 1
-        key = name[2:].replace("-", "_")
-        if not value or value.startswith("--"):
-            raise ConfigError(f"{name} needs a value, got {value!r}")
-        if name in _FLAGS:
-            flags[key] = value
-        else:
-            overrides[key] = value
-    if flags["preset"] not in PRESETS:
-        raise ConfigError(f"--preset must be one of {', '.join(PRESETS)}, got {flags['preset']!r}")
+    """The command line as (the switches of :class:`TrainCommand`, ``{key: text}`` of the
+    configuration keys given)."""
+    parser = build_parser()
+    namespace, rest = parser.parse_known_args(list(argv))
+    if rest:
+        unknown = rest[0]
+        if unknown.startswith("--"):
+            key = unknown[2:].partition("=")[0].replace("-", "_")
+            raise ConfigError(f"unknown key '{key}'; valid keys: "
+                              f"{', '.join(f.name for f in fields(TrainConfig))}")  # fmt: skip
+        raise ConfigError(f"unexpected argument {unknown!r}; options look like --key=value")
+    values = vars(namespace)
+    overrides = {k[4:]: v for k, v in values.items() if k.startswith("key:")}
+    flags = {k: v for k, v in values.items() if not k.startswith("key:")}
     return flags, overrides
 
 
@@ -181,18 +180,6 @@ def check_temperature(config: TrainConfig) -> None:
             f"start a run with --temperature={float(data_t):g} or use a dataset made at "
             f"{config.temperature:g} K (a resumed run keeps its own temperature)"
         )
-
-
-def training_frames(train: np.ndarray, fraction: float = 1.0, stride: int = 1) -> np.ndarray:
-    """Indices of the training frames used: the first ``fraction`` of every contiguous block of
-    ``train`` (one block per replica: a shorter MD run), then every ``stride``-th frame of each
-    block (sparser saving). ``train``: sorted frame indices of the dataset's training split."""
-    if len(train) == 0:
-        return train
-    breaks = np.flatnonzero(np.diff(train) != 1) + 1
-    kept = [block[: max(1, round(len(block) * fraction))][::stride]
-            for block in np.split(train, breaks)]  # fmt: skip
-    return np.concatenate(kept)
 
 
 # Options of the compiled flow passes. Inductor's vectorised tanh on the CPU costs about 4x an

@@ -132,10 +132,12 @@ def test_configuration_errors(data, tmp_path):
     assert resolve_config(*parse_args(["--seed=9007199254740993"])).seed == 9007199254740993
     with pytest.raises(ConfigError, match="finite"):
         resolve_config(*parse_args(["--energy_weight_ratio=inf"]))
-    with pytest.raises(ConfigError, match="switch"):
+    with pytest.raises(ConfigError, match="--dry-run: ignored explicit argument 'false'"):
         parse_args(["--dry-run=false"])
-    with pytest.raises(ConfigError, match="needs a value"):
+    with pytest.raises(ConfigError, match="--out: expected one argument"):
         parse_args(["--out", "--no-progress"])
+    with pytest.raises(ConfigError, match="unexpected argument 'stray'"):
+        parse_args(["stray"])
     bad = tmp_path / "bad.toml"
     bad.write_text("nll_lr = 'fast'\n")
     with pytest.raises(ConfigError, match=r"bad\.toml: key 'nll_lr' needs a float"):
@@ -271,7 +273,7 @@ def test_temperature_must_match_the_data(data, tmp_path):
 
 
 def test_training_frames_cut_each_replica_block():
-    from p4bg.train import training_frames
+    from p4bg.data import training_frames
 
     train = torch.cat([torch.arange(0, 80), torch.arange(100, 180)]).numpy()
     assert training_frames(train).tolist() == train.tolist()
