@@ -41,6 +41,7 @@ __all__ = [
     "pick_device",
     "setup",
     "shard_sizes",
+    "share",
 ]
 
 # Rank 0 validates and writes checkpoints while the others wait in the next step's all-reduce:
@@ -50,11 +51,13 @@ TIMEOUT = datetime.timedelta(hours=2)
 
 @dataclass(frozen=True)
 class World:
-    """Where this process stands: ``rank`` of ``size`` processes, ``local_rank`` on its node."""
+    """Where this process stands: ``rank`` of ``size`` processes, ``local_rank`` of the
+    ``local_size`` on its node."""
 
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    local_size: int = 1
 
     @property
     def distributed(self) -> bool:
@@ -87,6 +90,7 @@ def setup(device: str = "auto") -> tuple[World, str]:
         return SINGLE, device
     rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local = int(os.environ.get("LOCAL_RANK", "0"))
+    local_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if cuda:
         if not torch.cuda.is_available():
@@ -100,7 +104,7 @@ def setup(device: str = "auto") -> tuple[World, str]:
             timeout=TIMEOUT,
             **({"device_id": torch.device(device)} if cuda else {}),
         )
-    return World(rank, size, local), device
+    return World(rank, size, local, local_size), device
 
 
 def shutdown() -> None:
@@ -162,6 +166,12 @@ def all_gather_rows(t: Tensor, world: World) -> Tensor:
 def shard_sizes(n: int, shards: int) -> list[int]:
     """``n`` items split over ``shards`` as evenly as possible, the larger parts first."""
     return [n // shards + (k < n % shards) for k in range(shards)]
+
+
+def share(n: int, world: World) -> int:
+    """This process's part of ``n`` per-node resources (e.g. energy worker processes): the
+    processes on a node share its cores. At least 1 (0 stays 0: no workers, in-process)."""
+    return n if n == 0 else max(1, n // world.local_size)
 
 
 def pick_device(name: str) -> torch.device:

@@ -267,7 +267,8 @@ def sample_run(
     temperature = loaded.config.target_of() if target_temperature is None else target_temperature
     kT = MOLAR_GAS_CONSTANT * temperature
     bg.prior_scale = float(prior_scale)  # log q below is the density of this tempered model
-    workers = loaded.config.n_workers if n_workers is None else n_workers
+    # energy workers per node, shared by its processes under torchrun
+    workers = distributed.share(loaded.config.n_workers if n_workers is None else n_workers, world)
     param = next(bg.flow.parameters())
     info = {
         "run": str(run), "checkpoint": checkpoint, "checkpoint_step": loaded.step, "seed": seed,

@@ -560,7 +560,8 @@ class Trainer:
             self.target = make_energy(
                 cfg.energy,
                 self.system,
-                n_workers=cfg.n_workers,
+                # OpenMM workers: n_workers per node, shared by its processes
+                n_workers=distributed.share(cfg.n_workers, self.world),
                 platform=self.energy_platform,
                 device=self.device,
                 compile=cfg.compile,  # the energy of the step is compiled with its flow passes
