@@ -854,6 +854,11 @@ class Trainer:
                 else ""
             )
             + f"; batch {cfg.batch_size}"
+            + (
+                f" per process x {self.world.size} processes = {cfg.batch_size * self.world.size}"
+                if self.world.distributed
+                else ""
+            )
             + (f", KL batch {cfg.kl_batch_size or cfg.batch_size}" if cfg.mixed_steps else "")
             + (f"; AdamW weight decay {cfg.weight_decay:g}" if cfg.weight_decay else "; Adam")
             + (
