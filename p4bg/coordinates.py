@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from p4bg.equivalent import canonicalize_equivalent_atoms_torch, equivalent_groups
 from p4bg.nn.base import Bijection, check_input
 
 if TYPE_CHECKING:
@@ -244,8 +245,6 @@ class MixedCoordinateTransform(Bijection):
         self.register_buffer("n_clamped", torch.zeros((), dtype=torch.int64), persistent=False)
 
     def _set_layout(self, system: MolecularSystem) -> None:
-        from p4bg.equivalent import equivalent_groups
-
         # Methyl hydrogens may come labelled in another order (other tools); the inverse brings
         # them to the system PDB's labelling, which the flow's density is defined on.
         self.equivalent_groups = equivalent_groups(system)
@@ -322,8 +321,6 @@ class MixedCoordinateTransform(Bijection):
         of the canonical labelling. A generated sample whose methyl came out in the other
         labelling (the flow does not forbid it) is therefore scored as its canonical relabelling,
         and ``inverse(forward(z))`` differs from ``z`` for it."""
-        from p4bg.equivalent import canonicalize_equivalent_atoms_torch
-
         check_input(x, self.cartesian_dim, "MixedCoordinateTransform.inverse")
         if self.equivalent_groups:
             x = canonicalize_equivalent_atoms_torch(x, self.equivalent_groups)

@@ -29,6 +29,13 @@ from typing import NamedTuple
 
 import numpy as np
 
+from p4bg.equivalent import (
+    EquivalentAtomsError,
+    canonicalize_equivalent_atoms,
+    equivalent_groups,
+)
+from p4bg.systems import load_system
+
 __all__ = [
     "Dataset",
     "DatasetError",
@@ -272,13 +279,6 @@ def load_dataset(path: str | Path, canonicalize: bool = True) -> Dataset:
 
 def _canonical_labels(path: Path, meta: dict, xyz: np.ndarray) -> np.ndarray:
     """``xyz`` (frames, 3·n_atoms) in the PDB's labelling of the system ``meta`` names."""
-    from p4bg.equivalent import (
-        EquivalentAtomsError,
-        canonicalize_equivalent_atoms,
-        equivalent_groups,
-    )
-    from p4bg.systems import load_system
-
     system_path = meta.get("system_path")
     name = system_path if system_path and Path(system_path).is_dir() else meta.get("system")
     if name is None:

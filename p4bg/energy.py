@@ -36,6 +36,7 @@ from torch.autograd.function import once_differentiable
 from p4bg._energy_worker import evaluate_frames, make_context
 from p4bg.config import ENERGIES
 from p4bg.forcefield import TorchEnergy, UnsupportedForceError
+from p4bg.systems import MOLAR_GAS_CONSTANT, MolecularSystem, available_platforms
 
 __all__ = [
     "EnergyStats",
@@ -113,8 +114,6 @@ _PLATFORM_CACHE: dict[str, str] = {}
 def _fastest_platform(system_xml: str, positions: np.ndarray) -> str:
     """The OpenMM platform with the most energy+force evaluations per second, measured once
     per system and process. For small molecules the single-threaded Reference platform wins."""
-    from p4bg.systems import available_platforms
-
     key = hashlib.sha1(system_xml.encode()).hexdigest()
     if key in _PLATFORM_CACHE:
         return _PLATFORM_CACHE[key]
@@ -222,8 +221,6 @@ class OpenMMEnergy:
         max_retries: int = 2,
     ) -> None:
         import openmm
-
-        from p4bg.systems import MOLAR_GAS_CONSTANT, MolecularSystem
 
         if isinstance(system, MolecularSystem):
             omm_system = system.openmm_system
