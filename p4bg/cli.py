@@ -127,5 +127,9 @@ def build_parser(options: type, prog: str, description: str = "") -> Parser:
 
 def parse(options: type[T], argv: Sequence[str], prog: str, description: str = "") -> T:
     """``argv`` parsed into an instance of the dataclass ``options``."""
-    namespace = build_parser(options, prog, description).parse_args(list(argv))
-    return options(**vars(namespace))
+    values = vars(build_parser(options, prog, description).parse_args(list(argv)))
+    hints = typing.get_type_hints(options)
+    for name, value in values.items():  # argparse gives lists for nargs=N
+        if typing.get_origin(_kind(hints[name])) is tuple and isinstance(value, list):
+            values[name] = tuple(value)
+    return options(**values)
