@@ -116,6 +116,9 @@ def test_a_killed_ddp_run_resumes_exactly(ddp_run, data, tmp_path):
 def test_sharded_sampling_writes_the_single_process_files(ddp_run, data, tmp_path):
     """torchrun sampling (--n-samples: torchrun's parser takes --n for its own options) equals
     one process making the same two shards; the merged set is analyzed like any other."""
+    # why the count has a name of its own: torchrun's parser fails on --n before p4bg runs
+    err = launch("-m", "p4bg.sample", str(ddp_run), "--n", "5", expect=2).stderr
+    assert "ambiguous option: --n could match --nnodes" in err
     single = tmp_path / "single"
     shutil.copytree(ddp_run, single)
     launch("-m", "p4bg.sample", str(ddp_run), "--n-samples", "250", "--batch", "64", "--seed",
