@@ -21,19 +21,40 @@ sampling (samples.json) for the BG value.
 
 from __future__ import annotations
 
-import argparse
+import csv
 import itertools
 import json
 import math
 import sys
+import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from analysis.geometry import dihedral, is_l_chirality
+from analysis.metrics import ensemble_metrics, reference_metrics
+from analysis.plots import (
+    AngleSet,
+    plot_energies,
+    plot_free_energy_phi,
+    plot_ramachandran,
+    plot_training,
+)
+from analysis.report import write_metrics_json, write_report_md
+from p4bg.cli import Parser, option, parse
+from p4bg.cli import build_parser as build_cli_parser
 from p4bg.config import ENERGIES, ConfigError
+from p4bg.data import DatasetError, load_dataset, load_metadata, training_frames
+from p4bg.energy import make_energy
+from p4bg.forcefield import UnsupportedForceError
+from p4bg.sample import load_run
+from p4bg.systems import SystemConfigError, load_system
 
 __all__ = [
+    "AnalyzeOptions",
     "Reference",
     "analyze",
     "build_parser",
@@ -46,6 +67,7 @@ __all__ = [
 
 ROOT = Path(__file__).resolve().parents[1]
 SPLITS = ("train", "val", "test", "all")
+PROG = "python -m p4bg.analyze"
 
 
 def replica_segments(frames_per_replica: list[int], idx: np.ndarray) -> list[np.ndarray]:
@@ -68,10 +90,6 @@ class Reference:
     steps per second of the simulation, all its workers together; None if not recorded)."""
 
     def __init__(self, path: str | Path, split: str, system_name: str | None) -> None:
-        from analysis.geometry import dihedral, is_l_chirality
-        from p4bg.data import load_dataset, load_metadata
-        from p4bg.systems import load_system
-
         meta = load_metadata(path)
         data = load_dataset(path)
         if split not in SPLITS:
@@ -122,11 +140,6 @@ def training_threshold(run: Path, ref: Reference, cache: dict[Any, float]) -> di
     split of the dataset named by ``data`` in ``run/config.toml``, cut by its ``train_fraction``
     and ``train_stride`` as the training did; when that is missing or
     unreadable, the reference's train split, with a note saying so."""
-    import tomllib
-
-    from p4bg.data import DatasetError, load_dataset
-    from p4bg.train import training_frames
-
     name, why, fraction, stride = None, "", 1.0, 1
     config = run / "config.toml"
     try:
@@ -179,8 +192,6 @@ def perturbed_energies(
 ) -> np.ndarray:
     """u (kT) of the MD frames with N(0, noise²) nm added to every coordinate (paper Fig. 7);
     ``energy``: auto | openmm | torch (p4bg.energy.make_energy)."""
-    from p4bg.energy import make_energy
-
     rng = np.random.default_rng(seed)
     xyz = reference.xyz + rng.normal(0.0, noise, size=reference.xyz.shape)
     with make_energy(energy, reference.system, n_workers=n_workers,
@@ -201,10 +212,6 @@ def model_log_q(
     """log q of MD frames under the run's model (float64 numpy), for the forward ESS; with the
     prior scale and checkpoint the samples were drawn with, so that q is the density that made
     them."""
-    import torch
-
-    from p4bg.sample import load_run
-
     loaded = load_run(run, device, checkpoint)
     if expected_step is not None and loaded.step != expected_step:
         name = "checkpoint.pt" if checkpoint == "last" else "best.pt"
@@ -271,8 +278,6 @@ def read_training_metrics(run: Path) -> dict[str, np.ndarray] | None:
     """``step``, ``nll``, ``val_nll`` columns of ``run/metrics.csv`` (NaN where empty), and those
     of OPTIONAL_TRAINING_COLUMNS that the file has, or None when the run folder has no metrics
     (e.g. a copy holding only the checkpoint)."""
-    import csv
-
     path = run / "metrics.csv"
     if not path.is_file():
         return None
@@ -322,16 +327,6 @@ def analyze(
 ) -> dict[str, Any]:
     """Gather the arrays, compute the metrics (analysis.metrics), write the report; returns
     the content of metrics.json."""
-    from analysis.metrics import ensemble_metrics, reference_metrics
-    from analysis.plots import (
-        AngleSet,
-        plot_energies,
-        plot_free_energy_phi,
-        plot_ramachandran,
-        plot_training,
-    )
-    from analysis.report import write_metrics_json, write_report_md
-
     names = [run.name for run in runs]
     if len(set(names)) != len(names):
         raise ConfigError(f"runs must have distinct folder names (they label the report): {names}")
@@ -452,43 +447,35 @@ def analyze(
     return result
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m p4bg.analyze",
-        description="Energy and Ramachandran analysis of sampled runs against MD.",
-    )
-    parser.add_argument("runs", nargs="*", type=Path, help="run folders holding samples.npz")
-    parser.add_argument(
-        "--reference", required=True, help="MD dataset folder from p4bg.simulate (data/NAME_600K)"
-    )
-    parser.add_argument("--split", default="test", choices=SPLITS,
-                        help="reference frames: train|val|test|all (test); 'all' for a "
-                        "reference dataset simulated apart from the training data")  # fmt: skip
-    parser.add_argument("--out", type=Path, default=None,
-                        help="report folder (default: RUN/report of the first run)")  # fmt: skip
-    parser.add_argument(
-        "--noise",
-        type=float,
-        default=0.004,
-        help="noise on MD positions for the perturbed set (nm)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of that noise (0)")
-    parser.add_argument("--device", default="auto", help="for log q of MD frames (auto)")
-    parser.add_argument("--energy", choices=ENERGIES, default="auto",
-                        help="energy of the perturbed MD frames: torch (TorchEnergy), openmm "
-                        "(worker processes), auto (torch where the System allows)")  # fmt: skip
-    parser.add_argument("--n-workers", type=int, default=2, help="OpenMM energy workers (2)")
-    return parser
+@dataclass(kw_only=True)
+class AnalyzeOptions:
+    """The options of ``python -m p4bg.analyze``."""
+
+    runs: list[Path] = option([], "run folders holding samples.npz", positional=True)
+    reference: str = option(help="MD dataset folder from p4bg.simulate (data/NAME_600K)")
+    split: str = option("test", "reference frames: train|val|test|all; 'all' for a reference "
+                        "dataset simulated apart from the training data",
+                        choices=SPLITS)  # fmt: skip
+    out: Path | None = option(None, "report folder (default: RUN/report of the first run)")
+    noise: float = option(0.004, "noise on MD positions for the perturbed set (nm)")
+    seed: int = option(0, "seed of that noise")
+    device: str = option("auto", "for log q of MD frames")
+    energy: str = option("auto", "energy of the perturbed MD frames: torch (TorchEnergy), openmm "
+                         "(worker processes), auto (torch where the System allows)",
+                         choices=ENERGIES)  # fmt: skip
+    n_workers: int = option(2, "OpenMM energy workers")
+
+
+def build_parser() -> Parser:
+    """The parser of ``python -m p4bg.analyze`` (made from :class:`AnalyzeOptions`)."""
+    return build_cli_parser(AnalyzeOptions, PROG, __doc__ or "")
 
 
 def main(argv: list[str] | None = None) -> None:
-    from p4bg.data import DatasetError
-    from p4bg.forcefield import UnsupportedForceError
-    from p4bg.systems import SystemConfigError
-
-    args = build_parser().parse_args(argv)
-    out = args.out or (args.runs[0] / "report" if args.runs else None)
+    argv = sys.argv[1:] if argv is None else argv
     try:
+        args = parse(AnalyzeOptions, argv, PROG, __doc__ or "")
+        out = args.out or (args.runs[0] / "report" if args.runs else None)
         if out is None:
             raise ConfigError("without runs, say where the report goes with --out")
         if not args.noise >= 0:

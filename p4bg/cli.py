@@ -85,7 +85,7 @@ def add_options(parser: argparse.ArgumentParser, options: type) -> None:
             f.default_factory() if f.default_factory is not MISSING else None)  # fmt: skip
         required = f.default is MISSING and f.default_factory is MISSING
         text = meta.get("help", "")
-        if default not in (None, False, MISSING) and not required:
+        if default not in (None, False, MISSING, []) and not required:
             text = f"{text} (default: {default})" if text else f"default: {default}"
         kwargs: dict[str, Any] = {"help": argparse.SUPPRESS if meta.get("hidden") else text}
         if meta.get("choices") is not None:

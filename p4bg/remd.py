@@ -32,9 +32,9 @@ estimator, where mistakes hide, is pymbar's.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
+import logging
 import math
 import os
 import pickle
@@ -48,6 +48,9 @@ from typing import Any
 
 import numpy as np
 
+from analysis.geometry import dihedral
+from p4bg.cli import option, parse
+from p4bg.config import ConfigError
 from p4bg.data import (
     DatasetError,
     complete_chunks,
@@ -57,11 +60,47 @@ from p4bg.data import (
     write_chunk,
     write_json,
 )
-from p4bg.systems import SystemConfigError, dihedral, load_system
+from p4bg.simulate import _choose_platform, _run_jobs, _versions
+from p4bg.systems import SystemConfigError, load_system
 
-__all__ = ["ChainJob", "geometric_ladder", "main", "mbar_delta_f", "remd", "run_chain"]
+__all__ = [
+    "ChainJob",
+    "RemdOptions",
+    "geometric_ladder",
+    "main",
+    "mbar_delta_f",
+    "remd",
+    "run_chain",
+]
 
 REPORT_EVERY = 50  # saved cycles between progress messages from a worker
+
+
+@dataclass(kw_only=True)
+class RemdOptions:
+    """The options of ``python -m p4bg.remd``; :func:`remd` reads them."""
+
+    system: str = option("alanine_dipeptide", "name under systems/ or a folder")
+    t_min: float = option(300.0, "K, the reference's")
+    t_max: float = option(600.0, "K, the hottest")
+    n_temperatures: int = option(6, "geometric ladder")
+    ns: float | None = option(None, "production per temperature per chain (total MD: ns × K × "
+                              "chains)")  # fmt: skip
+    exchange_every_ps: float = option(0.5, "MD between exchange attempts; each cycle is saved")
+    chains: int = option(2, "independent chains")
+    seed: int = option(0)
+    out: str = option(help="dataset folder")
+    resume: bool = option(False, "continue a killed run in --out")
+    equilibration_ps: float = option(100.0, "not saved")
+    platform: str = option("auto", "auto (measured), Reference, CPU, …")
+    workers: int = option(0, "processes (default: one per core)")
+    chunk_frames: int = option(2000, "cycles per file")
+    split: tuple[float, float, float] = option((0.8, 0.1, 0.1), metavar=("TRAIN", "VAL", "TEST"))
+    no_progress: bool = option(False)
+    reestimate: bool = option(False, "no MD: recompute the MBAR record of a complete --out from "
+                              "its chunks (after a change of the estimator)")  # fmt: skip
+    # testing hook: stop each chain after this many chunks, as a kill would
+    stop_after_chunks: int | None = option(None, hidden=True)
 
 
 def geometric_ladder(t_min: float, t_max: float, n: int) -> list[float]:
@@ -293,8 +332,6 @@ def read_chain_arrays(folder: Path) -> dict[str, np.ndarray]:
 @contextlib.contextmanager
 def _quiet() -> Any:
     """pymbar announces on import that JAX is missing, on stdout and through logging."""
-    import logging
-
     level = logging.root.manager.disable
     logging.disable(logging.WARNING)
     try:
@@ -457,7 +494,7 @@ def _round_trips(walker: np.ndarray) -> int:
     return trips
 
 
-def _plan(args: argparse.Namespace, system: Any, temperatures: list[float]) -> dict:
+def _plan(args: RemdOptions, system: Any, temperatures: list[float]) -> dict:
     steps_per_frame = args.exchange_every_ps * 1000.0 / system.timestep_fs
     if abs(steps_per_frame - round(steps_per_frame)) > 1e-6 or round(steps_per_frame) < 1:
         raise SystemExit(f"--exchange-every-ps {args.exchange_every_ps}: must be a whole number "
@@ -486,10 +523,8 @@ _PLAN_KEYS = ("system", "temperatures_K", "timestep_fs", "save_every_ps", "steps
               "seed", "replicas")  # fmt: skip
 
 
-def remd(args: argparse.Namespace) -> dict:
+def remd(args: RemdOptions) -> dict:
     """Run the whole job of the parsed command line; return the final metadata."""
-    from p4bg.simulate import _choose_platform, _run_jobs, _versions
-
     out = Path(args.out)
     temperatures = geometric_ladder(args.t_min, args.t_max, args.n_temperatures)
     system = load_system(args.system, temperatures[0])
@@ -545,63 +580,37 @@ def remd(args: argparse.Namespace) -> dict:
     return meta
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m p4bg.remd",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "--system", default="alanine_dipeptide", help="name under systems/ or a folder"
-    )
-    parser.add_argument("--t-min", type=float, default=300.0, help="K, the reference's (300)")
-    parser.add_argument("--t-max", type=float, default=600.0, help="K, the hottest (600)")
-    parser.add_argument("--n-temperatures", type=int, default=6, help="geometric ladder (6)")
-    parser.add_argument("--ns", type=float, default=None,
-                        help="production per temperature per chain (total MD: "
-                        "ns × K × chains)")  # fmt: skip
-    parser.add_argument("--exchange-every-ps", type=float, default=0.5,
-                        help="MD between exchange attempts; each cycle is saved (0.5)")  # fmt: skip
-    parser.add_argument("--chains", type=int, default=2, help="independent chains (2)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", required=True, help="dataset folder")
-    parser.add_argument("--resume", action="store_true", help="continue a killed run in --out")
-    parser.add_argument("--equilibration-ps", type=float, default=100.0, help="not saved (100)")
-    parser.add_argument("--platform", default="auto", help="auto (measured), Reference, CPU, …")
-    parser.add_argument("--workers", type=int, default=0, help="processes (default: one per core)")
-    parser.add_argument("--chunk-frames", type=int, default=2000, help="cycles per file (2000)")
-    parser.add_argument("--split", type=float, nargs=3, default=(0.8, 0.1, 0.1),
-                        metavar=("TRAIN", "VAL", "TEST"))  # fmt: skip
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--reestimate", action="store_true",
-                        help="no MD: recompute the MBAR record of a complete --out from its "
-                        "chunks (after a change of the estimator)")  # fmt: skip
-    parser.add_argument("--stop-after-chunks", type=int, default=None, help=argparse.SUPPRESS)
-    return parser
-
-
 def main(argv: list[str] | None = None) -> None:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.ns is None and not args.reestimate:
-        parser.error("--ns is required (production per temperature per chain)")
-    if not args.reestimate and (not args.ns > 0 or not args.exchange_every_ps > 0):
-        parser.error(f"--ns and --exchange-every-ps must be > 0, got {args.ns}, "
-                     f"{args.exchange_every_ps}")  # fmt: skip
-    if args.n_temperatures < 2 or not 0 < args.t_min < args.t_max:
-        parser.error(f"need --n-temperatures >= 2 and 0 < --t-min < --t-max, got "
-                     f"{args.n_temperatures}, {args.t_min}, {args.t_max}")  # fmt: skip
-    if args.chains < 1 or args.workers < 0 or args.chunk_frames < 1:
-        parser.error("--chains and --chunk-frames must be >= 1, --workers >= 0")
-    if args.equilibration_ps < 0:
-        parser.error(f"--equilibration-ps must be >= 0, got {args.equilibration_ps}")
-    if args.reestimate:
-        try:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = parse(RemdOptions, argv, "python -m p4bg.remd", __doc__ or "")
+        if args.ns is None and not args.reestimate:
+            raise ConfigError("--ns is required (production per temperature per chain)")
+        if not args.reestimate and (not args.ns > 0 or not args.exchange_every_ps > 0):
+            raise ConfigError(f"--ns and --exchange-every-ps must be > 0, got {args.ns}, "
+                              f"{args.exchange_every_ps}")  # fmt: skip
+        if args.n_temperatures < 2 or not 0 < args.t_min < args.t_max:
+            raise ConfigError(f"need --n-temperatures >= 2 and 0 < --t-min < --t-max, got "
+                              f"{args.n_temperatures}, {args.t_min}, {args.t_max}")  # fmt: skip
+        if args.chains < 1 or args.workers < 0 or args.chunk_frames < 1:
+            raise ConfigError("--chains and --chunk-frames must be >= 1, --workers >= 0")
+        if args.equilibration_ps < 0:
+            raise ConfigError(f"--equilibration-ps must be >= 0, got {args.equilibration_ps}")
+        if args.reestimate:
             meta = load_metadata(args.out)
-        except DatasetError as err:
-            parser.error(str(err))
-        if meta.get("status") != "complete":
-            parser.error(f"--reestimate: {args.out} is not complete; finish it with --resume")
+            if meta.get("status") != "complete":
+                raise ConfigError(f"--reestimate: {args.out} is not complete; finish it with "
+                                  "--resume")  # fmt: skip
+        else:
+            meta = remd(args)
+    except (ConfigError, DatasetError, SystemConfigError) as err:
+        print(f"p4bg.remd: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished chunks are kept in {args.out}; continue with the same "
+              "command and --resume", file=sys.stderr)  # fmt: skip
+        raise SystemExit(130) from None
+    if args.reestimate:
         meta["mbar"] = remd_estimates(Path(args.out), meta)
         write_json(Path(args.out) / "metadata.json", meta)
         m = meta["mbar"]
@@ -610,14 +619,6 @@ def main(argv: list[str] | None = None) -> None:
             f"kT (MBAR; chains {', '.join(f'{d:.2f}' for d in m['delta_f_chains'])})"
         )
         return
-    try:
-        meta = remd(args)
-    except SystemConfigError as err:
-        parser.error(str(err))
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: finished chunks are kept in {args.out}; continue with the same "
-              "command and --resume", file=sys.stderr)  # fmt: skip
-        raise SystemExit(130) from None
     if meta.get("already_complete"):
         print(f"{args.out} is already complete; nothing to do")
     elif meta["status"] == "complete":

@@ -13,7 +13,6 @@ as an uninterrupted one.
 
 from __future__ import annotations
 
-import argparse
 import math
 import multiprocessing as mp
 import os
@@ -28,7 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
+from analysis.geometry import dihedral
+from p4bg import __version__
+from p4bg.cli import Parser, option, parse
+from p4bg.cli import build_parser as build_cli_parser
+from p4bg.config import ConfigError
 from p4bg.data import (
     DatasetError,
     complete_chunks,
@@ -42,14 +47,38 @@ from p4bg.data import (
 from p4bg.systems import (
     MolecularSystem,
     SystemConfigError,
-    dihedral,
+    available_platforms,
     load_system,
     measure_platforms,
 )
 
-__all__ = ["ReplicaJob", "main", "run_replica", "simulate"]
+__all__ = ["ReplicaJob", "SimulateOptions", "build_parser", "main", "run_replica", "simulate"]
 
+PROG = "python -m p4bg.simulate"
 REPORT_EVERY = 50  # frames between progress messages from a worker
+
+
+@dataclass(kw_only=True)
+class SimulateOptions:
+    """The options of ``python -m p4bg.simulate``; :func:`simulate` reads them (an
+    ``argparse.Namespace`` from :func:`build_parser` has the same attributes)."""
+
+    system: str = option("alanine_dipeptide", "name under systems/ or a folder")
+    temperature: float | None = option(None, "K (default: the system's)")
+    ns: float = option(help="total production length over all replicas")
+    save_every_ps: float = option(0.2)
+    replicas: int = option(2)
+    seed: int = option(0)
+    out: str = option(help="dataset folder, e.g. data/alanine_dipeptide_600K")
+    resume: bool = option(False, "continue a killed run in --out")
+    equilibration_ps: float = option(100.0, "not saved")
+    platform: str = option("auto", "auto (measured), Reference, CPU, CUDA, OpenCL")
+    workers: int = option(0, "parallel processes (default: one per core)")
+    chunk_frames: int = option(2500, "frames per file")
+    split: tuple[float, float, float] = option((0.8, 0.1, 0.1), metavar=("TRAIN", "VAL", "TEST"))
+    no_progress: bool = option(False)
+    # testing hook: stop each replica after this many chunks, as a kill would
+    stop_after_chunks: int | None = option(None, hidden=True)
 
 
 @dataclass(frozen=True)
@@ -146,8 +175,6 @@ def _versions() -> dict[str, str]:
     import mdtraj
     import openmm
 
-    from p4bg import __version__
-
     return {
         "p4bg": __version__,
         "python": platform_module.python_version(),
@@ -157,7 +184,7 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _plan(args: argparse.Namespace, system: MolecularSystem) -> dict:
+def _plan(args: SimulateOptions, system: MolecularSystem) -> dict:
     steps_per_frame = args.save_every_ps * 1000.0 / system.timestep_fs
     if abs(steps_per_frame - round(steps_per_frame)) > 1e-6 or round(steps_per_frame) < 1:
         raise SystemExit(
@@ -214,8 +241,6 @@ _PLAN_KEYS = (
 
 def _choose_platform(name: str, system: MolecularSystem) -> tuple[str, dict[str, float]]:
     if name != "auto":
-        from p4bg.systems import available_platforms
-
         if name not in available_platforms():
             raise SystemExit(
                 f"--platform {name}: not available here; available: {available_platforms()}"
@@ -225,7 +250,7 @@ def _choose_platform(name: str, system: MolecularSystem) -> tuple[str, dict[str,
     return max(rates, key=rates.get), rates
 
 
-def simulate(args: argparse.Namespace) -> dict:
+def simulate(args: SimulateOptions) -> dict:
     """Run the whole job described by the parsed command line; return the final metadata."""
     out = Path(args.out)
     system = load_system(args.system, args.temperature)
@@ -328,8 +353,6 @@ def _run_jobs(
     jobs: picklable, with ``index`` and ``frames``; ``target(job, queue)`` runs one in a worker
     process and reports ``("frames" | "resumed", index, count)``, ``("done", index, result)`` or
     ``("error", index, traceback)`` (:func:`_worker`; p4bg.remd's chains use the same protocol)."""
-    from tqdm import tqdm
-
     ctx = mp.get_context("spawn")  # a fresh interpreter: no inherited OpenMM or thread state
     progress: mp.Queue = ctx.Queue()
     pending = list(jobs)
@@ -388,59 +411,29 @@ def _run_jobs(
     return [results[j.index] for j in jobs]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m p4bg.simulate",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "--system", default="alanine_dipeptide", help="name under systems/ or a folder"
-    )
-    parser.add_argument("--temperature", type=float, default=None, help="K (default: the system's)")
-    parser.add_argument(
-        "--ns", type=float, required=True, help="total production length over all replicas"
-    )
-    parser.add_argument("--save-every-ps", type=float, default=0.2)
-    parser.add_argument("--replicas", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--out", required=True, help="dataset folder, e.g. data/alanine_dipeptide_600K"
-    )
-    parser.add_argument("--resume", action="store_true", help="continue a killed run in --out")
-    parser.add_argument("--equilibration-ps", type=float, default=100.0, help="not saved")
-    parser.add_argument(
-        "--platform", default="auto", help="auto (measured), Reference, CPU, CUDA, OpenCL"
-    )
-    parser.add_argument(
-        "--workers", type=int, default=0, help="parallel processes (default: one per core)"
-    )
-    parser.add_argument("--chunk-frames", type=int, default=2500, help="frames per file")
-    parser.add_argument(
-        "--split", type=float, nargs=3, default=(0.8, 0.1, 0.1), metavar=("TRAIN", "VAL", "TEST")
-    )
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--stop-after-chunks", type=int, default=None, help=argparse.SUPPRESS)
-    return parser
+def build_parser() -> Parser:
+    """The parser of ``python -m p4bg.simulate`` (made from :class:`SimulateOptions`)."""
+    return build_cli_parser(SimulateOptions, PROG, __doc__ or "")
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not args.ns > 0:
-        parser.error(f"--ns must be > 0, got {args.ns}")
-    if not args.save_every_ps > 0:
-        parser.error(f"--save-every-ps must be > 0, got {args.save_every_ps}")
-    if args.replicas < 1 or args.workers < 0 or args.chunk_frames < 1:
-        parser.error("--replicas and --chunk-frames must be >= 1, --workers >= 0")
-    if args.equilibration_ps < 0:
-        parser.error(f"--equilibration-ps must be >= 0, got {args.equilibration_ps}")
-    if args.temperature is not None and not args.temperature > 0:
-        parser.error(f"--temperature must be > 0 K, got {args.temperature}")
+    argv = sys.argv[1:] if argv is None else argv
     try:
+        args = parse(SimulateOptions, argv, PROG, __doc__ or "")
+        if not args.ns > 0:
+            raise ConfigError(f"--ns must be > 0, got {args.ns}")
+        if not args.save_every_ps > 0:
+            raise ConfigError(f"--save-every-ps must be > 0, got {args.save_every_ps}")
+        if args.replicas < 1 or args.workers < 0 or args.chunk_frames < 1:
+            raise ConfigError("--replicas and --chunk-frames must be >= 1, --workers >= 0")
+        if args.equilibration_ps < 0:
+            raise ConfigError(f"--equilibration-ps must be >= 0, got {args.equilibration_ps}")
+        if args.temperature is not None and not args.temperature > 0:
+            raise ConfigError(f"--temperature must be > 0 K, got {args.temperature}")
         meta = simulate(args)
-    except SystemConfigError as err:
-        parser.error(str(err))
+    except (ConfigError, SystemConfigError) as err:
+        print(f"p4bg.simulate: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     except KeyboardInterrupt:
         print(
             f"\ninterrupted: finished chunks are kept in {args.out}; continue with the same "

@@ -15,8 +15,6 @@ from typing import Any
 
 import numpy as np
 
-from analysis.geometry import dihedral, is_l_chirality
-
 SYSTEMS_DIR = Path(__file__).resolve().parent.parent / "systems"
 # Molar gas constant in kJ/(mol K): kT = R T.
 MOLAR_GAS_CONSTANT = 0.00831446261815324
@@ -24,8 +22,6 @@ MOLAR_GAS_CONSTANT = 0.00831446261815324
 __all__ = [
     "MolecularSystem",
     "SystemConfigError",
-    "dihedral",
-    "is_l_chirality",
     "load_system",
     "measure_platforms",
 ]

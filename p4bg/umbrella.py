@@ -26,7 +26,7 @@ give two more estimates, recorded as a check of equilibration.
 
 from __future__ import annotations
 
-import argparse
+import copy
 import math
 import os
 import sys
@@ -38,13 +38,39 @@ from typing import Any
 
 import numpy as np
 
+from analysis.geometry import dihedral
+from p4bg.cli import option, parse
+from p4bg.config import ConfigError
 from p4bg.data import DatasetError, load_dataset, load_metadata, write_json
 from p4bg.remd import _quiet
-from p4bg.systems import MOLAR_GAS_CONSTANT, SystemConfigError, dihedral, load_system
+from p4bg.simulate import _choose_platform, _run_jobs
+from p4bg.systems import MOLAR_GAS_CONSTANT, SystemConfigError, load_system
 
-__all__ = ["WindowJob", "main", "umbrella", "umbrella_delta_f"]
+__all__ = ["UmbrellaOptions", "WindowJob", "main", "umbrella", "umbrella_delta_f"]
 
 REPORT_EVERY = 100  # saved frames between progress messages
+
+
+@dataclass(kw_only=True)
+class UmbrellaOptions:
+    """The options of ``python -m p4bg.umbrella``; :func:`umbrella` reads them."""
+
+    dataset: str = option(help="dataset folder (p4bg.remd or p4bg.simulate); its temperature is "
+                          "used, its frames start the windows", positional=True)  # fmt: skip
+    windows: int = option(36, "restraint centres")
+    k: float = option(300.0, "on φ, kJ/mol/rad²")
+    psi_windows: int = option(0, "restraint centres along ψ too: a grid of windows x "
+                              "psi-windows (0: φ alone)")  # fmt: skip
+    k_psi: float = option(100.0, "on ψ, kJ/mol/rad²")
+    start_frames: str | None = option(None, "dataset whose frames start the windows (default: "
+                                      "DATASET)")  # fmt: skip
+    ns: float = option(0.5, "production per window")
+    save_every_ps: float = option(0.1)
+    equilibration_ps: float = option(20.0, "per window")
+    seed: int = option(0)
+    platform: str = option("auto", "auto (measured), Reference, CPU, …")
+    workers: int = option(0, "processes (default: one per core)")
+    no_progress: bool = option(False)
 
 
 @dataclass(frozen=True)
@@ -79,8 +105,6 @@ def _restraint(atoms: tuple[int, ...], center: float, k: float, name: str) -> An
 
 def run_window(job: WindowJob, progress: Any = None) -> dict:
     """Run one window and write its file; return its statistics (in a worker process)."""
-    import copy
-
     import openmm
 
     system = load_system(job.system_path, job.temperature)
@@ -186,10 +210,8 @@ def umbrella_delta_f(
     }  # fmt: skip
 
 
-def umbrella(args: argparse.Namespace) -> dict:
+def umbrella(args: UmbrellaOptions) -> dict:
     """Run the windows of the parsed command line and record the estimate; returns it."""
-    from p4bg.simulate import _choose_platform, _run_jobs
-
     dataset = Path(args.dataset)
     meta = load_metadata(dataset)
     temperature = float(meta["temperature_K"])
@@ -271,46 +293,20 @@ def umbrella(args: argparse.Namespace) -> dict:
     return meta["umbrella"]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m p4bg.umbrella",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("dataset", help="dataset folder (p4bg.remd or p4bg.simulate); its "
-                        "temperature is used, its frames start the windows")  # fmt: skip
-    parser.add_argument("--windows", type=int, default=36, help="restraint centres (36)")
-    parser.add_argument("--k", type=float, default=300.0, help="on φ, kJ/mol/rad² (300)")
-    parser.add_argument("--psi-windows", type=int, default=0,
-                        help="restraint centres along ψ too: a grid of windows x psi-windows "
-                        "(0: φ alone)")  # fmt: skip
-    parser.add_argument("--k-psi", type=float, default=100.0, help="on ψ, kJ/mol/rad² (100)")
-    parser.add_argument("--start-frames", default=None,
-                        help="dataset whose frames start the windows (default: "
-                        "DATASET)")  # fmt: skip
-    parser.add_argument("--ns", type=float, default=0.5, help="production per window (0.5)")
-    parser.add_argument("--save-every-ps", type=float, default=0.1, help="(0.1)")
-    parser.add_argument("--equilibration-ps", type=float, default=20.0, help="per window (20)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--platform", default="auto", help="auto (measured), Reference, CPU, …")
-    parser.add_argument("--workers", type=int, default=0, help="processes (default: one per core)")
-    parser.add_argument("--no-progress", action="store_true")
-    return parser
-
-
 def main(argv: list[str] | None = None) -> None:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.psi_windows < 0 or (args.psi_windows and not args.k_psi > 0):
-        parser.error("--psi-windows must be >= 0, and --k-psi > 0 with it")
-    if args.windows < 4 or not args.k > 0 or not args.ns > 0 or not args.save_every_ps > 0:
-        parser.error("need --windows >= 4 and --k, --ns, --save-every-ps > 0")
-    if args.equilibration_ps < 0 or args.workers < 0:
-        parser.error("--equilibration-ps and --workers must be >= 0")
+    argv = sys.argv[1:] if argv is None else argv
     try:
+        args = parse(UmbrellaOptions, argv, "python -m p4bg.umbrella", __doc__ or "")
+        if args.psi_windows < 0 or (args.psi_windows and not args.k_psi > 0):
+            raise ConfigError("--psi-windows must be >= 0, and --k-psi > 0 with it")
+        if args.windows < 4 or not args.k > 0 or not args.ns > 0 or not args.save_every_ps > 0:
+            raise ConfigError("need --windows >= 4 and --k, --ns, --save-every-ps > 0")
+        if args.equilibration_ps < 0 or args.workers < 0:
+            raise ConfigError("--equilibration-ps and --workers must be >= 0")
         result = umbrella(args)
-    except (DatasetError, SystemConfigError) as err:
-        parser.error(str(err))
+    except (ConfigError, DatasetError, SystemConfigError) as err:
+        print(f"p4bg.umbrella: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished windows are kept in {args.dataset}/umbrella; continue "
               "with the same command", file=sys.stderr)  # fmt: skip

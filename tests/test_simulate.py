@@ -15,9 +15,10 @@ import numpy as np
 import openmm
 import pytest
 
+from analysis.geometry import dihedral, is_l_chirality
 from p4bg.data import DatasetError, chunk_paths, load_dataset, load_metadata
 from p4bg.simulate import main
-from p4bg.systems import SYSTEMS_DIR, dihedral, is_l_chirality, load_system
+from p4bg.systems import SYSTEMS_DIR, load_system
 
 ROOT = Path(__file__).resolve().parents[1]
 # 2 replicas × 10 frames of 0.2 ps, in chunks of 4 frames (so each replica has 3 chunks).

@@ -11,11 +11,10 @@ import openmm
 import openmm.app as app
 import pytest
 
+from analysis.geometry import dihedral, is_l_chirality
 from p4bg.systems import (
     SYSTEMS_DIR,
     SystemConfigError,
-    dihedral,
-    is_l_chirality,
     load_system,
     measure_platforms,
 )
