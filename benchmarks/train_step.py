@@ -112,21 +112,28 @@ def ddp_table(args: argparse.Namespace, argv: list[str]) -> None:
           f"{'vs 1':>6}")  # fmt: skip
     rest = [a for a in argv if a != "--ddp"]
     base: tuple[float, float] | None = None
-    for k in args.processes:
-        for per in dict.fromkeys((args.batch // k, args.batch)):  # same global, same per rank
-            command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                       f"--nproc_per_node={k}", __file__, *rest, "--ddp-worker",
-                       "--batch", str(per)]  # fmt: skip
-            env = {**os.environ, "OMP_NUM_THREADS": "1"}
-            out = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
-            if out.returncode:
-                raise SystemExit(f"torchrun with {k} processes failed:\n{out.stderr[-3000:]}")
-            nll, mixed = json.loads(out.stdout.strip().splitlines()[-1])["seconds"]
-            frames = (per * k / nll, per * k / mixed)
-            base = base or frames
-            print(f"  {k:>9} {per:>10} {per * k:>7} {nll * 1e3:>8.1f} {mixed * 1e3:>9.1f} "
-                  f"{1 / nll:>12.1f} {frames[0]:>9.0f} {frames[0] / base[0]:>5.2f}x "
-                  f"{frames[1]:>15.0f} {frames[1] / base[1]:>5.2f}x")  # fmt: skip
+    # (label, processes under torchrun or 0 for plain python with every core's threads, batch)
+    runs = [
+        (str(k), k, per)
+        for k in args.processes
+        for per in dict.fromkeys((args.batch // k, args.batch))
+    ]  # same global, same per rank
+    runs.append((f"1 (python, {os.cpu_count()} threads)", 0, args.batch))
+    for label, k, per in runs:
+        launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                     f"--nproc_per_node={k}"] if k else [sys.executable])  # fmt: skip
+        command = [*launcher, __file__, *rest, "--ddp-worker", "--batch", str(per)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"} if k else dict(os.environ)
+        out = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+        if out.returncode:
+            raise SystemExit(f"{' '.join(command)} failed:\n{out.stderr[-3000:]}")
+        nll, mixed = json.loads(out.stdout.strip().splitlines()[-1])["seconds"]
+        k = max(k, 1)
+        frames = (per * k / nll, per * k / mixed)
+        base = base or frames
+        print(f"  {label:>9} {per:>10} {per * k:>7} {nll * 1e3:>8.1f} {mixed * 1e3:>9.1f} "
+              f"{1 / nll:>12.1f} {frames[0]:>9.0f} {frames[0] / base[0]:>5.2f}x "
+              f"{frames[1]:>15.0f} {frames[1] / base[1]:>5.2f}x")  # fmt: skip
 
 
 def ddp_worker(args: argparse.Namespace) -> None:
