@@ -4,6 +4,7 @@
     python -m p4bg.train --preset quick --flow swap --out runs/quick_swap --batch_size=128
     python -m p4bg.train --resume runs/p4inv          # continue a killed run exactly
     python -m p4bg.train --preset paper --dry-run     # model, parameter counts and plan
+    torchrun --standalone --nproc_per_node=2 -m p4bg.train --preset smoke --out runs/ddp
 
 Phases (paper App. H): ``nll_steps`` of maximum likelihood on training frames at ``nll_lr``,
 then ``mixed_steps`` of ``w_l·NLL + w_e·KL`` at ``mixed_lr`` with ``w_e/w_l =
@@ -13,6 +14,12 @@ model's own samples, :meth:`Trainer.anneal_batch`); P4Inv merges every ``merge_e
 steps. Any configuration key can be given as ``--key=value`` (or ``--key value``);
 ``--config FILE`` reads a TOML file.
 Output in ``--out``: config.toml, checkpoint.pt (atomic), metrics.csv, train.log.
+
+Under torchrun each process trains with DistributedDataParallel on its part of every global
+batch (``batch_size`` is per process); rank 0 validates and writes (:mod:`p4bg.distributed`).
+The module reads top to bottom: the command line (:class:`TrainCommand`), the optimizer and
+schedules, :class:`Objective` (one step's loss), :class:`Trainer` (state, one step, and the
+loop, :meth:`Trainer.run`), :func:`main`. What a run writes is :mod:`p4bg.reporters`'.
 """
 
 from __future__ import annotations

@@ -218,3 +218,23 @@ def test_mixed_step_parts_smoke(data):
                  "TorchEnergy with forces", "grad norm + Adam", "whole mixed step"):  # fmt: skip
         assert re.search(rf"^\s+{re.escape(part)}\s+[\d.]+\s+\d+%", out, re.M), part
     assert "a 2.5x step from 100.0 ms: 40.0 ms" in out
+
+
+def test_train_step_ddp_smoke(data):
+    out = run("benchmarks/train_step.py", "--data", str(data), "--ddp", "--steps", "1",
+              "--batch", "8", "--models", "p4inv", "--couplings", "rnvp", "--energies",
+              "torch")  # fmt: skip
+    rows = [line.split() for line in out.splitlines() if line.startswith("  ") and "x" in line]
+    assert [r[0] for r in rows[1:]] == ["1", "2", "2", "1"], out  # 1, 2 (same global), 2, python
+
+
+def test_sample_throughput_smoke(data, tmp_path):
+    from p4bg.train import main as train_main
+
+    run_dir = tmp_path / "run"
+    train_main(["--preset", "smoke", f"--data={data}", f"--out={run_dir}", "--no-progress",
+                "--nll_steps=4", "--mixed_steps=0"])  # fmt: skip
+    out = run("benchmarks/sample_throughput.py", "--run", str(run_dir), "--n", "64", "--batch",
+              "32", "--rounds", "1")  # fmt: skip
+    assert "2 processes (torchrun, 1 thread each)" in out
+    assert not (run_dir / "samples.npz").exists()  # the run's own folder is never sampled into
