@@ -85,7 +85,7 @@ def add_options(parser: argparse.ArgumentParser, options: type) -> None:
             f.default_factory() if f.default_factory is not MISSING else None)  # fmt: skip
         required = f.default is MISSING and f.default_factory is MISSING
         text = meta.get("help", "")
-        if default not in (None, False, MISSING, []) and not required:
+        if not (default is None or default is False or default == []) and not required:
             text = f"{text} (default: {default})" if text else f"default: {default}"
         kwargs: dict[str, Any] = {"help": argparse.SUPPRESS if meta.get("hidden") else text}
         if meta.get("choices") is not None:
@@ -94,6 +94,8 @@ def add_options(parser: argparse.ArgumentParser, options: type) -> None:
             kwargs["metavar"] = meta["metavar"]
         origin = typing.get_origin(kind)
         if kind is bool:
+            if default is not False:
+                raise TypeError(f"{options.__name__}.{f.name}: a switch must default to False")
             kwargs["action"] = "store_true"
         elif origin is list:
             kwargs.update(nargs="*", type=typing.get_args(kind)[0])

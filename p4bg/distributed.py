@@ -18,6 +18,7 @@ gathering of per-rank random states for checkpoints (:func:`gather_objects`).
 from __future__ import annotations
 
 import datetime
+import inspect
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,6 +45,8 @@ __all__ = [
     "share",
 ]
 
+# The process group of host-side control messages (None: the default group, gloo already).
+_CONTROL: Any = None
 # Rank 0 validates and writes checkpoints while the others wait in the next step's all-reduce:
 # a validation of 10,000 samples with energies must not trip the collective timeout.
 TIMEOUT = datetime.timedelta(hours=2)
@@ -95,22 +98,42 @@ def setup(device: str = "auto") -> tuple[World, str]:
     if cuda:
         if not torch.cuda.is_available():
             raise ConfigError(f"device={device}: torch sees no CUDA device on this node")
-        if device in ("auto", "cuda"):
-            device = f"cuda:{local % torch.cuda.device_count()}"
+        if device not in ("auto", "cuda"):
+            raise ConfigError(f"device={device}: under torchrun each process takes the GPU of "
+                              "its local rank; give device=cuda or auto (and choose the node's "
+                              "GPUs with CUDA_VISIBLE_DEVICES)")  # fmt: skip
+        device = f"cuda:{local % torch.cuda.device_count()}"
         torch.cuda.set_device(torch.device(device))
+    global _CONTROL
     if not torch_dist.is_initialized():
-        torch_dist.init_process_group(
-            backend="nccl" if cuda else "gloo",
-            timeout=TIMEOUT,
-            **({"device_id": torch.device(device)} if cuda else {}),
-        )
+        options: dict[str, Any] = {"backend": "nccl" if cuda else "gloo", "timeout": TIMEOUT}
+        if cuda and "device_id" in inspect.signature(torch_dist.init_process_group).parameters:
+            options["device_id"] = torch.device(device)
+        torch_dist.init_process_group(**options)
+        # small host-side decisions (stop or not) travel by gloo on the CPU, so that asking
+        # never waits for the GPU's queue
+        _CONTROL = torch_dist.new_group(backend="gloo") if cuda else None
     return World(rank, size, local, local_size), device
 
 
 def shutdown() -> None:
     """Leave the process group (each rank, at the end: no hang, no warning at exit)."""
+    global _CONTROL
     if torch_dist.is_initialized():
         torch_dist.destroy_process_group()
+    _CONTROL = None
+
+
+def ddp(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``module`` in DistributedDataParallel: parameters and buffers from rank 0 once, here;
+    buffers not again on every forward pass (P4Inv's change only at merges, which broadcast
+    them: :class:`p4bg.nn.P4Merger`)."""
+    parallel = torch.nn.parallel.DistributedDataParallel
+    keys = inspect.signature(parallel).parameters
+    # torch >= 2.13 names it forward_sync_buffers; broadcast_buffers before (deprecated since)
+    sync = "forward_sync_buffers" if "forward_sync_buffers" in keys else "broadcast_buffers"
+    ids = [device] if device.type == "cuda" else None
+    return parallel(module, device_ids=ids, **{sync: False})
 
 
 def all_sum(t: Tensor, world: World) -> Tensor:
@@ -120,12 +143,13 @@ def all_sum(t: Tensor, world: World) -> Tensor:
     return t
 
 
-def any_rank(flag: bool, world: World, device: torch.device) -> bool:
-    """Whether ``flag`` is set on any rank (a collective: every rank must call it)."""
+def any_rank(flag: bool, world: World) -> bool:
+    """Whether ``flag`` is set on any rank (a collective on the CPU: every rank must call it;
+    it does not wait for a GPU)."""
     if not world.distributed:
         return flag
-    t = torch.tensor([int(flag)], device=device)
-    torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
+    t = torch.tensor([int(flag)])
+    torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX, group=_CONTROL)
     return bool(t.item())
 
 

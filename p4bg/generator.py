@@ -120,13 +120,22 @@ class BoltzmannGenerator(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """:meth:`reverse_kl` of samples already generated: ``x`` [batch, 66] nm with their
         ``log_q`` [batch]; returns (loss, raw u of the samples, kT)."""
+        total, count, u = self.reverse_kl_parts(x, log_q, high, max_energy)
+        # a masked mean, not terms[ok]: no host synchronisation; every evaluation failed → 0/0
+        return total / count, u
+
+    def reverse_kl_parts(
+        self, x: Tensor, log_q: Tensor, high: float = 1e3, max_energy: float = 1e9
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The sum of :meth:`reverse_kl_of`'s terms over the samples whose energy evaluation
+        succeeded, their count, and the raw u: the pieces of its mean, for a mean over the
+        samples of several processes (the sums and counts add)."""
         if self.target is None:
             raise RuntimeError("BoltzmannGenerator.reverse_kl: no target energy was given")
         u = self.target(x)
         ok = torch.isfinite(u)  # a non-finite log q stays in: the loss is NaN, the step skipped
         terms = linlogcut(u, high, max_energy) + log_q
-        # a masked mean, not terms[ok]: no host synchronisation; every evaluation failed → 0/0
-        return torch.where(ok, terms, 0.0).sum() / ok.sum(), u.detach()
+        return torch.where(ok, terms, 0.0).sum(), ok.sum(), u.detach()
 
     def nll_and_generate(self, x: Tensor, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The two flow passes of a mixed training step: (:meth:`nll` of data ``x``, and

@@ -320,6 +320,7 @@ def _sample_shard(bg: Any, energy: Any, system: Any, stream: LatentStream, n: in
                   start: float) -> None:  # fmt: skip
     """Draw ``n`` samples from ``stream`` in chunks of ``batch`` into ``writer``."""
     status = "failed"
+    clamped = int(bg.coordinates.n_clamped)  # counted since the model was loaded
     try:
         done = 0
         param = next(bg.flow.parameters())
@@ -351,7 +352,7 @@ def _sample_shard(bg: Any, energy: Any, system: Any, stream: LatentStream, n: in
     finally:
         writer.info["seconds"] = round(time.perf_counter() - start, 3)
         # near-degenerate geometry and torsion tails beyond float resolution (coordinates)
-        writer.info["n_clamped_coordinates"] = int(bg.coordinates.n_clamped)
+        writer.info["n_clamped_coordinates"] = int(bg.coordinates.n_clamped) - clamped
         writer.close(status)
 
 

@@ -104,11 +104,28 @@ def build_parser() -> Parser:
     return parser
 
 
+def _joined_values(argv: list[str]) -> list[str]:
+    """``--key -1e3`` as ``--key=-1e3``: argparse takes a value starting with a dash for an
+    option unless it looks like a plain negative integer or decimal."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1].startswith("--") and "=" not in out[-1] and arg.startswith("-"):
+            try:
+                float(arg)
+            except ValueError:
+                pass
+            else:
+                out[-1] = f"{out[-1]}={arg}"
+                continue
+        out.append(arg)
+    return out
+
+
 def parse_args(argv: list[str]) -> tuple[dict[str, Any], dict[str, str]]:
     """The command line as (the switches of :class:`TrainCommand`, ``{key: text}`` of the
     configuration keys given)."""
     parser = build_parser()
-    namespace, rest = parser.parse_known_args(list(argv))
+    namespace, rest = parser.parse_known_args(_joined_values(list(argv)))
     if rest:
         unknown = rest[0]
         if unknown.startswith("--"):
@@ -255,17 +272,18 @@ def energy_weight(config: TrainConfig, step: int) -> float:
 
 class StopSignals:
     """SIGINT (Ctrl-C) and SIGTERM (a scheduler's polite kill) ask the loop to stop at the end
-    of the step, after a checkpoint; a second signal stops at once. Handlers are installed
-    only in the main thread and restored on exit."""
+    of the step, after a checkpoint; a second signal stops at once (``escalate``). Handlers
+    are installed only in the main thread and restored on exit."""
 
     HANDLED = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self) -> None:
+    def __init__(self, escalate: bool = True) -> None:
         self.requested = False
+        self.escalate = escalate
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
+        if self.requested and self.escalate:
             raise KeyboardInterrupt
         self.requested = True
 
@@ -292,9 +310,10 @@ class Objective(torch.nn.Module):
     process's batch; across processes DDP averages the gradients, i.e. those of the means over
     the global batch. ``nll``, ``nll_and_generate``: the generator's passes, compiled or not."""
 
-    def __init__(self, bg: Any, config: TrainConfig, nll: Any, nll_and_generate: Any) -> None:
+    def __init__(self, bg: Any, config: TrainConfig, nll: Any, nll_and_generate: Any,
+                 world: World = SINGLE) -> None:  # fmt: skip
         super().__init__()
-        self.bg = bg
+        self.bg, self.world = bg, world
         self.nll, self.nll_and_generate = nll, nll_and_generate
         self.high, self.max_energy = config.energy_high, config.energy_max
         self.penalty = config.penalty
@@ -306,7 +325,15 @@ class Objective(torch.nn.Module):
             kl, u, loss = torch.zeros((), device=x.device), None, nll
         else:
             nll, samples, log_q = self.nll_and_generate(x, z)
-            kl, u = self.bg.reverse_kl_of(samples, log_q, self.high, self.max_energy)
+            if not self.world.distributed:
+                kl, u = self.bg.reverse_kl_of(samples, log_q, self.high, self.max_energy)
+            else:  # the mean over the global batch's successful evaluations, whatever rank
+                # they fell on: this rank's sum over their global count, times the number of
+                # processes, whose gradients DDP averages
+                total, count, u = self.bg.reverse_kl_parts(samples, log_q, self.high,
+                                                           self.max_energy)  # fmt: skip
+                count = all_sum(count.detach().clone(), self.world)
+                kl = total * self.world.size / count
             loss = (1.0 - w_e) * nll + w_e * kl
         if self.penalty > 0:
             loss = loss + self.penalty * p4inv_penalty(self.bg.flow)
@@ -407,16 +434,10 @@ class Trainer:
             self._load(self.out / "checkpoint.pt")
         elif config.init:
             self._init_from(Path(config.init))
-        self.objective = Objective(self.bg, config, self._nll, self._nll_and_generate)
+        self.objective = Objective(self.bg, config, self._nll, self._nll_and_generate, world)
         self.model: torch.nn.Module = self.objective
         if world.distributed:
-            # parameters and buffers from rank 0 once, here; P4Inv's buffers change only at
-            # merges, which broadcast them (P4Merger), so not on every forward pass
-            self.model = torch.nn.parallel.DistributedDataParallel(
-                self.objective,
-                device_ids=[self.device] if self.device.type == "cuda" else None,
-                forward_sync_buffers=False,
-            )
+            self.model = distributed.ddp(self.objective, self.device)
 
     def _seed(self, stream: str) -> int:
         """The seed of a random stream: the run's seed plus the stream's offset, and for the
@@ -745,9 +766,11 @@ class Trainer:
         if cfg.compile:
             out.info("compile: the first step of each phase compiles the flow (minutes)")
         last: dict[str, Any] = {}
-        stopped = False
+        stopped = distributed.any_rank(self.stop_requested, world)
         try:
-            with out, StopSignals() as signals:
+            # torchrun passes a signal on to every process, and again before it kills them:
+            # there a second signal must not cut the checkpoint short
+            with out, StopSignals(escalate=not world.distributed) as signals:
                 start = time.perf_counter() - self.seconds
                 while self.step < cfg.total_steps and not stopped:
                     row = self.train_step()
@@ -770,16 +793,16 @@ class Trainer:
                     if report:
                         out.row({**row, **self.flush_counters(), "step": self.step,
                                  # clamps of degenerate geometry or torsion tails since the
-                                 # start (or the resume) of this process
-                                 "clamped_coordinates": int(self.coordinates.n_clamped),
+                                 # start (or the resume) of the processes
+                                 "clamped_coordinates": int(all_sum(
+                                     self.coordinates.n_clamped.clone(), world)),
                                  "seconds": round(self.seconds, 3)})  # fmt: skip
                     if self.step % cfg.checkpoint_every == 0 or at_end:
                         self.save()
                     out.advance()
-                    # the ranks agree on stopping at reports (one process alone stops now)
-                    if not world.distributed or report:
-                        asked = signals.requested or self.stop_requested
-                        stopped = distributed.any_rank(asked, world, self.device)
+                    # after every step, the ranks agree whether to stop (on the CPU)
+                    asked = signals.requested or self.stop_requested
+                    stopped = distributed.any_rank(asked, world)
                 if stopped and self.step < cfg.total_steps:
                     self.save()
                     out.info("interrupted at step %d; checkpoint saved, continue with "

@@ -8,7 +8,10 @@ Each rank writes what it holds to ``OUT/rank{r}.pt``, so that the test compares 
 stream for the new v, and no gradient all-reduce: before every merge event the ranks' u and v
 differ. With the process group (the default) every merge is rank 0's; ``--alone`` passes no
 world to P4Merger, to show that the ranks then drift apart. ``train``: ``p4bg.train`` with
-ARGS as on its command line; ``--stop-at K`` stops it after step K as a signal would.
+ARGS as on its command line; ``--stop-at K`` stops it after step K as a signal would;
+``--fail-a-third`` makes the target energy fail (+inf) for about a third of the samples, by a
+rule of their positions alone, so that one process and two fail on the same samples. Without a
+process group (``python tests/ddp_worker.py train …``) it is the single-process run.
 """
 
 from __future__ import annotations
@@ -50,12 +53,24 @@ def merges(out: Path, alone: bool) -> None:
     distributed.shutdown()
 
 
-def train(out: Path, stop_at: int, argv: list[str]) -> None:
+def failing(energy):
+    """``energy`` failing where the first coordinate's thousandths are a multiple of 3."""
+
+    def u(x: torch.Tensor) -> torch.Tensor:
+        fail = torch.remainder(torch.floor(x[:, 0].detach() * 1000), 3) == 0
+        return torch.where(fail, torch.inf, energy(x))
+
+    return u
+
+
+def train(out: Path, stop_at: int, argv: list[str], fail: bool = False) -> None:
     flags, overrides = parse_args(argv)
     config = resolve_config(flags, overrides)
     world, device = distributed.setup(config.device)
     trainer = Trainer(config, resume=bool(flags["resume"]), progress=False, world=world,
                       device=device)  # fmt: skip
+    if fail:
+        trainer.bg.target = failing(trainer.energy())
     if stop_at:
         step = trainer.train_step
 
@@ -69,7 +84,8 @@ def train(out: Path, stop_at: int, argv: list[str]) -> None:
     adam = trainer.flat.state_dict(trainer.optimizer)["state"]
     torch.save({"state": {k: v.clone() for k, v in trainer.flow.state_dict().items()},
                 "adam": adam, "step": trainer.step,
-                "totals": trainer.merger.totals.as_dict()}, out / f"rank{world.rank}.pt")  # fmt: skip
+                "totals": trainer.merger.totals.as_dict(),
+                "counters": trainer.flush_counters()}, out / f"rank{world.rank}.pt")  # fmt: skip
     distributed.shutdown()
 
 
@@ -79,4 +95,4 @@ if __name__ == "__main__":
         merges(Path(folder), "--alone" in rest)
     else:
         stop = int(rest[rest.index("--stop-at") + 1]) if "--stop-at" in rest else 0
-        train(Path(folder), stop, rest[rest.index("--") + 1 :])
+        train(Path(folder), stop, rest[rest.index("--") + 1 :], "--fail-a-third" in rest)

@@ -82,6 +82,22 @@ def test_ddp_training_equals_one_process_with_the_global_batch(ddp_run, data, tm
     assert "2 process(es), global batch 32" in (ddp_run / "train.log").read_text()
 
 
+def test_failed_energies_leave_ddp_equal_to_one_process(data, tmp_path):
+    """The energy term is the mean over the global batch's successful evaluations, however the
+    failures fall on the ranks (a per-rank mean, averaged, would differ)."""
+    args = ["--dtype=float64", "--nll_steps=2", "--mixed_steps=10"]
+    (tmp_path / "ddp").mkdir()
+    (tmp_path / "one").mkdir()
+    launch(str(HERE / "ddp_worker.py"), "train", str(tmp_path / "ddp"), "--fail-a-third", "--",
+           *smoke(data, tmp_path / "ddp_run", "--batch_size=16", *args))  # fmt: skip
+    launch(str(HERE / "ddp_worker.py"), "train", str(tmp_path / "one"), "--fail-a-third", "--",
+           *smoke(data, tmp_path / "one_run", "--batch_size=32", *args), processes=1)  # fmt: skip
+    a, b = load(tmp_path / "ddp" / "rank0.pt"), load(tmp_path / "one" / "rank0.pt")
+    assert a["counters"]["energy_failures"] == b["counters"]["energy_failures"] > 30
+    for key, value in b["state"].items():
+        torch.testing.assert_close(a["state"][key], value, rtol=1e-9, atol=1e-11, msg=key)
+
+
 def test_ranks_hold_identical_state_after_100_merges_in_training(data, tmp_path):
     """p4bg.train itself: every parameter, P4Inv buffer and Adam moment bitwise equal on both
     ranks after more than 100 merges (one merge event per step)."""

@@ -129,6 +129,10 @@ def test_configuration_errors(data, tmp_path):
     with pytest.raises(ConfigError, match="--preset"):
         parse_args(["--preset", "fast"])
     assert resolve_config(*parse_args(["--nll_steps=4e4", "--batch-size", "8"])).nll_steps == 40_000
+    assert parse_args(["--energy_high", "-1e3", "--penalty", "-0.5"])[1] == {
+        "energy_high": "-1e3",
+        "penalty": "-0.5",
+    }
     assert resolve_config(*parse_args(["--seed=9007199254740993"])).seed == 9007199254740993
     with pytest.raises(ConfigError, match="finite"):
         resolve_config(*parse_args(["--energy_weight_ratio=inf"]))
