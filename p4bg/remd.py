@@ -60,7 +60,7 @@ from p4bg.data import (
     write_chunk,
     write_json,
 )
-from p4bg.simulate import _choose_platform, _run_jobs, _versions
+from p4bg.simulate import MDRunOptions, _choose_platform, _run_jobs, _versions
 from p4bg.systems import SystemConfigError, load_system
 
 __all__ = [
@@ -77,10 +77,9 @@ REPORT_EVERY = 50  # saved cycles between progress messages from a worker
 
 
 @dataclass(kw_only=True)
-class RemdOptions:
+class RemdOptions(MDRunOptions):
     """The options of ``python -m p4bg.remd``; :func:`remd` reads them."""
 
-    system: str = option("alanine_dipeptide", "name under systems/ or a folder")
     t_min: float = option(300.0, "K, the reference's")
     t_max: float = option(600.0, "K, the hottest")
     n_temperatures: int = option(6, "geometric ladder")
@@ -88,19 +87,9 @@ class RemdOptions:
                               "chains)")  # fmt: skip
     exchange_every_ps: float = option(0.5, "MD between exchange attempts; each cycle is saved")
     chains: int = option(2, "independent chains")
-    seed: int = option(0)
-    out: str = option(help="dataset folder")
-    resume: bool = option(False, "continue a killed run in --out")
-    equilibration_ps: float = option(100.0, "not saved")
-    platform: str = option("auto", "auto (measured), Reference, CPU, …")
-    workers: int = option(0, "processes (default: one per core)")
     chunk_frames: int = option(2000, "cycles per file")
-    split: tuple[float, float, float] = option((0.8, 0.1, 0.1), metavar=("TRAIN", "VAL", "TEST"))
-    no_progress: bool = option(False)
     reestimate: bool = option(False, "no MD: recompute the MBAR record of a complete --out from "
                               "its chunks (after a change of the estimator)")  # fmt: skip
-    # testing hook: stop each chain after this many chunks, as a kill would
-    stop_after_chunks: int | None = option(None, hidden=True)
 
 
 def geometric_ladder(t_min: float, t_max: float, n: int) -> list[float]:

@@ -52,33 +52,47 @@ from p4bg.systems import (
     measure_platforms,
 )
 
-__all__ = ["ReplicaJob", "SimulateOptions", "build_parser", "main", "run_replica", "simulate"]
+__all__ = [
+    "MDRunOptions",
+    "ReplicaJob",
+    "SimulateOptions",
+    "build_parser",
+    "main",
+    "run_replica",
+    "simulate",
+]
 
 PROG = "python -m p4bg.simulate"
 REPORT_EVERY = 50  # frames between progress messages from a worker
 
 
 @dataclass(kw_only=True)
-class SimulateOptions:
-    """The options of ``python -m p4bg.simulate``; :func:`simulate` reads them (an
-    ``argparse.Namespace`` from :func:`build_parser` has the same attributes)."""
+class MDRunOptions:
+    """What every chunked, resumable MD command takes (p4bg.simulate, p4bg.remd)."""
 
     system: str = option("alanine_dipeptide", "name under systems/ or a folder")
-    temperature: float | None = option(None, "K (default: the system's)")
-    ns: float = option(help="total production length over all replicas")
-    save_every_ps: float = option(0.2)
-    replicas: int = option(2)
     seed: int = option(0)
     out: str = option(help="dataset folder, e.g. data/alanine_dipeptide_600K")
     resume: bool = option(False, "continue a killed run in --out")
     equilibration_ps: float = option(100.0, "not saved")
     platform: str = option("auto", "auto (measured), Reference, CPU, CUDA, OpenCL")
     workers: int = option(0, "parallel processes (default: one per core)")
-    chunk_frames: int = option(2500, "frames per file")
     split: tuple[float, float, float] = option((0.8, 0.1, 0.1), metavar=("TRAIN", "VAL", "TEST"))
     no_progress: bool = option(False)
-    # testing hook: stop each replica after this many chunks, as a kill would
+    # testing hook: stop each replica or chain after this many chunks, as a kill would
     stop_after_chunks: int | None = option(None, hidden=True)
+
+
+@dataclass(kw_only=True)
+class SimulateOptions(MDRunOptions):
+    """The options of ``python -m p4bg.simulate``; :func:`simulate` reads them (an
+    ``argparse.Namespace`` from :func:`build_parser` has the same attributes)."""
+
+    temperature: float | None = option(None, "K (default: the system's)")
+    ns: float = option(help="total production length over all replicas")
+    save_every_ps: float = option(0.2)
+    replicas: int = option(2)
+    chunk_frames: int = option(2500, "frames per file")
 
 
 @dataclass(frozen=True)
