@@ -159,3 +159,14 @@ def test_sharded_sampling_writes_the_single_process_files(ddp_run, data, tmp_pat
            processes=1)  # fmt: skip
     metrics = json.loads((ddp_run / "report" / "metrics.json").read_text())
     assert metrics["models"][ddp_run.name]["n_samples"] == 250
+
+
+@pytest.mark.slow
+def test_compiled_ddp_equals_eager(ddp_run, data, tmp_path):
+    """compile=true under DDP: the compiled passes inside the DDP module (about 2 minutes)."""
+    run = tmp_path / "compiled"
+    launch("-m", "p4bg.train", *smoke(data, run, "--batch_size=16", "--dtype=float64",
+                                      "--compile=true"))  # fmt: skip
+    a, b = load(run / "checkpoint.pt"), load(ddp_run / "checkpoint.pt")
+    for key, value in b["flow"].items():
+        torch.testing.assert_close(a["flow"][key], value, rtol=1e-9, atol=1e-11, msg=key)
