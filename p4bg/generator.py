@@ -128,8 +128,9 @@ class BoltzmannGenerator(nn.Module):
         self, x: Tensor, log_q: Tensor, high: float = 1e3, max_energy: float = 1e9
     ) -> tuple[Tensor, Tensor, Tensor]:
         """The sum of :meth:`reverse_kl_of`'s terms over the samples whose energy evaluation
-        succeeded, their count, and the raw u: the pieces of its mean, for a mean over the
-        samples of several processes (the sums and counts add)."""
+        succeeded, their count, and the raw u (kT, [batch], +inf where it failed): the pieces
+        of its mean, for a mean over the samples of several processes (sums and counts add).
+        ``x`` [batch, 66] nm, ``log_q`` [batch]."""
         if self.target is None:
             raise RuntimeError("BoltzmannGenerator.reverse_kl: no target energy was given")
         u = self.target(x)

@@ -189,14 +189,20 @@ class SampleWriter:
         }
         write_json(self.folder / "samples.json", {**self.info, **counts, "status": status})
 
-    def write(self, angstrom: np.ndarray, arrays: dict[str, np.ndarray]) -> None:
-        """Append one chunk: positions (Å float32 [n, atoms, 3]) and its per-frame arrays."""
+    def write(self, angstrom: np.ndarray, arrays: dict[str, np.ndarray], save: bool = True) -> None:
+        """Append one chunk: positions (Å float32 [n, atoms, 3]) and its per-frame arrays;
+        ``save``: replace samples.npz now (else at :meth:`save` or :meth:`close`)."""
         if self.n == 0:
             self._write_pdb(angstrom[0])
         self._dcd.write(angstrom)
         for key in SAMPLE_ARRAYS:
             self.arrays[key].append(arrays[key])
         self.n += len(angstrom)
+        if save:
+            self.save()
+
+    def save(self) -> None:
+        """samples.npz with every chunk so far (atomically), and samples.json "running"."""
         tmp = self.folder / "samples.tmp.npz"
         np.savez(tmp, **{k: np.concatenate(v) for k, v in self.arrays.items()})
         tmp.replace(self.folder / "samples.npz")
@@ -374,9 +380,10 @@ def merge_shards(run: Path, folders: list[Path], topology: Any, info: dict[str, 
                 angstrom = f.read()[0]
             with np.load(folder / "samples.npz") as data:
                 arrays = {k: data[k] for k in SAMPLE_ARRAYS}
-            writer.write(angstrom, arrays)
+            writer.write(angstrom, arrays, save=False)  # the npz once, not once per shard
             clamped += int(state.get("n_clamped_coordinates", 0))
         writer.info["n_clamped_coordinates"] = clamped
+        writer.save()
         writer.close("complete")
     except BaseException:
         writer.close("failed: merging the shards")

@@ -96,11 +96,12 @@ def build_parser() -> Parser:
     parser.usage = ("python -m p4bg.train [--preset NAME] [--config FILE] [--resume RUN] "
                     "[--dry-run] [--no-progress] [--KEY=VALUE ...]")  # fmt: skip
     keys = parser.add_argument_group("configuration keys (the paper preset's values)")
+    defaults = TrainConfig()
     for f in fields(TrainConfig):
         names = dict.fromkeys([f"--{f.name}", f"--{f.name.replace('_', '-')}"])
         keys.add_argument(*names, dest=f"key:{f.name}", default=argparse.SUPPRESS,
                           metavar=f.type.upper() if isinstance(f.type, str) else "VALUE",
-                          help=f"{getattr(TrainConfig(), f.name)!r}")  # fmt: skip
+                          help=f"{getattr(defaults, f.name)!r}")  # fmt: skip
     return parser
 
 
@@ -325,15 +326,12 @@ class Objective(torch.nn.Module):
             kl, u, loss = torch.zeros((), device=x.device), None, nll
         else:
             nll, samples, log_q = self.nll_and_generate(x, z)
-            if not self.world.distributed:
-                kl, u = self.bg.reverse_kl_of(samples, log_q, self.high, self.max_energy)
-            else:  # the mean over the global batch's successful evaluations, whatever rank
-                # they fell on: this rank's sum over their global count, times the number of
-                # processes, whose gradients DDP averages
-                total, count, u = self.bg.reverse_kl_parts(samples, log_q, self.high,
-                                                           self.max_energy)  # fmt: skip
-                count = all_sum(count.detach().clone(), self.world)
-                kl = total * self.world.size / count
+            # the mean over the global batch's successful evaluations, whatever rank they fell
+            # on: this rank's sum over their global count, times the number of processes,
+            # whose gradients DDP averages (one process: the masked mean of reverse_kl_of)
+            total, count, u = self.bg.reverse_kl_parts(samples, log_q, self.high,
+                                                       self.max_energy)  # fmt: skip
+            kl = total * self.world.size / all_sum(count, self.world)
             loss = (1.0 - w_e) * nll + w_e * kl
         if self.penalty > 0:
             loss = loss + self.penalty * p4inv_penalty(self.bg.flow)
@@ -401,10 +399,10 @@ class Trainer:
         self.optimizer, self.flat = make_optimizer(self.flow, config)
         # the training step's passes through flow and transform, compiled on request (with
         # TorchEnergy, see energy(); validation stays eager: not worth minutes of compilation)
-        self._nll, self._nll_and_generate = self.bg.nll, self.bg.nll_and_generate
+        nll, nll_and_generate = self.bg.nll, self.bg.nll_and_generate
         if config.compile:  # the mixed step's two passes: one graph, one backward
-            self._nll = torch.compile(self.bg.nll, options=COMPILE_OPTIONS)
-            self._nll_and_generate = torch.compile(self._nll_and_generate, options=COMPILE_OPTIONS)
+            nll = torch.compile(nll, options=COMPILE_OPTIONS)
+            nll_and_generate = torch.compile(nll_and_generate, options=COMPILE_OPTIONS)
         # the random streams live on the training device: indices and prior draws are made
         # where they are used, with no host round trip (on the CPU, as before)
         self.streams = {name: torch.Generator(device=self.device).manual_seed(self._seed(name))
@@ -434,7 +432,7 @@ class Trainer:
             self._load(self.out / "checkpoint.pt")
         elif config.init:
             self._init_from(Path(config.init))
-        self.objective = Objective(self.bg, config, self._nll, self._nll_and_generate, world)
+        self.objective = Objective(self.bg, config, nll, nll_and_generate, world)
         self.model: torch.nn.Module = self.objective
         if world.distributed:
             self.model = distributed.ddp(self.objective, self.device)
@@ -619,9 +617,8 @@ class Trainer:
         cfg, world = self.config, self.world
         # across processes: each rank generates its part of the global draws, the parts are
         # gathered, and every rank resamples the global batch alike and trains on its part
-        z = self._prior(cfg.anneal_samples * world.size, "kl")[
-            world.shard(cfg.anneal_samples * world.size)
-        ]
+        n = cfg.anneal_samples * world.size
+        z = self._prior(n, "kl")[world.shard(n)]
         x, log_q = self.bg.generate(z)
         u = self.energy()(x).double() * (cfg.target_of() / temperature)
         self._pending["energy_failures"] += (~torch.isfinite(u)).sum()

@@ -651,16 +651,14 @@ class P4Merger:
             return [], []
         device = self.layers[0].A.device
         table = torch.stack([layer.merge_check().to(device) for layer in self.layers])
+        checks = table.cpu().tolist()
+        pairs = zip(self.layers, checks, strict=True)
+        decisions = [layer.merge_decision(check, force) for layer, check in pairs]
         if not self.world.distributed:
-            checks = table.cpu().tolist()
-            pairs = zip(self.layers, checks, strict=True)
-            return checks, [layer.merge_decision(check, force) for layer, check in pairs]
-        codes = torch.zeros(len(self.layers), 1, dtype=torch.float64, device=device)
-        if self.world.main:
-            for i, (layer, check) in enumerate(zip(self.layers, table.cpu().tolist(), strict=True)):
-                codes[i] = _RESULTS.index(layer.merge_decision(check, force))
-        table = torch.cat([table, codes], 1)
-        broadcast_([table], self.world)
+            return checks, decisions
+        codes = torch.tensor([[float(_RESULTS.index(d))] for d in decisions], dtype=torch.float64)
+        table = torch.cat([table, codes.to(device)], 1)
+        broadcast_([table], self.world)  # every rank takes rank 0's checks and decisions
         rows = table.cpu().tolist()
         return [row[:4] for row in rows], [_RESULTS[int(row[4])] for row in rows]
 
