@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import torch
+from train_helpers import stop_after
 
 from p4bg import distributed
 from p4bg.nn import P4Inv, P4Merger
@@ -72,14 +73,7 @@ def train(out: Path, stop_at: int, argv: list[str], fail: bool = False) -> None:
     if fail:
         trainer.bg.target = failing(trainer.energy())
     if stop_at:
-        step = trainer.train_step
-
-        def stopping() -> dict:
-            row = step()
-            trainer.stop_requested = trainer.step >= stop_at
-            return row
-
-        trainer.train_step = stopping
+        stop_after(trainer, stop_at)
     trainer.run()
     adam = trainer.flat.state_dict(trainer.optimizer)["state"]
     torch.save({"state": {k: v.clone() for k, v in trainer.flow.state_dict().items()},

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from train_helpers import stop_after
 
 from p4bg.analyze import main as analyze_main
 from p4bg.config import PRESETS, ConfigError, TrainConfig, apply_overrides, load_toml
@@ -86,15 +87,7 @@ def test_resume_in_the_annealing_phase_is_exact(data, tmp_path):
     reference = Trainer(smoke_config(data, tmp_path / "a", **ANNEAL), progress=False)
     reference.run()
     interrupted = Trainer(smoke_config(data, tmp_path / "b", **ANNEAL), progress=False)
-    original_step = interrupted.train_step
-
-    def stop_in_the_anneal_phase() -> dict:
-        row = original_step()
-        if interrupted.step == 29:
-            interrupted.stop_requested = True
-        return row
-
-    interrupted.train_step = stop_in_the_anneal_phase
+    stop_after(interrupted, 29)  # in the anneal phase
     interrupted.run()
     resumed = Trainer(smoke_config(data, tmp_path / "b", **ANNEAL), resume=True, progress=False)
     assert resumed.step == 29 and resumed.phase(29) == "anneal"

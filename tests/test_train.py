@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from train_helpers import stop_after
 
 from p4bg.config import PRESETS, ConfigError, TrainConfig, apply_overrides, load_toml, to_toml
 from p4bg.train import Trainer, host_row, main, parse_args, resolve_config
@@ -65,15 +66,7 @@ def test_resume_gives_identical_parameters(data, tmp_path, coupling):
     reference.run()
 
     interrupted = Trainer(smoke_config(data, tmp_path / "b", coupling=coupling), progress=False)
-    original_step = interrupted.train_step
-
-    def stop_after_13() -> dict:  # as a Ctrl-C would: the loop saves and stops at a step boundary
-        row = original_step()
-        if interrupted.step == 13:
-            interrupted.stop_requested = True
-        return row
-
-    interrupted.train_step = stop_after_13
+    stop_after(interrupted, 13)
     interrupted.run()
     assert torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["step"] == 13
     resumed = Trainer(smoke_config(data, tmp_path / "b", coupling=coupling), resume=True,
