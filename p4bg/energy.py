@@ -45,22 +45,8 @@ __all__ = [
     "UnsupportedForceError",
     "energy_kind",
     "evaluate_frames",
-    "linlogcut",
     "make_energy",
 ]
-
-
-def linlogcut(u: Tensor, high: float = 1e3, max: float = 1e9) -> Tensor:
-    """Regularised energy for the KL loss: ``u`` below ``high``, ``high + log(1 + u − high)``
-    above, capped at ``max``. One clashing sample (u ~ 1e10) then moves the loss by a few units
-    instead of dominating the gradient; ``+inf`` (a failed evaluation) maps to ``max`` with
-    zero gradient.
-    """
-    if not high < max:
-        raise ValueError(f"linlogcut: need high < max, got high={high}, max={max}")
-    excess = torch.clamp(u - high, min=0.0)
-    soft = torch.where(u > high, high + torch.log1p(excess), u)
-    return torch.clamp(soft, max=max)
 
 
 def make_energy(

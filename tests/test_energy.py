@@ -16,7 +16,8 @@ import pytest
 import torch
 from md_helpers import run_md
 
-from p4bg.energy import OpenMMEnergy, linlogcut
+from p4bg.energy import OpenMMEnergy
+from p4bg.generator import linlogcut
 from p4bg.systems import load_system
 
 ROOT = Path(__file__).resolve().parents[1]
