@@ -1,6 +1,6 @@
 """Geometry of configurations in numpy: dihedral angles and alanine's chirality.
 
-Used for MD and generated ensembles alike (DESIGN.md §5); float64 in, float64 out.
+Used for MD and generated ensembles alike (docs/design.md §5); float64 in, float64 out.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ def dihedral(xyz: np.ndarray, atoms: tuple[int, int, int, int]) -> np.ndarray:
 def is_l_chirality(
     xyz: np.ndarray, n: int = 6, ca: int = 8, c: int = 14, cb: int = 10
 ) -> np.ndarray:
-    """True for L-alanine frames: ``(N − CA) · ((C − CA) × (CB − CA)) > 0`` (DESIGN.md §5).
+    """True for L-alanine frames: ``(N − CA) · ((C − CA) × (CB − CA)) > 0`` (docs/design.md §5).
 
     xyz: positions [frames, n_atoms, 3]; the default atom indices are the contract atom order of
-    alanine dipeptide (DESIGN.md §4). Non-finite frames are False (neither L nor checked)."""
+    alanine dipeptide (docs/design.md §4). Non-finite frames are False (neither L nor checked)."""
     a = xyz[:, n] - xyz[:, ca]
     b = np.cross(xyz[:, c] - xyz[:, ca], xyz[:, cb] - xyz[:, ca])
     return (a * b).sum(-1) > 0

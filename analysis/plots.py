@@ -12,7 +12,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from analysis.metrics import normalised_weights, ramachandran_histogram
+from analysis.histograms import ramachandran_histogram
+from analysis.weights import normalised_weights
 
 __all__ = [
     "AngleSet",
@@ -42,12 +43,14 @@ def _pyplot() -> Any:
 
 
 def _save(fig: Any, path: str | Path) -> Path:
+    """Write the PNG at ``path`` as it is given, with no temporary file of its own: a caller that
+    wants the file replaced atomically passes the temporary path of p4bg.files.write_atomic
+    (``write_atomic(png, lambda tmp: plot_energies(tmp, ...))``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    # temporary: the lead moves the writing to p4bg.analyze
+    fig.savefig(path, format="png", dpi=120, bbox_inches="tight")
     _pyplot().close(fig)
-    tmp.replace(path)
     return path
 
 

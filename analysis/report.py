@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ROWS", "bg_value_lines", "markdown_table", "write_metrics_json", "write_report_md"]
+__all__ = [
+    "ROWS",
+    "bg_value_lines",
+    "markdown_table",
+    "metrics_json_text",
+    "report_md_text",
+    "write_metrics_json",
+    "write_report_md",
+]
 
 # (key in a model's metrics or None, key in the reference metrics or None, label, format).
 # Format "delta_f" prints "x ± y kT" with the error from the key + "_err".
@@ -65,11 +72,11 @@ ROWS: list[tuple[str | None, str | None, str, str]] = [
 def _format(value: Any, fmt: str, kT: float | None = None, err: Any = None) -> str:
     if value is None:
         return "–"
-    if fmt == "delta_f":  # every ΔF carries its uncertainty (DESIGN.md §5), even an infinite one
+    if fmt == "delta_f":  # every ΔF carries its uncertainty (docs/design.md §5), even if infinite
         return f"{_format(value, '{:.2f}')} ± {_format(err, '{:.2f}')} kT"
     if isinstance(value, float) and not math.isfinite(value):
         return "nan" if math.isnan(value) else ("+inf" if value > 0 else "−inf")
-    if fmt == "energy":  # reduced units, and kJ/mol when kT is known (DESIGN.md §2)
+    if fmt == "energy":  # reduced units, and kJ/mol when kT is known (docs/design.md §2)
         return f"{value:.2f} kT" + (f" ({value * kT:.1f} kJ/mol)" if kT else "")
     if fmt == "ess":  # a fraction that can be astronomically small: keep it readable
         return f"{value:.2%}" if value == 0 or value >= 1e-4 else f"{value:.1e}"
@@ -86,7 +93,7 @@ def _cell(metrics: dict[str, Any], key: str | None, fmt: str, kT: float | None) 
 def markdown_table(
     reference: dict[str, Any], models: dict[str, dict[str, Any]], kT: float | None = None
 ) -> str:
-    """Rows = metrics, columns = MD then each model (DESIGN.md §5 definitions); energies in kT
+    """Rows = metrics, columns = MD then each model (docs/design.md §5 definitions); energies in kT
     and, given ``kT`` (kJ/mol), in kJ/mol; ΔF as "x ± y kT"."""
     header = ["metric", "MD (reference)", *models]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -150,28 +157,28 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def metrics_json_text(data: dict[str, Any]) -> str:
+    """metrics.json's text: every metric, non-finite values as strings, so that any JSON reader
+    accepts it."""
+    return json.dumps(_jsonable(data), indent=2, sort_keys=True) + "\n"
 
 
 def write_metrics_json(path: str | Path, data: dict[str, Any]) -> Path:
-    """Write every metric (non-finite values as strings, so that any JSON reader accepts it)."""
+    """Write :func:`metrics_json_text` to ``path``."""
     path = Path(path)
-    _atomic_write(path, json.dumps(_jsonable(data), indent=2, sort_keys=True) + "\n")
+    # temporary: the lead moves the writing to p4bg.analyze
+    path.write_text(metrics_json_text(data))
     return path
 
 
-def write_report_md(
-    path: str | Path,
+def report_md_text(
     reference: dict[str, Any],
     models: dict[str, dict[str, Any]],
     info: dict[str, Any],
     figures: list[str],
-) -> Path:
-    """report.md: what was compared, the metrics table, the figures, and how to read them."""
-    path = Path(path)
+) -> str:
+    """report.md's text: what was compared, the metrics table, the figures, and how to read them.
+    figures: paths of the PNGs relative to the report."""
     lines = [
         "# p4bg analysis report",
         "",
@@ -200,7 +207,7 @@ def write_report_md(
         "",
         markdown_table(reference, models, info["kT_kJ_per_mol"]),
         "",
-        "Definitions (DESIGN.md §5): log w = −u − log q; reverse ESS = Kish ESS / N of the "
+        "Definitions (docs/design.md §5): log w = −u − log q; reverse ESS = Kish ESS / N of the "
         "samples; 'clipped top 1e-4' = the same after setting the ceil(1e-4·N) largest weights "
         "to the smallest of them (TA-BG's convention); forward ESS = 1/(mean w · mean 1/w) on "
         "the MD frames; log Ẑ reverse ≤ log Z ≤ log Ẑ forward in expectation, so a clearly "
@@ -215,5 +222,18 @@ def write_report_md(
         "",
     ]
     lines += [f"![{Path(f).stem}]({f})" for f in figures]
-    _atomic_write(path, "\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
+
+
+def write_report_md(
+    path: str | Path,
+    reference: dict[str, Any],
+    models: dict[str, dict[str, Any]],
+    info: dict[str, Any],
+    figures: list[str],
+) -> Path:
+    """Write :func:`report_md_text` to ``path``."""
+    path = Path(path)
+    # temporary: the lead moves the writing to p4bg.analyze
+    path.write_text(report_md_text(reference, models, info, figures))
     return path

@@ -26,7 +26,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from analysis.metrics import _split_halves, md_delta_f, ramachandran_kl
+from analysis.metrics import md_delta_f, ramachandran_kl
+from analysis.summary import split_halves
 
 
 def load(path: str, max_frames: int) -> dict:
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     print("|---|---|---|---|---|---|---|---|")
     for d in sets:
-        a, b = _split_halves(len(d["phi"]))
+        a, b = split_halves(len(d["phi"]))
         d["floor"] = ramachandran_kl(d["phi"][a], d["psi"][a], d["phi"][b], d["psi"][b])
         f = md_delta_f(d["phi"], d["segments"])
         p = float(np.mean(d["phi"] > 0))
@@ -83,10 +84,10 @@ def main(argv: list[str] | None = None) -> None:
     print("| first half of ↓ vs second half of → | " + " | ".join(d["name"] for d in sets) + " |")
     print("|---|" + "---|" * len(sets))
     for r in sets:
-        a, _ = _split_halves(len(r["phi"]))
+        a, _ = split_halves(len(r["phi"]))
         cells = []
         for c in sets:
-            _, b = _split_halves(len(c["phi"]))
+            _, b = split_halves(len(c["phi"]))
             kl = ramachandran_kl(r["phi"][a], r["psi"][a], c["phi"][b], c["psi"][b])
             cells.append(f"{kl:.3f} ({kl / r['floor']:.2f}×)")
         print(f"| {r['name']} | " + " | ".join(cells) + " |")

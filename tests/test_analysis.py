@@ -1,4 +1,4 @@
-"""analysis/: every DESIGN.md §5 metric on cases with known answers, figures, report files."""
+"""analysis/: every docs/design.md §5 metric on cases with known answers, figures, report files."""
 
 from __future__ import annotations
 
@@ -45,7 +45,14 @@ from analysis.plots import (
     plot_ramachandran,
     plot_training,
 )
-from analysis.report import ROWS, markdown_table, write_metrics_json, write_report_md
+from analysis.report import (
+    ROWS,
+    markdown_table,
+    metrics_json_text,
+    report_md_text,
+    write_metrics_json,
+    write_report_md,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -57,10 +64,26 @@ def angles(rng, n, centre=(-1.5, 2.5), scale=0.6):
 
 
 def test_analysis_never_imports_torch():
-    code = ("import sys, analysis.geometry, analysis.metrics, analysis.plots, analysis.report; "
+    code = ("import sys, analysis.geometry, analysis.metrics, analysis.plots, analysis.report, "
+            "analysis.weights, analysis.histograms, analysis.timeseries, analysis.summary; "
             "assert 'torch' not in sys.modules, 'torch imported'; "
+            "assert 'p4bg' not in sys.modules, 'p4bg imported'; "
             "assert 'matplotlib' not in sys.modules, 'matplotlib imported eagerly'")  # fmt: skip
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_metrics_reexports_every_name_of_its_subjects():
+    """analysis.metrics stays the one place to import a metric from, whatever module it is in."""
+    import analysis.histograms
+    import analysis.metrics
+    import analysis.summary
+    import analysis.timeseries
+    import analysis.weights
+
+    modules = (analysis.weights, analysis.histograms, analysis.timeseries, analysis.summary)
+    owners = {name: m for m in modules for name in m.__all__}
+    for name in analysis.metrics.__all__:
+        assert getattr(analysis.metrics, name) is getattr(owners[name], name), name
 
 
 # ----------------------------------------------------------------------------------- weights
@@ -293,12 +316,15 @@ def test_metrics_json_is_strict_json_and_report_has_the_table(tmp_path):
     )
     table = markdown_table(reference, models, 4.99)
     assert "| metric | MD (reference) | p4inv |" in table and "3.0e-07" in table
-    assert "1.00 kT (5.0 kJ/mol)" in table  # energies in both units (DESIGN.md §2)
+    assert "1.00 kT (5.0 kJ/mol)" in table  # energies in both units (docs/design.md §2)
     info = {"reference": "data/x", "split": "test", "temperature_K": 600.0,
             "kT_kJ_per_mol": 4.99, "u_train_max": 30.0, "runs": {"p4inv": "runs/p4inv"}}  # fmt: skip
     report = write_report_md(tmp_path / "report.md", reference, models, info, ["energies.png"])
     text = report.read_text()
     assert "![energies](energies.png)" in text and table in text
+    # the files hold exactly the text the report functions return
+    assert text == report_md_text(reference, models, info, ["energies.png"])
+    assert path.read_text() == metrics_json_text({"reference": reference, "models": models})
 
 
 # ------------------------------------------------------------------------- log Z sandwich
@@ -422,10 +448,10 @@ def two_state_chain(rng, n, a, b):
 
 def test_chi2_quantile_approximation():
     chi2 = pytest.importorskip("scipy.stats").chi2
-    from analysis.metrics import _chi2_quantile_99
+    from analysis.timeseries import chi2_quantile_99
 
     for df in range(1, 40):
-        assert _chi2_quantile_99(df) == pytest.approx(chi2.ppf(0.99, df), rel=0.01)
+        assert chi2_quantile_99(df) == pytest.approx(chi2.ppf(0.99, df), rel=0.01)
 
 
 def test_integrated_autocorrelation_time_of_ar1():
