@@ -9,7 +9,7 @@
 #   # two queues on the 2 cores, one thread each:
 #   FLOWS=p4inv OMP_NUM_THREADS=1 bash benchmarks/reweight_seeds.sh &
 #   FLOWS=swap  OMP_NUM_THREADS=1 bash benchmarks/reweight_seeds.sh &
-#   python benchmarks/runs_table.py runs/seeds/*/               # the side-by-side table
+#   python benchmarks/studies/runs_table.py runs/seeds/*/               # the side-by-side table
 #
 # Runs go to runs/seeds/<preset>_<flow>_s<seed>/, reports to .../report/ (samples at the run's
 # sample_prior_scale) and .../tau<τ>/report_all_<reference>/ (samples at each τ in TAUS). The `paper` preset
@@ -75,7 +75,7 @@ for preset in $PRESETS; do
                 || $PY -m p4bg.analyze "$run" --reference "$REF2" --split all --out "$fresh"
             # the same model from the prior N(0, τ²I) at other τ, against the same reference
             [ -z "$TAUS" ] || TAUS="$TAUS" REF="$REF" SPLIT=all N="$N" \
-                bash benchmarks/prior_scale_scan.sh "$run"
+                bash benchmarks/studies/prior_scale_scan.sh "$run"
         done
     done
 done

@@ -90,7 +90,7 @@ def test_runs_table_reads_training_runs(data, tmp_path):
     for name, extra in (("a", []), ("b", ["--lr_schedule=cosine", "--train_stride=2"])):
         train_main(["--preset", "smoke", "--data", str(data), "--out", str(tmp_path / name),
                     "--no-progress", *extra])  # fmt: skip
-    out = run("benchmarks/runs_table.py", str(tmp_path / "a"), str(tmp_path / "b"))
+    out = run("benchmarks/studies/runs_table.py", str(tmp_path / "a"), str(tmp_path / "b"))
     rows = [line for line in out.splitlines() if line.startswith("| a ") or line.startswith("| b ")]
     assert len(rows) == 2 and "| cosine |" in rows[1] and "| 1/2 |" in rows[1]
     assert "best val NLL" in out
@@ -118,7 +118,8 @@ def test_preset_walltime_takes_overrides(data):
 
 
 def test_spline_primitive_benchmark_smoke():
-    out = run("benchmarks/spline_primitive.py", "--batch", "4", "--features", "3", "--repeats", "2")
+    out = run("benchmarks/studies/spline_primitive.py", "--batch", "4", "--features", "3",
+              "--repeats", "2")  # fmt: skip
     assert "inverse + log-slopes, fwd+bwd" in out and "zuko/p4bg" in out
 
 
@@ -180,7 +181,7 @@ def test_seeds_table_gives_mean_and_spread_over_seeds(tmp_path):
 
 def test_md_vs_md_compares_datasets(data):
     """Each dataset's ΔF and floor, and the cross KL; a dataset against itself is its floor."""
-    out = run("benchmarks/md_vs_md.py", str(data), str(data), "--max-frames", "500")
+    out = run("benchmarks/studies/md_vs_md.py", str(data), str(data), "--max-frames", "500")
     name = data.name
     rows = [line for line in out.splitlines() if line.startswith(f"| {name} |")]
     assert len(rows) == 4, out  # two in the ΔF table, two in the KL matrix
@@ -190,7 +191,7 @@ def test_md_vs_md_compares_datasets(data):
 
 def test_train_step_compare_smoke(data):
     """Both checkouts (here HEAD against itself) run and the table has every row."""
-    out = run("benchmarks/train_step_compare.py", "--base", "HEAD", "--data", str(data),
+    out = run("benchmarks/studies/train_step_compare.py", "--base", "HEAD", "--data", str(data),
               "--steps", "1", "--batch", "8", "--rounds", "1")  # fmt: skip
     assert "base/here" in out
     for model in ("swap", "p4inv"):
@@ -204,20 +205,6 @@ def test_cuda_mixed_step_smoke(data):
               "8", "--device", "cpu")  # fmt: skip
     assert re.search(r"^\s+torch\s+[\d.]+\s+n/a", out, re.M)
     assert re.search(r"^\s+openmm\s+[\d.]+\s+n/a", out, re.M)
-
-
-def test_compile_nll_step_smoke(data):
-    out = run("benchmarks/compile_nll_step.py", "--data", str(data), "--steps", "1", "--batch", "8")
-    assert "graph breaks in the loss" in out and re.search(r"eager/compiled [\d.]+x", out)
-
-
-def test_mixed_step_parts_smoke(data):
-    out = run("benchmarks/mixed_step_parts.py", "--data", str(data), "--steps", "1", "--batch",
-              "8", "--blocks", "1", "--base-ms", "100")  # fmt: skip
-    for part in ("coordinate transform", "couplings (2)", "P4Inv layers (2)", "whole flow",
-                 "TorchEnergy with forces", "grad norm + Adam", "whole mixed step"):  # fmt: skip
-        assert re.search(rf"^\s+{re.escape(part)}\s+[\d.]+\s+\d+%", out, re.M), part
-    assert "a 2.5x step from 100.0 ms: 40.0 ms" in out
 
 
 def test_train_step_ddp_smoke(data):

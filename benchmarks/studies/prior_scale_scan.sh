@@ -4,16 +4,16 @@
 # chose the `reweight` preset's prior_scale. log q stays exact at every τ, so the weights stay
 # exact; τ < 1 trades reverse ESS for sample energies nearer MD's.
 #
-#   bash benchmarks/prior_scale_scan.sh runs/seeds/reweight_p4inv_s0             # τ = 0.94 … 1
+#   bash benchmarks/studies/prior_scale_scan.sh runs/seeds/reweight_p4inv_s0             # τ = 0.94 … 1
 #   TAUS="0.96 1.0" REF=data/alanine_dipeptide_600K_reference SPLIT=all \
-#       bash benchmarks/prior_scale_scan.sh RUN                           # against a reference
+#       bash benchmarks/studies/prior_scale_scan.sh RUN                           # against a reference
 #
 # Each τ gets its own folder RUN/tau<τ>/ (a copy of the checkpoint, its samples and report/);
 # finished ones are skipped, so a killed scan continues when rerun.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
-RUN=${1:?usage: bash benchmarks/prior_scale_scan.sh RUN}
+RUN=${1:?usage: bash benchmarks/studies/prior_scale_scan.sh RUN}
 TAUS=${TAUS:-"0.94 0.95 0.96 0.97 0.98 1.0"}
 N=${N:-100000}
 SPLIT=${SPLIT:-val}

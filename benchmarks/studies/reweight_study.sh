@@ -14,14 +14,14 @@
 #   energy phase  2,000 mixed steps at lr 1e-4, w_e/w_l = 1 and 0.25, from the 2,000,000-frame
 #                 model
 #
-#   bash benchmarks/reweight_study.sh                 # all of it; reruns resume or skip
-#   RUNS="data_80ns_0.04ps" bash benchmarks/reweight_study.sh
-#   python benchmarks/runs_table.py runs/study/*      # the side-by-side table
+#   bash benchmarks/studies/reweight_study.sh                 # all of it; reruns resume or skip
+#   RUNS="data_80ns_0.04ps" bash benchmarks/studies/reweight_study.sh
+#   python benchmarks/studies/runs_table.py runs/study/*      # the side-by-side table
 #
 # Every training resumes after a kill (--resume); samples and reports are redone only when
 # missing. Runs go to runs/study/, reports to runs/study/<run>/report/.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 DATA=data/alanine_dipeptide_600K_100ns
 REF=data/alanine_dipeptide_600K_reference
@@ -71,4 +71,4 @@ for name in $RUNS; do
     [ -f "$run/report/metrics.json" ] \
         || $PY -m p4bg.analyze "$run" --reference "$REF" --split all --out "$run/report"
 done
-$PY benchmarks/runs_table.py runs/study/*/
+$PY benchmarks/studies/runs_table.py runs/study/*/

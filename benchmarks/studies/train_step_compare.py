@@ -7,9 +7,9 @@ checkout importing its own ``p4bg``) and prints the medians and the ratio REV ÷
 The OpenMM worker bridge is the energy of both (the only one REV may have); this checkout's
 TorchEnergy step is printed beside it.
 
-    python benchmarks/train_step_compare.py --base main --data data/alanine_dipeptide_600K
-    python benchmarks/train_step_compare.py --base HEAD~3 --data DATA --steps 2 --batch 8  # quick
-    python benchmarks/train_step_compare.py --base 909ce3d --data DATA --compile  # + compiled
+    python benchmarks/studies/train_step_compare.py --base main --data data/alanine_dipeptide_600K
+    python benchmarks/studies/train_step_compare.py --base HEAD~3 --data DATA --steps 2 --batch 8
+    python benchmarks/studies/train_step_compare.py --base 909ce3d --data DATA --compile
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # a row of train_step.py: [coupling] mixing [energy] NLL-ms mixed-ms share (the coupling column
 # since the spline couplings; only the paper's RealNVP rows are compared)
 ROW = re.compile(

@@ -4,11 +4,11 @@
 # trained, sampled (20,000) and scored against the demo dataset's test split; every step is
 # skipped or resumed when its output exists, so a killed comparison continues with the same command.
 #
-#   bash benchmarks/quick_energy_compare.sh
-#   ENERGIES=torch SEEDS=0 OMP_NUM_THREADS=1 bash benchmarks/quick_energy_compare.sh &   # queues
+#   bash benchmarks/studies/quick_energy_compare.sh
+#   ENERGIES=torch SEEDS=0 OMP_NUM_THREADS=1 bash benchmarks/studies/quick_energy_compare.sh &   # queues
 #   python benchmarks/seeds_table.py runs/quick_energy          # mean ± sd over the seeds
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 PY=${PY:-.venv/bin/python}
 DATA=${DATA:-data/demo_alanine_dipeptide_600K}
 ENERGIES=${ENERGIES:-"torch openmm"}

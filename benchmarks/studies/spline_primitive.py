@@ -7,7 +7,8 @@ gives ms per call of the spline alone, at the shapes of one coupling of the spli
 log-slopes, each with and without the backward pass. The inverse is p4bg's training direction
 (NLL: frames to latent).
 
-    python benchmarks/spline_primitive.py [--batch 256] [--features 30] [--bins 8] [--repeats 200]
+    python benchmarks/studies/spline_primitive.py
+    python benchmarks/studies/spline_primitive.py --batch 256 --features 30 --bins 8 --repeats 200
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ prints the KL of one's first half against the other's second half beside each da
 floor, and every dataset's ΔF with its error (block averaging and replica spread, as in
 ``p4bg.analyze``).
 
-    python benchmarks/md_vs_md.py data/alanine_dipeptide_600K_reference \
+    python benchmarks/studies/md_vs_md.py data/alanine_dipeptide_600K_reference \
         data/alanine_dipeptide_600K_reference_s3 data/alanine_dipeptide_600K_100ns
 
 Each dataset is read whole (``--split all``); ``--max-frames`` thins a large one evenly (every
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from analysis.metrics import md_delta_f, ramachandran_kl
 from analysis.summary import split_halves

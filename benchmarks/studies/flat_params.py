@@ -6,8 +6,8 @@ handed to the optimizer, then through :class:`p4bg.optim.FlatParameters` (the co
 one buffer, P4Inv's 150 tensors separate, as :func:`p4bg.train.make_optimizer` builds it).
 Random gradients; alternating rounds; median milliseconds.
 
-    python benchmarks/flat_params.py
-    python benchmarks/flat_params.py --steps 5 --rounds 1   # quick
+    python benchmarks/studies/flat_params.py
+    python benchmarks/studies/flat_params.py --steps 5 --rounds 1   # quick
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 was given (frames, steps, schedule) and what its validation saw (NLL best/final, the train–val
 gap, reverse ESS of fresh samples, mean sample energy, wall time).
 
-    python benchmarks/runs_table.py runs/study_* [--markdown]
+    python benchmarks/studies/runs_table.py runs/study_* [--markdown]
 
 The reverse ESS of one validation (4,096 samples) is noisy, so the table shows the median of the
 last three validations beside the last one. No torch: it reads text files only.
