@@ -14,13 +14,17 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from p4bg.units import Temperatures, resolve_temperatures
+
 __all__ = [
     "ENERGIES",
     "PRESETS",
+    "RENAMED_KEYS",
     "ConfigError",
     "TrainConfig",
     "apply_overrides",
     "load_toml",
+    "renamed",
     "to_toml",
 ]
 
@@ -48,13 +52,17 @@ class TrainConfig:
     train_fraction: float = 1.0  # first fraction of each replica's training block (shorter MD)
     train_stride: int = 1  # every k-th training frame (sparser saving)
     # model (paper App. H)
-    flow: str = "p4inv"  # the mixing between couplings: "p4inv" or "swap" (fixed half swap)
+    mixing: str = "p4inv"  # the layer between couplings: "p4inv" or "swap" (fixed half swap)
     coupling: str = "rnvp"  # "rnvp" (the paper's affine coupling) or "spline" (rational-quadratic)
     n_blocks: int = 25
     hidden: int = 60
     spline_bins: int = 8  # coupling = "spline": rational-quadratic pieces per feature
     spline_tail_bound: float = 5.0  # coupling = "spline": splines on [-B, B], identity outside
     init: str = ""  # a run folder whose trained model this run starts from ("" = fresh model)
+    # the rigid block's orientation volume in log q (docs/design.md §4): q is then a density
+    # with respect to Cartesian volume modulo rigid motion, as the Boltzmann weights need. Runs
+    # made before this key existed trained without it and keep doing so (false when absent)
+    block_volume: bool = True
     # optimisation (paper App. H)
     batch_size: int = 256
     nll_steps: int = 40_000
@@ -124,7 +132,7 @@ class TrainConfig:
         if self.target_temperature < 0:
             raise ConfigError(f"target_temperature must be > 0 K (or 0: the data's "
                               f"temperature), got {self.target_temperature}")  # fmt: skip
-        if self.anneal_steps and self.target_of() == self.temperature:
+        if self.anneal_steps and self.temperatures().same:
             raise ConfigError(f"anneal_steps = {self.anneal_steps} needs a target_temperature "
                               f"other than the data's {self.temperature:g} K")  # fmt: skip
         if self.anneal_steps and not 1 <= self.anneal_stages <= self.anneal_steps:
@@ -142,8 +150,8 @@ class TrainConfig:
             raise ConfigError(f"lr_final_factor must be in (0, 1], got {self.lr_final_factor}")
         if self.energy not in ENERGIES:
             raise ConfigError(f"energy must be auto, openmm or torch, got {self.energy!r}")
-        if self.flow not in ("p4inv", "swap"):
-            raise ConfigError(f"flow must be 'p4inv' or 'swap', got {self.flow!r}")
+        if self.mixing not in ("p4inv", "swap"):
+            raise ConfigError(f"mixing must be 'p4inv' or 'swap', got {self.mixing!r}")
         if self.coupling not in ("rnvp", "spline"):
             raise ConfigError(f"coupling must be 'rnvp' or 'spline', got {self.coupling!r}")
         if not 2 <= self.spline_bins < 1000:
@@ -189,26 +197,10 @@ class TrainConfig:
     def total_steps(self) -> int:
         return self.nll_steps + self.mixed_steps + self.anneal_steps
 
-    def target_of(self) -> float:
-        """The target energy's temperature, K (``target_temperature``, or the data's if 0)."""
-        return self.target_temperature or self.temperature
-
-    def anneal_temperature(self, step: int) -> float:
-        """K of the annealing stage that optimizer step ``step`` (0-based) belongs to: stage
-        s of S runs at T_data · (T_target/T_data)^((s+1)/S), so that the last is the target."""
-        start = self.nll_steps + self.mixed_steps
-        stage = min(
-            self.anneal_stages - 1, (step - start) * self.anneal_stages // self.anneal_steps
-        )
-        ratio = self.target_of() / self.temperature
-        return self.temperature * ratio ** ((stage + 1) / self.anneal_stages)
-
-    def anneal_ladder(self) -> list[float]:
-        """The annealing stages' temperatures, K, in order (the last is the target)."""
-        start = self.nll_steps + self.mixed_steps
-        steps = [start + math.ceil(k * self.anneal_steps / self.anneal_stages)
-                 for k in range(self.anneal_stages)]  # fmt: skip
-        return [self.anneal_temperature(s) for s in steps]
+    def temperatures(self) -> Temperatures:
+        """The data's and the target's temperature (K), the target's 0 read as the data's.
+        Resolved once where a run is built, and handed on from there."""
+        return resolve_temperatures(self.temperature, self.target_temperature)
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -298,9 +290,27 @@ PRESETS["spline"] = {
     "spline_bins": 8,
     "spline_tail_bound": 5.0,
 }
-PRESETS["spline_swap"] = {**PRESETS["spline"], "flow": "swap", "out": "runs/spline_swap"}
+PRESETS["spline_swap"] = {**PRESETS["spline"], "mixing": "swap", "out": "runs/spline_swap"}
 
 _FIELDS = {f.name: f for f in fields(TrainConfig)}
+
+#: Keys that were renamed: the old name is still accepted everywhere (files, command line,
+#: checkpoints) and read as the new one.
+RENAMED_KEYS = {"flow": "mixing"}
+
+
+def renamed(values: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """``values`` with old key names replaced by their new ones, and a note per replacement.
+    Giving both the old and the new name is an error."""
+    out, notes = dict(values), []
+    for old, new in RENAMED_KEYS.items():
+        if old in out:
+            if new in out:
+                raise ConfigError(f"key '{old}' is the old name of '{new}'; give only '{new}'")
+            out[new] = out.pop(old)
+            notes.append(f"config key '{old}' is now called '{new}'; read as {new} = "
+                         f"{out[new]!r}")  # fmt: skip
+    return out, notes
 
 
 def _convert(key: str, value: Any, where: str) -> Any:
@@ -341,6 +351,7 @@ def _parse(key: str, text: str, kind: type, where: str) -> Any:
 
 def apply_overrides(config: TrainConfig, values: dict[str, Any], where: str) -> TrainConfig:
     """A copy of ``config`` with ``values`` applied (checked and converted)."""
+    values, _ = renamed(values)
     converted = {k: _convert(k, v, where) for k, v in values.items()}
     return dataclasses.replace(config, **converted)
 

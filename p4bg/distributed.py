@@ -20,7 +20,7 @@ from __future__ import annotations
 import datetime
 import inspect
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +37,7 @@ __all__ = [
     "any_rank",
     "barrier",
     "broadcast_",
+    "broadcaster",
     "gather_objects",
     "launched",
     "pick_device",
@@ -211,3 +212,11 @@ def barrier(world: World) -> None:
     """Wait until every rank gets here (nothing in a single process)."""
     if world.distributed:
         torch_dist.barrier()
+
+
+def broadcaster(world: World) -> Callable[[list[Tensor]], None] | None:
+    """The ``broadcast`` of :class:`p4bg.nn.P4Merger` for ``world``: rank 0's values to every
+    rank (None for a single process, where there is nothing to synchronise)."""
+    if not world.distributed:
+        return None
+    return lambda tensors: broadcast_(tensors, world)

@@ -78,7 +78,7 @@ def build_flow(
 
 def flow_from_config(config: Any, dim: int) -> Sequential:
     """The flow a training configuration (:class:`p4bg.config.TrainConfig`) describes."""
-    return build_flow(config.flow, dim, config.n_blocks, config.hidden, coupling=config.coupling,
+    return build_flow(config.mixing, dim, config.n_blocks, config.hidden, coupling=config.coupling,
                       bins=config.spline_bins, tail_bound=config.spline_tail_bound)  # fmt: skip
 
 

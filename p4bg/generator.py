@@ -73,6 +73,14 @@ class BoltzmannGenerator(nn.Module):
         self.dim = int(coordinates.dim)
         self.prior_scale = float(prior_scale)
 
+    def tempered(self, prior_scale: float) -> BoltzmannGenerator:
+        """The same model with the prior N(0, τ²I), τ = ``prior_scale``: flow, coordinates and
+        target are shared, not copied, and this generator is left as it is (``self`` when τ is
+        already its own)."""
+        if float(prior_scale) == self.prior_scale:
+            return self
+        return BoltzmannGenerator(self.flow, self.coordinates, self.target, prior_scale)
+
     def log_prior(self, z: Tensor) -> Tensor:
         """log N(z; 0, τ²I), shape [batch]."""
         tau = self.prior_scale

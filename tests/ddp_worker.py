@@ -36,7 +36,7 @@ def merges(out: Path, alone: bool) -> None:
     optimizer = torch.optim.Adam(layers.parameters(), lr=0.05)
     merger = P4Merger(layers, optimizer, every=1, force_every=3, correct_every=7,
                       generator=torch.Generator().manual_seed(100 + world.rank),
-                      world=distributed.SINGLE if alone else world)  # fmt: skip
+                      broadcast=None if alone else distributed.broadcaster(world))  # fmt: skip
     # wide data: the layers shrink until merges leave the sane bounds (skipped, forced)
     data = 3.0 * torch.randn(32, 6, generator=torch.Generator().manual_seed(world.rank))
     for _ in range(120):

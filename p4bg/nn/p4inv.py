@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, fields
 
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from p4bg.distributed import SINGLE, World, broadcast_
 from p4bg.nn.base import Bijection, check_input
 
 __all__ = [
@@ -548,9 +547,11 @@ class P4Merger:
     every ``correct_every``-th merge of a layer (0: never) its inverse is corrected.
     ``track_residual`` measures max |I − A·Ainv| at each merge event (O(n³) per layer).
     ``generator`` draws the new ``v`` of merged layers from a stream of their own (on the
-    layers' device). ``world``: the processes of a distributed run (:mod:`p4bg.distributed`);
-    rank 0 decides every merge and its merged state is broadcast after the event (once per
-    event, not per forward pass), so that all ranks hold the same P4Inv state bit for bit.
+    layers' device). ``broadcast``: in a run of several processes, a function that overwrites
+    the tensors it is given with one process's values on every process (p4bg.distributed
+    makes it from torch.distributed; None for one process); that process decides every merge
+    and its merged state is broadcast after the event (once per event, not per forward pass),
+    so that all processes hold the same P4Inv state bit for bit. nn/ knows nothing of how.
     A merge event synchronises with the device twice, whatever the number of layers: once to
     read every layer's :meth:`P4Inv.merge_check`, once for the residuals; an inverse
     correction (every ``correct_every``-th merge of a layer) adds its own.
@@ -567,7 +568,7 @@ class P4Merger:
         correction_threshold: float = 1e-6,
         track_residual: bool = True,
         generator: torch.Generator | None = None,
-        world: World = SINGLE,
+        broadcast: Callable[[list[Tensor]], None] | None = None,
     ) -> None:
         for name, value, low in (
             ("every", every, 1),
@@ -590,7 +591,7 @@ class P4Merger:
         self.correction_threshold = correction_threshold
         self.track_residual = track_residual
         self.generator = generator
-        self.world = world
+        self.broadcast = broadcast
         self.steps = 0
         self.events = 0
         self.totals = MergeStats()
@@ -634,8 +635,9 @@ class P4Merger:
         # rank 0's merged state (A, its inverse and determinant) and every layer's u and v (the
         # fresh ones of merged layers) replace the others' bit for bit: no rank's own rounding
         # or random draw survives a merge event
-        merged = [t for layer in touched_layers for t in _merge_state(layer)]
-        broadcast_(merged + [t for layer in self.layers for t in (layer.u, layer.v)], self.world)
+        if self.broadcast is not None:
+            merged = [t for layer in touched_layers for t in _merge_state(layer)]
+            self.broadcast(merged + [t for layer in self.layers for t in (layer.u, layer.v)])
         if self.track_residual and self.layers:  # one more synchronisation, for all layers
             device = self.layers[0].A.device
             residuals = [layer.inverse_residual_tensor().to(device) for layer in self.layers]
@@ -654,11 +656,11 @@ class P4Merger:
         checks = table.cpu().tolist()
         pairs = zip(self.layers, checks, strict=True)
         decisions = [layer.merge_decision(check, force) for layer, check in pairs]
-        if not self.world.distributed:
+        if self.broadcast is None:
             return checks, decisions
         codes = torch.tensor([[float(_RESULTS.index(d))] for d in decisions], dtype=torch.float64)
         table = torch.cat([table, codes.to(device)], 1)
-        broadcast_([table], self.world)  # every rank takes rank 0's checks and decisions
+        self.broadcast([table])  # every rank takes rank 0's checks and decisions
         rows = table.cpu().tolist()
         return [row[:4] for row in rows], [_RESULTS[int(row[4])] for row in rows]
 

@@ -1,23 +1,27 @@
-"""What a training run writes, apart from the loop that produces it: metrics.csv, train.log,
-config.toml, checkpoints and the progress bar.
+"""What a training run reports, apart from the loop that produces it: config.toml, train.log,
+metrics.csv and the progress bar.
 
-Every file is replaced atomically (a temporary file, then ``os.replace``), so a killed run
-never leaves half a checkpoint or config. In a run of several processes only rank 0 writes:
+config.toml and a rewritten metrics.csv are replaced atomically (p4bg.files), so a killed run
+never leaves half of one; metrics.csv then grows by a row per logging step. The progress bar is
+drawn only on a terminal: a log file or a batch system's output gets train.log's line per
+interval instead of a redrawn bar per step. In a run of several processes only rank 0 writes:
 the other ranks get a :class:`RunReporter` that writes nothing.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import logging
-import os
+import sys
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm import tqdm
 
-__all__ = ["METRIC_COLUMNS", "MetricsCSV", "RunReporter", "save_checkpoint", "write_atomic"]
+from p4bg.files import write_atomic
+
+__all__ = ["METRIC_COLUMNS", "MetricsCSV", "RunReporter"]
 
 METRIC_COLUMNS = [
     "step", "phase", "loss", "nll", "kl", "val_nll", "val_nll_phi_pos", "val_nll_phi_neg",
@@ -27,23 +31,6 @@ METRIC_COLUMNS = [
     "energy_failures", "skipped_steps", "clamped_coordinates", "seconds",
     "anneal_temperature", "anneal_ess",
 ]  # fmt: skip
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """``path`` holds either its old or its new text, whenever the process dies."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    """torch.save to a temporary file, then os.replace: a kill never leaves half a checkpoint."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class MetricsCSV:
@@ -59,12 +46,11 @@ class MetricsCSV:
             self._write([])
 
     def _write(self, rows: list[dict]) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        with tmp.open("w", newline="") as f:
-            writer = csv.DictWriter(f, METRIC_COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, self.path)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, METRIC_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+        write_atomic(self.path, text.getvalue())
 
     def write(self, row: dict) -> None:
         with self.path.open("a", newline="") as f:
@@ -72,7 +58,7 @@ class MetricsCSV:
 
 
 def _file_logger(path: Path) -> logging.Logger:
-    log = logging.getLogger(f"p4bg.train.{path}")
+    log = logging.getLogger(f"p4bg.training.{path}")
     log.setLevel(logging.INFO)
     log.propagate = False
     if not log.handlers:
@@ -98,8 +84,8 @@ class RunReporter:
             write_atomic(out / "config.toml", config_toml)
             self.log = _file_logger(out / "train.log")
             self.metrics = MetricsCSV(out / "metrics.csv", step)
-        self.bar = tqdm(total=total, initial=step, disable=not (active and progress),
-                        dynamic_ncols=True)  # fmt: skip
+        drawn = active and progress and sys.stderr.isatty()
+        self.bar = tqdm(total=total, initial=step, disable=not drawn, dynamic_ncols=True)
 
     def info(self, message: str, *args: Any) -> None:
         if self.log is not None:
