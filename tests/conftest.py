@@ -22,7 +22,7 @@ def no_leftover_worker_processes():
     yield
     time.sleep(0.2)
     found = subprocess.run(
-        ["pgrep", "-P", str(os.getpid()), "-f", "p4bg._energy_worker"],
+        ["pgrep", "-P", str(os.getpid()), "-f", "p4bg.energy.worker"],
         capture_output=True,
         text=True,
     ).stdout.split()

@@ -15,7 +15,7 @@ import pytest
 import torch
 from md_helpers import run_md
 
-from p4bg.forcefield import TorchEnergy, UnsupportedForceError
+from p4bg.energy import TorchEnergy, UnsupportedForceError
 from p4bg.systems import load_system
 
 

@@ -1,16 +1,17 @@
-"""The target energy: OpenMM energies and forces for batches of torch tensors, with autograd.
+"""The OpenMM bridge: OpenMM energies and forces for batches of torch tensors, with autograd.
 
 ``OpenMMEnergy(system)(x)`` returns reduced energies ``u = U/kT`` of positions ``x``
 (shape [batch, 3·n_atoms], nm) as a differentiable tensor: a ``torch.autograd.Function`` whose
 backward multiplies the incoming gradient by ``−F/kT``, the forces OpenMM computed together with
 the energy (no finite differences, no second evaluation).
 
-Batches are split over persistent worker processes, each with its own OpenMM Context created
-inside the worker. A worker that dies or does not answer within ``timeout`` seconds is killed,
-replaced and its share re-evaluated. Frames that cannot be evaluated (non-finite positions, an
-OpenMM error, a non-finite energy or force) are never returned as 0: their energy is ``+inf``,
-their gradient 0 (a capped or masked loss ignores them), and they are counted in
-:attr:`OpenMMEnergy.stats` and flagged in :attr:`OpenMMEnergy.last_failed`.
+Batches are split over persistent worker processes (:mod:`p4bg.energy.worker`), each with its
+own OpenMM Context created inside the worker. A worker that dies or does not answer within
+``timeout`` seconds is killed, replaced and its share re-evaluated. Frames that cannot be
+evaluated (non-finite positions, an OpenMM error, a non-finite energy or force) are never
+returned as 0: their energy is ``+inf``, their gradient 0 (a capped or masked loss ignores
+them), and they are counted in :attr:`OpenMMEnergy.stats` and flagged in
+:attr:`OpenMMEnergy.last_failed`.
 """
 
 from __future__ import annotations
@@ -24,74 +25,18 @@ import subprocess
 import sys
 import time
 import weakref
-from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from p4bg._energy_worker import evaluate_frames, make_context
-from p4bg.config import ENERGIES
-from p4bg.forcefield import TorchEnergy, UnsupportedForceError
-from p4bg.systems import MOLAR_GAS_CONSTANT, MolecularSystem, available_platforms
+from p4bg.energy.base import Energy, EnergyFunction, EnergyStats, resolve_target
+from p4bg.energy.worker import evaluate_frames, make_context
+from p4bg.systems import MolecularSystem, available_platforms
 
-__all__ = [
-    "EnergyStats",
-    "OpenMMEnergy",
-    "TorchEnergy",
-    "UnsupportedForceError",
-    "energy_kind",
-    "evaluate_frames",
-    "make_energy",
-]
-
-
-def make_energy(
-    kind: str,
-    system: Any,
-    n_workers: int | None = None,
-    platform: str = "auto",
-    device: str | torch.device = "cpu",
-    temperature: float | None = None,
-    compile: bool = False,
-) -> OpenMMEnergy | TorchEnergy:
-    """The target energy by name, behind one call contract (``u = energy(x)``, kT, +inf for a
-    failed configuration, counted in ``energy.stats``).
-
-    ``"torch"``: :class:`TorchEnergy` on ``device`` (refuses a System with an unsupported force).
-    ``"openmm"``: :class:`OpenMMEnergy`, ``n_workers`` processes on ``platform``.
-    ``"auto"``: torch where every force of the System is supported, else openmm.
-    A ``platform`` of ``"torch"`` (a run trained with TorchEnergy) means ``"auto"`` to OpenMM.
-    ``compile``: TorchEnergy through ``torch.compile`` (about 2.5× the evaluations per second
-    once compiled; ignored by OpenMM).
-    """
-    if kind not in ENERGIES:
-        raise ValueError(f"energy must be one of {', '.join(ENERGIES)}, got {kind!r}")
-    if kind in ("auto", "torch"):
-        try:
-            return TorchEnergy(system, temperature=temperature, compile=compile).to(device)
-        except UnsupportedForceError:
-            if kind == "torch":
-                raise
-    platform = "auto" if platform == "torch" else platform
-    return OpenMMEnergy(system, n_workers=n_workers, platform=platform, temperature=temperature)
-
-
-def energy_kind(energy: Any) -> str:
-    """``"torch"`` or ``"openmm"``: what outputs record as the energy that was used."""
-    return "torch" if isinstance(energy, TorchEnergy) else "openmm"
-
-
-@dataclass
-class EnergyStats:
-    """Counters since the bridge was created."""
-
-    evaluations: int = 0  # frames evaluated
-    failures: int = 0  # frames returned as +inf
-    worker_restarts: int = 0  # workers replaced after dying or timing out
+__all__ = ["OpenMMEnergy"]
 
 
 _PLATFORM_CACHE: dict[str, str] = {}
@@ -123,12 +68,12 @@ def _fastest_platform(system_xml: str, positions: np.ndarray) -> str:
 
 
 class _Worker:
-    """One worker process (``python -m p4bg._energy_worker``) and its connection."""
+    """One worker process (``python -m p4bg.energy.worker``) and its connection."""
 
     def __init__(self, system_xml: str, platform: str, timeout: float) -> None:
         parent, child = socket.socketpair()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "p4bg._energy_worker", str(child.fileno())],
+            [sys.executable, "-m", "p4bg.energy.worker", str(child.fileno())],
             pass_fds=(child.fileno(),),
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # a Ctrl-C in the terminal reaches the parent, which stops us
@@ -180,7 +125,7 @@ def _close_all() -> None:  # nothing may hang at interpreter exit
         bridge.close()
 
 
-class OpenMMEnergy:
+class OpenMMEnergy(Energy):
     """Reduced target energy ``u(x) = U(x)/kT`` of a molecular system, differentiable in ``x``.
 
     Args:
@@ -208,33 +153,19 @@ class OpenMMEnergy:
     ) -> None:
         import openmm
 
+        omm_system, temperature = resolve_target("OpenMMEnergy", system, temperature)
+        n = omm_system.getNumParticles()
         if isinstance(system, MolecularSystem):
-            omm_system = system.openmm_system
-            temperature = system.temperature if temperature is None else temperature
             positions = system.positions
-        elif isinstance(system, openmm.System):
-            if temperature is None:
-                raise ValueError("OpenMMEnergy: an openmm.System needs temperature= (K)")
-            omm_system = system
-            n = system.getNumParticles()
+        else:  # a grid 0.3 nm apart: where the platforms are measured
             positions = 0.3 * np.stack(np.unravel_index(np.arange(n), (n, n, n)), axis=1).astype(
                 float
             )
-        else:
-            raise TypeError(
-                "OpenMMEnergy: system must be a MolecularSystem or an openmm.System, "
-                f"got {type(system).__name__}"
-            )
-        if not temperature > 0:
-            raise ValueError(f"OpenMMEnergy: temperature must be > 0 K, got {temperature}")
         if n_workers is None:
             n_workers = os.cpu_count() or 1
         if n_workers < 0 or timeout <= 0 or max_retries < 0:
             raise ValueError("OpenMMEnergy: need n_workers >= 0, timeout > 0, max_retries >= 0")
-        self.temperature = float(temperature)
-        self.kT = MOLAR_GAS_CONSTANT * self.temperature  # kJ/mol
-        self.n_atoms = omm_system.getNumParticles()
-        self.dim = 3 * self.n_atoms
+        super().__init__(n, temperature)
         self.timeout = float(timeout)
         self.max_retries = max_retries
         self.stats = EnergyStats()
@@ -270,11 +201,7 @@ class OpenMMEnergy:
     # ------------------------------------------------------------------------------- torch
     def __call__(self, x: Tensor) -> Tensor:
         """Reduced energies of ``x`` [batch, 3·n_atoms] nm: shape [batch], differentiable."""
-        if x.dim() != 2 or x.shape[1] != self.dim:
-            raise ValueError(
-                f"OpenMMEnergy: expected positions of shape [batch, {self.dim}] (nm), "
-                f"got {list(x.shape)}"
-            )
+        self.check_positions(x)
         return _OpenMMEnergyFunction.apply(x, self)
 
     # ------------------------------------------------------------------------------- numpy
@@ -370,18 +297,12 @@ class OpenMMEnergy:
         self._context = None
         _LIVE.discard(self)
 
-    def __enter__(self) -> OpenMMEnergy:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def __del__(self) -> None:
         with contextlib.suppress(Exception):  # nothing sensible to do during garbage collection
             self.close()
 
 
-class _OpenMMEnergyFunction(torch.autograd.Function):
+class _OpenMMEnergyFunction(EnergyFunction):
     """u = U(x)/kT with backward grad_u · (−F/kT), from the same OpenMM evaluation."""
 
     @staticmethod
@@ -392,9 +313,3 @@ class _OpenMMEnergyFunction(torch.autograd.Function):
         if need_grad:
             ctx.save_for_backward(torch.from_numpy(grad).to(device=x.device, dtype=x.dtype))
         return torch.from_numpy(u).to(device=x.device, dtype=x.dtype)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad_u: Tensor) -> tuple[Tensor, None]:
-        (grad,) = ctx.saved_tensors
-        return grad_u.unsqueeze(1) * grad, None

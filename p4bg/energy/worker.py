@@ -1,10 +1,13 @@
-"""Energy worker process: ``python -m p4bg._energy_worker FD``.
+"""Energy worker process: ``python -m p4bg.energy.worker FD``.
 
 Started by :class:`p4bg.energy.OpenMMEnergy` with one end of a socket pair as file descriptor
 FD. It imports only numpy and OpenMM (not torch, not the user's ``__main__``: no start-up cost,
-no ``if __name__ == "__main__"`` requirement on user scripts), builds its own Context from the
-serialised System it is sent, and answers ``(job, xyz, forces)`` requests with
-``(job, energies, forces, failed)`` until it receives ``None`` or its parent goes away.
+no ``if __name__ == "__main__"`` requirement on user scripts; the package ``p4bg.energy`` loads
+its other modules on first use for this reason), builds its own Context from the serialised
+System it is sent, and answers ``(job, xyz, forces)`` requests with ``(job, energies, forces,
+failed)`` until it receives ``None`` or its parent goes away. The parent uses
+:func:`make_context` and :func:`evaluate_frames` too, for ``n_workers=0`` and to measure the
+platforms.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import numpy as np
 
 
 def make_context(system_xml: str, platform: str) -> Any:
+    """An OpenMM Context of the serialised System on the named platform (the integrator is never
+    stepped: the Context only evaluates energies and forces)."""
     import openmm
 
     system = openmm.XmlSerializer.deserialize(system_xml)
@@ -56,6 +61,7 @@ def evaluate_frames(
 
 
 def main(fd: int) -> None:
+    """Serve the parent on the socket ``fd`` until told to stop or the parent is gone."""
     from multiprocessing.connection import Connection
 
     conn = Connection(fd)
