@@ -1,32 +1,27 @@
-"""``python -m p4bg.analyze``: score generated ensembles against MD and draw the paper's figures.
+"""Score generated ensembles against MD, and draw the figures.
 
-    python -m p4bg.analyze runs/p4inv runs/swap --reference data/alanine_dipeptide_600K
-    python -m p4bg.analyze --reference data/alanine_dipeptide_600K --out report_md   # MD alone
+examples:
+  python -m p4bg.analyze runs/spline300 --reference data/alanine_dipeptide_300K_remd45 --split all
+  python -m p4bg.analyze runs/quick runs/swap --reference data/alanine_dipeptide_600K
+  python -m p4bg.analyze --reference data/alanine_dipeptide_600K --out report_md   # MD alone
 
-Writes ``runs/NAME/report/`` for the first run given (or ``--out``): energies.png,
-ramachandran.png, free_energy_phi.png, training.png (NLL curves from each run's metrics.csv),
-metrics.json (every metric of DESIGN.md §5 per model,
-with sample counts) and report.md (the BG value and a table comparing the runs). Each run needs
-samples from ``python -m p4bg.sample``. The reference is the ``--split`` (default: the held-out
-test frames; ``all``: every frame, for a reference dataset simulated independently of the
-training data, DESIGN.md §5) of an MD dataset. The low-energy threshold of a run is the maximum
-u of its own training frames: the train split of the dataset named by ``data`` in the run's
-config.toml, or, when that dataset is not here, the reference's train split (with a note). The
-metrics themselves live in ``analysis/`` (no torch); this CLI only gathers the arrays: it
-evaluates the MD frames perturbed by Gaussian noise (``--noise`` nm) with OpenMM, each model's
-log q on the MD frames (forward ESS, forward log Z), the replica time series of the reference
-(uncertainty of ΔF, MD's autocorrelation time) and the wall times of MD (metadata.json) and of
-sampling (samples.json) for the BG value.
+Each run needs samples from p4bg.sample. The reference is an MD dataset: by default its held-out
+test frames; --split all takes every frame, for a reference simulated independently of the
+training data (the honest comparison; a free energy recorded with it by p4bg.umbrella or
+p4bg.remd replaces the frames' own). Samples must be weighted at the reference's temperature.
+
+Writes RUN/report/ for the first run (or --out): report.md (a table per model: reverse and
+forward ESS, energy shift, ΔF(φ>0 vs φ<0) raw and reweighted with errors, Ramachandran KL against
+the MD-vs-MD floor, chirality, BG value), metrics.json (every number, with sample counts),
+energies.png, ramachandran.png, free_energy_phi.png and training.png. Definitions: docs/design.md
+§5. Needs no GPU; the model's log q of the MD frames (forward ESS) runs on --device.
 """
 
 from __future__ import annotations
 
-import csv
 import itertools
-import json
 import math
 import sys
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,14 +38,14 @@ from analysis.plots import (
     plot_ramachandran,
     plot_training,
 )
-from analysis.report import write_metrics_json, write_report_md
+from analysis.report import metrics_json_text, report_md_text
 from p4bg.cli import Parser, option, parse
 from p4bg.cli import build_parser as build_cli_parser
 from p4bg.config import ENERGIES, ConfigError
 from p4bg.data import DatasetError, load_dataset, load_metadata, training_frames
-from p4bg.energy import make_energy
-from p4bg.forcefield import UnsupportedForceError
-from p4bg.sample import load_run
+from p4bg.energy import UnsupportedForceError, make_energy
+from p4bg.files import write_atomic
+from p4bg.runs import CONFIG, load_run, read_config, read_samples, read_training_metrics
 from p4bg.systems import SystemConfigError, load_system
 
 __all__ = [
@@ -141,13 +136,12 @@ def training_threshold(run: Path, ref: Reference, cache: dict[Any, float]) -> di
     and ``train_stride`` as the training did; when that is missing or
     unreadable, the reference's train split, with a note saying so."""
     name, why, fraction, stride = None, "", 1.0, 1
-    config = run / "config.toml"
+    config = run / CONFIG
     try:
-        settings = tomllib.loads(config.read_text()) if config.is_file() else {}
-        name = settings.get("data")
-        fraction = float(settings.get("train_fraction", 1.0))
-        stride = int(settings.get("train_stride", 1))
-    except tomllib.TOMLDecodeError as err:
+        if config.is_file():
+            settings, _ = read_config(run)
+            name, fraction, stride = settings.data, settings.train_fraction, settings.train_stride
+    except ConfigError as err:
         why = f"{config} cannot be read ({err})"
     path = _resolve_dataset(str(name)) if name else None
     if path is not None:
@@ -165,7 +159,7 @@ def training_threshold(run: Path, ref: Reference, cache: dict[Any, float]) -> di
                 "source": "training data",
                 "dataset": str(name),
                 "note": f"{run.name}: the reference {ref.path} is its own training dataset, not "
-                "an independent MD run (DESIGN.md §5)"
+                "an independent MD run (docs/design.md §5)"
                 if same
                 else None,
             }  # fmt: skip
@@ -220,77 +214,14 @@ def model_log_q(
             f"{loaded.step}; the forward metrics would mix two models. Resample with "
             f"`python -m p4bg.sample {run} --overwrite`"
         )
-    loaded.bg.prior_scale = prior_scale
-    param = next(loaded.bg.flow.parameters())
+    bg = loaded.bg.tempered(prior_scale)
+    param = next(bg.flow.parameters())
     out = []
     with torch.no_grad():
         for chunk in np.array_split(xyz.reshape(len(xyz), -1), max(1, len(xyz) // batch)):
             x = torch.from_numpy(chunk).to(param.device, param.dtype)
-            out.append(loaded.bg.log_prob(x).double().cpu().numpy())
+            out.append(bg.log_prob(x).double().cpu().numpy())
     return np.concatenate(out)
-
-
-def read_samples(
-    run: Path, system: str, temperature: float
-) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """The arrays of ``run/samples.npz`` and the content of ``samples.json``, after checking
-    that sampling finished and that the samples were weighted for the reference's system and
-    temperature."""
-    path = run / "samples.npz"
-    redo = f"`python -m p4bg.sample {run} --overwrite`"
-    if not path.is_file():
-        raise ConfigError(f"{run}: no samples.npz; make them with `python -m p4bg.sample {run}`")
-    meta_path = run / "samples.json"
-    if not meta_path.is_file():
-        raise ConfigError(f"{meta_path} is missing; rerun {redo}")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("status") != "complete":
-        raise ConfigError(f"{meta_path}: sampling did not finish (status {meta.get('status')!r}); "
-                          f"rerun {redo}")  # fmt: skip
-    if meta.get("system", system) != system:
-        raise ConfigError(f"{run}: samples of system {meta.get('system')!r}, reference of "
-                          f"{system!r}")  # fmt: skip
-    t = meta.get("temperature_K")
-    if t is None or abs(float(t) - temperature) > 1e-6:
-        raise ConfigError(f"{meta_path}: samples weighted at {t} K, the reference is at "
-                          f"{temperature:g} K; give a reference at the samples' temperature, or "
-                          f"weight them for this one: `python -m p4bg.sample {run} --overwrite "
-                          f"--target-temperature {temperature:g}`")  # fmt: skip
-    with np.load(path) as data:
-        missing = [k for k in ("u", "log_q", "log_w", "phi", "psi") if k not in data]
-        if missing:
-            raise ConfigError(f"{path}: arrays {missing} are missing; rerun p4bg.sample")
-        arrays = {k: data[k] for k in data.files}
-    n = len(arrays["u"])
-    arrays.setdefault("finite", np.isfinite(arrays["phi"]) & np.isfinite(arrays["psi"]))
-    if "is_l" not in arrays:
-        raise ConfigError(f"{path}: no is_l array (written by an older p4bg.sample); rerun it")
-    bad = [k for k, v in arrays.items() if len(v) != n]
-    if bad:
-        raise ConfigError(f"{path}: arrays {bad} do not have {n} entries like u; rerun p4bg.sample")
-    return arrays, meta
-
-
-OPTIONAL_TRAINING_COLUMNS = ("val_ess", "val_ess_clipped", "val_nll_phi_pos", "val_nll_phi_neg")
-
-
-def read_training_metrics(run: Path) -> dict[str, np.ndarray] | None:
-    """``step``, ``nll``, ``val_nll`` columns of ``run/metrics.csv`` (NaN where empty), and those
-    of OPTIONAL_TRAINING_COLUMNS that the file has, or None when the run folder has no metrics
-    (e.g. a copy holding only the checkpoint)."""
-    path = run / "metrics.csv"
-    if not path.is_file():
-        return None
-    with path.open() as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
-        return None
-
-    def column(key: str) -> np.ndarray:
-        return np.array([float(r[key]) if r.get(key) else np.nan for r in rows])
-
-    out = {"step": column("step"), "nll": column("nll"), "val_nll": column("val_nll")}
-    return out | {k: column(k) for k in OPTIONAL_TRAINING_COLUMNS if k in rows[0]}
 
 
 def reference_free_energy(meta: dict[str, Any]) -> tuple[float, float, str] | None:
@@ -442,8 +373,8 @@ def analyze(
         "n_replica_series": len(ref.segments), "perturbed_energy": energy,
     }  # fmt: skip
     result = {"info": info, "reference": reference, "models": models}
-    write_metrics_json(out / "metrics.json", result)
-    write_report_md(out / "report.md", reference, models, info, figures)
+    write_atomic(out / "metrics.json", metrics_json_text(result))
+    write_atomic(out / "report.md", report_md_text(reference, models, info, figures))
     return result
 
 

@@ -22,7 +22,8 @@ import torch
 from p4bg.analyze import main as analyze_main
 from p4bg.analyze import replica_segments
 from p4bg.config import ConfigError
-from p4bg.sample import load_run, sample_run
+from p4bg.runs import load_run
+from p4bg.sampling import sample_run
 from p4bg.sample import main as sample_main
 from p4bg.systems import load_system
 from p4bg.train import main as train_main
@@ -190,7 +191,7 @@ def test_best_checkpoint_is_sampled_on_request(run, tmp_path, capsys):
 
 
 def test_nonfinite_samples_are_kept_flagged_and_counted(run, tmp_path, monkeypatch):
-    import p4bg.sample as sample_module
+    import p4bg.sampling as sample_module
 
     other = tmp_path / "nan"
     other.mkdir()
@@ -376,7 +377,7 @@ def test_analyze_threshold_falls_back_to_the_reference_with_a_note(sampled, data
 
 
 def test_training_metrics_read_the_optional_columns(tmp_path):
-    from p4bg.analyze import read_training_metrics
+    from p4bg.runs import read_training_metrics
 
     (tmp_path / "metrics.csv").write_text("step,nll,val_nll,val_ess\n1,2.0,,\n2,1.5,1.7,0.01\n")
     m = read_training_metrics(tmp_path)

@@ -16,8 +16,10 @@ from train_helpers import stop_after
 from p4bg.analyze import main as analyze_main
 from p4bg.config import PRESETS, ConfigError, TrainConfig, apply_overrides, load_toml
 from p4bg.remd import main as remd_main
-from p4bg.sample import sample_run
-from p4bg.train import Trainer, main, resolve_config
+from p4bg.sampling import sample_run
+from p4bg.train import main, resolve_config
+from p4bg.training import Trainer
+from p4bg.training.schedules import anneal_ladder, anneal_temperature
 
 ANNEAL = {"target_temperature": 300.0, "anneal_steps": 8, "anneal_stages": 2,
           "anneal_samples": 64}  # fmt: skip
@@ -48,8 +50,9 @@ def remd_reference(tmp_path_factory):
 def test_anneal_ladder_ends_at_the_target():
     config = apply_overrides(TrainConfig(), {"nll_steps": 10, "mixed_steps": 0,
                                              **ANNEAL}, "test")  # fmt: skip
-    assert config.anneal_ladder() == pytest.approx([math.sqrt(600 * 300), 300.0])
-    assert [config.anneal_temperature(s) for s in (10, 13, 14, 17)] == pytest.approx(
+    temps = config.temperatures()
+    assert anneal_ladder(config, temps) == pytest.approx([math.sqrt(600 * 300), 300.0])
+    assert [anneal_temperature(config, temps, s) for s in (10, 13, 14, 17)] == pytest.approx(
         [math.sqrt(600 * 300)] * 2 + [300.0] * 2
     )
     assert config.total_steps == 18
@@ -105,21 +108,52 @@ def test_anneal_batch_resamples_by_the_boltzmann_weights(data, tmp_path):
     """With a target energy that is +inf except where φ > 0 (a failed evaluation elsewhere),
     every resampled frame has φ > 0, and the ESS is that share of the draws."""
     from analysis.geometry import dihedral
+    from p4bg.systems import load_system
 
-    trainer = Trainer(smoke_config(data, tmp_path / "w", **{**ANNEAL, "anneal_samples": 512}),
-                      progress=False)  # fmt: skip
-    atoms = trainer.system.phi_atoms
+    atoms = load_system("alanine_dipeptide").phi_atoms
 
     def target(x):
         phi = dihedral(x.detach().double().reshape(len(x), -1, 3).numpy(), atoms)
         return torch.where(torch.from_numpy(phi > 0), 0.0, math.inf).to(x.dtype)
 
-    trainer.target = target
+    trainer = Trainer(smoke_config(data, tmp_path / "w", **{**ANNEAL, "anneal_samples": 512}),
+                      progress=False, energy=target)  # fmt: skip
     x, ess = trainer.anneal_batch(300.0)
     phi = dihedral(x.double().reshape(len(x), -1, 3).numpy(), atoms)
     assert (phi > 0).all()
     assert 0 < float(ess) < 0.5
     assert trainer.flush_counters()["energy_failures"] > 256
+
+
+@pytest.mark.parametrize("temperature", [600.0, 424.26, 300.0])
+def test_annealing_weights_resample_the_boltzmann_density_of_the_stage(temperature):
+    """Proposals x ~ q = N(0, 1.5²) with their exact log q; the target's reduced energy at 300 K
+    is u(x) = x²/2, so the Boltzmann density at T is N(0, T/300). The resampled batch must have
+    that variance: a missing temperature factor gives 1 whatever T, a missing −log q gives
+    (1/2.25 + 300/T)⁻¹ (0.78 at 424 K, 0.69 at 300 K), both far outside the tolerance."""
+    from p4bg.training.objective import annealing_log_weights, resample
+
+    g = torch.Generator().manual_seed(5)
+    x = 1.5 * torch.randn(400_000, generator=g, dtype=torch.float64)
+    log_q = -0.5 * (x / 1.5) ** 2 - math.log(1.5 * math.sqrt(2 * math.pi))
+    u_300 = 0.5 * x**2
+    log_w = annealing_log_weights(u_300, log_q, 300.0, temperature)
+    idx, ess, ok = resample(log_w, 200_000, torch.Generator().manual_seed(6))
+    assert bool(ok) and 0.3 < float(ess) <= 1.0
+    variance = float(x[idx].var())
+    assert variance == pytest.approx(temperature / 300.0, rel=0.02)
+    # failed evaluations (u = +inf) and NaN get weight 0, never a finite stand-in
+    u_bad = u_300.clone()
+    u_bad[:1000] = math.inf
+    u_bad[1000:2000] = math.nan
+    log_w = annealing_log_weights(u_bad, log_q, 300.0, temperature)
+    assert torch.isneginf(log_w[:2000]).all() and torch.isfinite(log_w[2000:]).all()
+    idx, _, ok = resample(log_w, 10_000, torch.Generator().manual_seed(7))
+    assert bool(ok) and int(idx.min()) >= 2000
+    # no usable weight at all: flagged, so the caller discards the batch
+    _, _, ok = resample(torch.full((10,), -math.inf, dtype=torch.float64), 4,
+                        torch.Generator().manual_seed(8))  # fmt: skip
+    assert not bool(ok)
 
 
 def test_samples_are_weighted_at_the_target_and_record_both(annealed, tmp_path):

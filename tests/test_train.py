@@ -13,7 +13,8 @@ import torch
 from train_helpers import stop_after
 
 from p4bg.config import PRESETS, ConfigError, TrainConfig, apply_overrides, load_toml, to_toml
-from p4bg.train import Trainer, host_row, main, parse_args, resolve_config
+from p4bg.train import main, parse_args, resolve_config
+from p4bg.training import Trainer, host_row
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,13 +40,13 @@ def test_smoke_training_writes_a_complete_run(data, tmp_path, flow, coupling):
     for name in ("config.toml", "checkpoint.pt", "metrics.csv", "train.log"):
         assert (run / name).is_file(), name
     saved = apply_overrides(TrainConfig(), load_toml(run / "config.toml"), "saved")
-    assert saved.flow == flow and saved.nll_steps == 20 and saved.data == str(data)
+    assert saved.mixing == flow and saved.nll_steps == 20 and saved.data == str(data)
     assert saved.coupling == coupling
     rows = read_metrics(run)
     assert int(rows[-1]["step"]) == 26 and rows[-1]["phase"] == "mixed"
     assert rows[-1]["val_nll"] and rows[-1]["mean_u"]
     state = torch.load(run / "checkpoint.pt", weights_only=False)
-    assert state["step"] == 26 and state["config"]["flow"] == flow
+    assert state["step"] == 26 and state["config"]["mixing"] == flow
     if flow == "p4inv":
         merged = [r for r in rows if r["merges_accepted"]]
         assert merged and all(float(r["max_residual"]) < 1e-8 for r in merged)
@@ -280,7 +281,7 @@ def test_training_frames_cut_each_replica_block():
 
 
 def test_learning_rate_and_energy_weight_schedules():
-    from p4bg.train import energy_weight, learning_rate
+    from p4bg.training.schedules import energy_weight, learning_rate
 
     c = apply_overrides(TrainConfig(), {"nll_steps": 101, "mixed_steps": 11, "nll_lr": 1e-3,
                         "mixed_lr": 1e-4, "lr_schedule": "cosine", "lr_final_factor": 0.1,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from p4bg.train import Trainer
+from p4bg.training import Trainer
 
 
 def stop_after(trainer: Trainer, step: int) -> None:

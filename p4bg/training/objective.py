@@ -69,7 +69,10 @@ def annealing_log_weights(u_target: Tensor, log_q: Tensor, target: float,
     so ``log w = −u_target·(T_target/T) − log q`` (float64). A failed evaluation (u = +inf) or a
     NaN gets weight 0 (log w = −inf), never a finite stand-in."""
     u = u_target.double() * (target / temperature)
-    return torch.nan_to_num(-u - log_q.double(), nan=-math.inf, posinf=-math.inf)
+    # neginf too: nan_to_num's default would turn the −inf of a failed sample into −1.8e308,
+    # a finite weight that a batch of nothing but failures would then resample uniformly
+    return torch.nan_to_num(-u - log_q.double(), nan=-math.inf, posinf=-math.inf,
+                            neginf=-math.inf)  # fmt: skip
 
 
 def resample(log_w: Tensor, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
