@@ -1,5 +1,5 @@
 """Mixed internal/Cartesian coordinates: the bijection between the flow's 60-dim latent space and
-Cartesian positions of alanine dipeptide modulo rigid motion (DESIGN.md §4; paper App. H).
+Cartesian positions of alanine dipeptide modulo rigid motion (docs/design.md §4; paper App. H).
 
 forward (latent -> configuration): ``z`` [batch, 60] -> ``x`` [batch, 66] nm, ``ladj`` [batch].
 inverse: ``x`` in any orientation and position -> ``z``, ``−ladj``.
@@ -21,6 +21,13 @@ Latent layout: ``[bonds (17) | angles (17) | torsions (17) | rigid block (9)]``.
   training frames, centred), projected onto the 9 directions orthogonal to rigid translations
   and rotations at the reference (exact: the Kabsch optimum has no component along them), then
   PCA-whitened. ``ladj`` of the 9 → 15 embedding is ``½ Σ log λ`` (λ: PCA variances).
+* Block volume (``block_volume=True``): the Boltzmann density with rigid motion integrated out is
+  ``exp(−u) · J(c)`` in the block's shape coordinates c, not ``exp(−u)``: the orbit of rotations
+  through a configuration has a volume ``J(c) = |det[T, Ω(ref + B c), B]|`` that changes with the
+  shape (std 0.04 nats over 600 K MD frames). Without it, log q is a density on the flat slice,
+  and the weights ``−u − log q`` and the KL term are off by log J(c); with it (relative to J(0)),
+  log q is the density with respect to Cartesian volume on the quotient.
+  ``block_volume=False`` is the transform of runs from before it, kept bitwise.
 
 Densities live on the 60-dim space modulo rigid motion; the energy is invariant to that motion.
 Near-degenerate geometry (collinear reference atoms, angles at 0 or π) and torsion tails beyond
@@ -34,13 +41,21 @@ clamped sample's log q keeps the unclamped Jacobian, so it is not exact; such sa
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from p4bg.equivalent import canonicalize_equivalent_atoms_torch, equivalent_groups
+from p4bg.geometry import (
+    block_log_volume,
+    cartesian_to_zmatrix,
+    internal_basis,
+    kabsch_align,
+    placement_stages,
+    zmatrix_to_cartesian,
+)
 from p4bg.nn.base import Bijection, check_input
 
 if TYPE_CHECKING:
@@ -51,132 +66,7 @@ __all__ = [
     "cartesian_to_zmatrix",
     "kabsch_align",
     "zmatrix_to_cartesian",
-]
-
-_EPS_NORM = 1e-10  # nm²: smallest |cross product|² used to define a torsion plane
-_EPS_COS = 1e-7  # angles are kept in [acos(1 − ε), acos(−1 + ε)]
-
-
-# --------------------------------------------------------------------------------- geometry
-def _unit(v: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """v / |v| with |v|² clamped from below; also returns where the clamp acted."""
-    sq = (v * v).sum(-1, keepdim=True)
-    clamped = sq < eps
-    return v * torch.rsqrt(torch.clamp(sq, min=eps)), clamped.squeeze(-1)
-
-
-def _place(
-    p1: Tensor, p2: Tensor, p3: Tensor, r: Tensor, theta: Tensor, phi: Tensor
-) -> tuple[Tensor, Tensor]:
-    """Atom at distance r from p1, angle θ = ∠(x, p1, p2), torsion φ = dihedral(p3, p2, p1, x).
-
-    Shapes: p [..., 3]; r, θ, φ [...]. Returns positions [..., 3] and the clamp mask.
-    """
-    bc, c1 = _unit(p1 - p2, _EPS_NORM)
-    n, c2 = _unit(torch.cross(p2 - p3, bc, dim=-1), _EPS_NORM)
-    m = torch.cross(n, bc, dim=-1)
-    rs = r * torch.sin(theta)
-    d0 = -r * torch.cos(theta)
-    d1 = rs * torch.cos(phi)
-    d2 = rs * torch.sin(phi)
-    x = p1 + d0.unsqueeze(-1) * bc + d1.unsqueeze(-1) * m + d2.unsqueeze(-1) * n
-    return x, c1 | c2
-
-
-def _dihedral(p0: Tensor, p1: Tensor, p2: Tensor, p3: Tensor) -> Tensor:
-    """Dihedral angle (−π, π] of p0-p1-p2-p3 (IUPAC sign, as mdtraj)."""
-    b0, b1, b2 = p1 - p0, p2 - p1, p3 - p2
-    y = torch.linalg.vector_norm(b1, dim=-1) * (b0 * torch.cross(b1, b2, dim=-1)).sum(-1)
-    x = (torch.cross(b0, b1, dim=-1) * torch.cross(b1, b2, dim=-1)).sum(-1)
-    return torch.atan2(y, x)
-
-
-def _stages(z_matrix: np.ndarray, rigid: np.ndarray) -> list[np.ndarray]:
-    """Rows of the Z-matrix grouped so that each group depends only on earlier groups."""
-    placed = {int(a) for a in rigid}
-    remaining = list(range(len(z_matrix)))
-    stages = []
-    while remaining:
-        ready = [i for i in remaining if all(int(a) in placed for a in z_matrix[i, 1:])]
-        if not ready:
-            raise ValueError("Z-matrix references atoms that are never placed")
-        stages.append(np.array(ready))
-        placed.update(int(z_matrix[i, 0]) for i in ready)
-        remaining = [i for i in remaining if i not in ready]
-    return stages
-
-
-def zmatrix_to_cartesian(
-    internal: Tensor,
-    rigid_xyz: Tensor,
-    z_matrix: np.ndarray | list[list[int]],
-    rigid: np.ndarray | list[int],
-    n_atoms: int,
-    stages: list[tuple[Any, Tensor]] | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Place the Z-matrix atoms around the rigid block.
-
-    internal: [batch, k, 3] (bond nm, angle rad, torsion rad) in Z-matrix row order;
-    rigid_xyz: [batch, len(rigid), 3] nm. Returns ``(xyz [batch, n_atoms, 3] nm,
-    ladj [batch] = Σ log(r² sin θ), clamped [batch] count)``. ``stages``: the placement stages
-    as (rows, the same as an index tensor on internal's device), precomputed by the transform.
-    The transform passes z_matrix, rigid and the rows as Python lists: atom numbers that
-    ``torch.compile`` sees as constants, where numpy arrays would be traced as tensors.
-    """
-    batch = internal.shape[0]
-    atoms: list[Tensor | None] = [None] * n_atoms
-    for j, a in enumerate(rigid):
-        atoms[int(a)] = rigid_xyz[:, j]
-    clamped = internal.new_zeros(batch, dtype=torch.int64)
-    if stages is None:
-        stages = [(s, torch.as_tensor(s, device=internal.device)) for s in _stages(z_matrix, rigid)]
-    for stage, stage_index in stages:
-        p1 = torch.stack([atoms[int(z_matrix[i][1])] for i in stage], 1)
-        p2 = torch.stack([atoms[int(z_matrix[i][2])] for i in stage], 1)
-        p3 = torch.stack([atoms[int(z_matrix[i][3])] for i in stage], 1)
-        ic = internal[:, stage_index]
-        x, c = _place(p1, p2, p3, ic[..., 0], ic[..., 1], ic[..., 2])
-        clamped = clamped + c.sum(1)
-        for k, i in enumerate(stage):
-            atoms[int(z_matrix[i][0])] = x[:, k]
-    xyz = torch.stack(atoms, 1)
-    r, theta = internal[..., 0], internal[..., 1]
-    ladj = (2.0 * torch.log(r) + torch.log(torch.sin(theta))).sum(1)
-    return xyz, ladj, clamped
-
-
-def cartesian_to_zmatrix(
-    xyz: Tensor, z_matrix: np.ndarray | Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Internal coordinates of positions ``xyz`` [batch, n_atoms, 3] nm.
-
-    Returns ``(internal [batch, k, 3], ladj [batch] = −Σ log(r² sin θ), clamped [batch])``:
-    the inverse of :func:`zmatrix_to_cartesian` (for the Z-matrix atoms).
-    """
-    idx = z_matrix if isinstance(z_matrix, Tensor) else torch.as_tensor(z_matrix, device=xyz.device)
-    x, p1, p2, p3 = (xyz[:, idx[:, c]] for c in range(4))
-    b1 = x - p1
-    b2 = p2 - p1
-    r = torch.linalg.vector_norm(b1, dim=-1)
-    cos = (b1 * b2).sum(-1) / (r * torch.linalg.vector_norm(b2, dim=-1))
-    clamped = ((cos > 1 - _EPS_COS) | (cos < -1 + _EPS_COS)).sum(1)
-    theta = torch.acos(torch.clamp(cos, -1 + _EPS_COS, 1 - _EPS_COS))
-    phi = _dihedral(p3, p2, p1, x)
-    ladj = -(2.0 * torch.log(r) + torch.log(torch.sin(theta))).sum(1)
-    return torch.stack([r, theta, phi], -1), ladj, clamped
-
-
-def kabsch_align(block: Tensor, reference: Tensor) -> Tensor:
-    """Optimally rotate and translate ``block`` [batch, k, 3] onto the centred ``reference``
-    [k, 3] (Kabsch): returns the aligned block [batch, k, 3]."""
-    centred = block - block.mean(1, keepdim=True)
-    H = centred.transpose(1, 2) @ reference  # [batch, 3, 3]
-    U, _, Vh = torch.linalg.svd(H)
-    d = torch.sign(torch.linalg.det(U @ Vh))
-    D = torch.ones_like(H[:, 0])
-    D = torch.cat([D[:, :2], d.unsqueeze(1)], 1)
-    R = (U * D.unsqueeze(1)) @ Vh
-    return centred @ R
+]  # the geometry is re-exported from p4bg.geometry, where it lives
 
 
 def _kabsch_np(block: np.ndarray, reference: np.ndarray) -> np.ndarray:
@@ -186,11 +76,16 @@ def _kabsch_np(block: np.ndarray, reference: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------- transform
 class MixedCoordinateTransform(Bijection):
     """Latent ``[batch, 60]`` ↔ Cartesian ``[batch, 66]`` nm for a system with a Z-matrix and a
-    rigid block (see the module docstring). Fitted on ``xyz_train`` [frames, 3·n_atoms] nm."""
+    rigid block (see the module docstring). Fitted on ``xyz_train`` [frames, 3·n_atoms] nm.
+    ``block_volume``: include the block's volume factor log J(c) − log J(0) in ``ladj`` (False:
+    the transform of runs trained before it; a run's config carries the choice, the state_dict
+    is the same for both)."""
 
-    def __init__(self, system: MolecularSystem, xyz_train: np.ndarray | Tensor) -> None:
+    def __init__(
+        self, system: MolecularSystem, xyz_train: np.ndarray | Tensor, block_volume: bool = True
+    ) -> None:
         super().__init__()
-        self._set_layout(system)
+        self._set_layout(system, block_volume)
         z_matrix, rigid, n_atoms = self.z_matrix, self.rigid, self.n_atoms
         xyz = np.asarray(
             xyz_train.detach().cpu().numpy() if isinstance(xyz_train, Tensor) else xyz_train,
@@ -231,7 +126,7 @@ class MixedCoordinateTransform(Bijection):
             if converged:
                 break
         aligned = _kabsch_np(block, reference)
-        basis = _internal_basis(reference)  # [3k, 3k - 6]
+        basis = internal_basis(reference)  # [3k, 3k - 6]
         c = (aligned - reference).reshape(len(aligned), -1) @ basis
         c_mean = c.mean(0)
         eigval, eigvec = np.linalg.eigh(np.cov(c, rowvar=False))
@@ -244,7 +139,8 @@ class MixedCoordinateTransform(Bijection):
         self.register_buffer("pca_std", torch.from_numpy(np.sqrt(eigval)))
         self.register_buffer("n_clamped", torch.zeros((), dtype=torch.int64), persistent=False)
 
-    def _set_layout(self, system: MolecularSystem) -> None:
+    def _set_layout(self, system: MolecularSystem, block_volume: bool) -> None:
+        self.block_volume = bool(block_volume)
         # Methyl hydrogens may come labelled in another order (other tools); the inverse brings
         # them to the system PDB's labelling, which the flow's density is defined on.
         self.equivalent_groups = equivalent_groups(system)
@@ -255,7 +151,7 @@ class MixedCoordinateTransform(Bijection):
         # state_dict), not rebuilt from numpy on every call; likewise the placement stages
         self.register_buffer("z_index", torch.as_tensor(self.z_matrix), persistent=False)
         self.register_buffer("rigid_index", torch.as_tensor(self.rigid), persistent=False)
-        self.stages = _stages(self.z_matrix, self.rigid)
+        self.stages = placement_stages(self.z_matrix, self.rigid)
         # the same as Python lists, for the placement loop (constants to torch.compile)
         self._placement = (self.z_matrix.tolist(), self.rigid.tolist(),
                            [stage.tolist() for stage in self.stages])  # fmt: skip
@@ -268,13 +164,14 @@ class MixedCoordinateTransform(Bijection):
 
     @classmethod
     def from_state_dict(
-        cls, system: MolecularSystem, state: dict[str, Tensor]
+        cls, system: MolecularSystem, state: dict[str, Tensor], block_volume: bool = True
     ) -> MixedCoordinateTransform:
         """Rebuild a fitted transform from its ``state_dict`` alone, so that a trained model can
-        be used (sampled, evaluated) without the training data it was fitted on."""
+        be used (sampled, evaluated) without the training data it was fitted on.
+        ``block_volume``: as the run was trained (its config), see the class."""
         self = cls.__new__(cls)
         Bijection.__init__(self)
-        self._set_layout(system)
+        self._set_layout(system, block_volume)
         expected = {
             "bond_mu": (self.n_internal,), "bond_s": (self.n_internal,),
             "angle_mu": (self.n_internal,), "angle_s": (self.n_internal,),
@@ -298,7 +195,10 @@ class MixedCoordinateTransform(Bijection):
         return self
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, cartesian_dim={self.cartesian_dim}, rigid={self.rigid.tolist()}"
+        return (
+            f"dim={self.dim}, cartesian_dim={self.cartesian_dim}, rigid={self.rigid.tolist()}, "
+            f"block_volume={self.block_volume}"
+        )
 
     # ------------------------------------------------------------------------- bijection
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
@@ -311,7 +211,10 @@ class MixedCoordinateTransform(Bijection):
             internal, rigid_xyz, z_rows, rigid, self.n_atoms, stages
         )
         self._count(clamped)
-        return xyz.reshape(-1, self.cartesian_dim), ladj + ladj_z
+        ladj = ladj + ladj_z
+        if self.block_volume:
+            ladj = ladj + block_log_volume(rigid_xyz, self.reference)
+        return xyz.reshape(-1, self.cartesian_dim), ladj
 
     def inverse(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Cartesian [batch, 66] nm, any orientation and any labelling of equivalent hydrogens
@@ -329,7 +232,10 @@ class MixedCoordinateTransform(Bijection):
         aligned = kabsch_align(xyz[:, self.rigid_index], self.reference)
         z, ladj = self.internal_to_latent(internal, aligned)
         self._count(clamped)
-        return z, ladj + ladj_z
+        ladj = ladj + ladj_z
+        if self.block_volume:  # aligned = reference + B c exactly: Kabsch leaves no rigid part
+            ladj = ladj - block_log_volume(aligned, self.reference)
+        return z, ladj
 
     def latent_to_internal(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``z`` [batch, 60] -> (internal [batch, 17, 3] (nm, rad, rad), rigid block
@@ -456,15 +362,3 @@ def _torsion_centres(torsions: Tensor, bins: int = 72) -> Tensor:
         cut = 0.5 * (edges[b] + edges[b + 1])
         centres.append(_wrap(cut + math.pi))
     return torch.stack(centres)
-
-
-def _internal_basis(reference: np.ndarray) -> np.ndarray:
-    """Orthonormal basis [3k, 3k − 6] of displacements of the centred ``reference`` [k, 3] that
-    are orthogonal to rigid translations and infinitesimal rotations."""
-    k = len(reference)
-    rigid = []
-    for axis in np.eye(3):
-        rigid.append(np.tile(axis, k))  # translation
-        rigid.append(np.cross(axis, reference).reshape(-1))  # rotation about the centroid
-    q, _ = np.linalg.qr(np.stack(rigid, 1), mode="complete")
-    return np.ascontiguousarray(q[:, 6:])

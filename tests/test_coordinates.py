@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import mdtraj
@@ -17,6 +18,7 @@ from p4bg.coordinates import (
     kabsch_align,
     zmatrix_to_cartesian,
 )
+from p4bg.geometry import block_log_volume
 from p4bg.systems import load_system
 
 
@@ -34,6 +36,13 @@ def md(tmp_path_factory):
 @pytest.fixture(scope="module")
 def transform(system, md):
     return MixedCoordinateTransform(system, md[:250])
+
+
+@pytest.fixture(scope="module")
+def legacy(system, transform):
+    """The same fit without the block's volume factor: the transform of runs from before it."""
+    return MixedCoordinateTransform.from_state_dict(system, transform.state_dict(),
+                                                    block_volume=False)  # fmt: skip
 
 
 def superpose(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -201,3 +210,108 @@ def test_inverse_canonicalises_swapped_methyl_hydrogens(transform, md):
     z_s, ladj_s = transform.inverse(swapped)
     torch.testing.assert_close(z_s, z, atol=1e-10, rtol=0)
     torch.testing.assert_close(ladj_s, ladj, atol=1e-10, rtol=0)
+
+
+def rotation(omega: torch.Tensor) -> torch.Tensor:
+    """exp([ω]×): the rotation by the rotation vector ω [3] rad."""
+    zero = omega.new_zeros(())
+    skew = torch.stack([torch.stack([zero, -omega[2], omega[1]]),
+                        torch.stack([omega[2], zero, -omega[0]]),
+                        torch.stack([-omega[1], omega[0], zero])])  # fmt: skip
+    return torch.linalg.matrix_exp(skew)
+
+
+def frame_log_volume(block: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """log|det[T, Ω(y), B]| of blocks y [batch, 5, 3] by the 15 × 15 determinant itself."""
+    eye = torch.eye(3, dtype=block.dtype)
+    T = eye.repeat(block.shape[1], 1).expand(len(block), -1, -1)
+    omega = torch.stack([torch.cross(eye[i].expand_as(block), block, dim=-1).flatten(1)
+                         for i in range(3)], -1)  # fmt: skip
+    return torch.linalg.slogdet(torch.cat([T, omega, basis.expand(len(block), -1, -1)], -1))[1]
+
+
+def test_block_log_volume_is_the_orientation_frame_determinant(transform, md):
+    """The closed form (a 3 × 3 determinant) equals log|det[T, Ω(y), B]| − log J(0) on MD
+    frames, and log J is not constant on them (the factor matters)."""
+    x = torch.from_numpy(md).reshape(-1, 22, 3)
+    aligned = kabsch_align(x[:, transform.rigid_index], transform.reference)
+    log_j = block_log_volume(aligned, transform.reference)
+    log_j0 = frame_log_volume(transform.reference.unsqueeze(0), transform.basis)
+    direct = frame_log_volume(aligned, transform.basis) - log_j0
+    torch.testing.assert_close(log_j, direct, atol=1e-12, rtol=0)
+    assert 0.01 < float(log_j.std()) < 0.2
+
+
+@pytest.mark.parametrize("block_volume", [True, False])
+def test_ladj_is_the_jacobian_including_rigid_motion(transform, legacy, md, block_volume):
+    """(z [60], rotation vector ω [3], translation t [3]) -> R(ω) forward(z) + t is square,
+    66 -> 66, and its log|det| (autograd) is ladj(z) + log J(0) + log g(ω), g(ω) = 2(1 − cos|ω|)/
+    |ω|² the Haar density of ω: every direction of the Cartesian volume, rigid ones included.
+    Without the block's volume factor the difference is log J(c) − log J(0), not a constant."""
+    t = transform if block_volume else legacy
+    z, _ = t.inverse(torch.from_numpy(md[250:254]))
+    log_j0 = float(frame_log_volume(t.reference.unsqueeze(0), t.basis)[0])
+    gen = torch.Generator().manual_seed(3)
+    residuals = []
+    for i in range(4):
+        omega = torch.randn(3, dtype=torch.float64, generator=gen)
+        shift = torch.randn(3, dtype=torch.float64, generator=gen)
+
+        def placed(v: torch.Tensor) -> torch.Tensor:
+            x, _ = t(v[:60].unsqueeze(0))
+            return (x.reshape(22, 3) @ rotation(v[60:63]).T + v[63:]).reshape(66)
+
+        v = torch.cat([z[i], omega, shift])
+        sign, logdet = torch.linalg.slogdet(jacobian(placed, v))
+        assert sign != 0
+        _, ladj = t(z[i : i + 1])
+        theta = float(omega.norm())
+        log_g = math.log(2 * (1 - math.cos(theta)) / theta**2)
+        residuals.append(float(logdet) - float(ladj[0]) - log_g - log_j0)
+    residuals = torch.tensor(residuals, dtype=torch.float64)
+    if block_volume:
+        torch.testing.assert_close(
+            residuals, torch.zeros(4, dtype=torch.float64), atol=1e-9, rtol=0
+        )
+    else:
+        x, _ = t(z)
+        missing = block_log_volume(x.reshape(-1, 22, 3)[:, t.rigid_index], t.reference)
+        torch.testing.assert_close(residuals, missing, atol=1e-9, rtol=0)
+        assert float(residuals.max() - residuals.min()) > 1e-3
+
+
+def test_without_block_volume_the_transform_is_as_before(system, transform, legacy, md):
+    """block_volume=False adds nothing: ladj is bitwise the sum of the parts it always was, the
+    state_dict is the same for both flags (checkpoints load strictly either way), and the two
+    ladj differ by exactly the block's log J(c) − log J(0)."""
+    fitted = MixedCoordinateTransform(system, md[:250], block_volume=False)
+    assert fitted.state_dict().keys() == transform.state_dict().keys()
+    for name, value in fitted.state_dict().items():
+        assert torch.equal(value, transform.state_dict()[name])
+    copy.deepcopy(transform).load_state_dict(fitted.state_dict(), strict=True)
+    x = torch.from_numpy(md[250:260])
+    z, ladj_inv = legacy.inverse(x)
+    xyz = x.reshape(-1, 22, 3)
+    internal, ladj_z, _ = cartesian_to_zmatrix(xyz, system.z_matrix)
+    aligned = kabsch_align(xyz[:, system.rigid_atoms], legacy.reference)
+    assert torch.equal(ladj_inv, legacy.internal_to_latent(internal, aligned)[1] + ladj_z)
+    _, ladj_fwd = legacy(z)
+    internal, rigid_xyz, ladj = legacy.latent_to_internal(z)
+    _, ladj_z, _ = zmatrix_to_cartesian(
+        internal, rigid_xyz, system.z_matrix, system.rigid_atoms, 22
+    )
+    assert torch.equal(ladj_fwd, ladj + ladj_z)
+    z_new, ladj_new = transform.inverse(x)
+    assert torch.equal(z_new, z)
+    torch.testing.assert_close(ladj_new - ladj_inv, -block_log_volume(aligned, legacy.reference),
+                               atol=1e-12, rtol=0)  # fmt: skip
+    assert "block_volume=False" in repr(legacy) and "block_volume=True" in repr(transform)
+
+
+def test_forward_batched_equals_single(transform, md):
+    z, _ = transform.inverse(torch.from_numpy(md[250:254]))
+    x, ladj = transform(z)
+    for i in range(4):
+        xi, li = transform(z[i : i + 1])
+        torch.testing.assert_close(xi[0], x[i], atol=1e-12, rtol=0)
+        torch.testing.assert_close(li[0], ladj[i], atol=1e-12, rtol=0)
