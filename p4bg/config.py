@@ -204,7 +204,7 @@ class TrainConfig:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # DESIGN.md §4 exactly: the defaults of TrainConfig.
+    # docs/design.md §4 exactly: the defaults of TrainConfig.
     "paper": {},
     # The paper's model for samples that reweight (issue "Samples that reweight";
     # benchmarks/reweight_study.sh measured each choice): 2,000,000 training frames (80 ns saved

@@ -1,6 +1,6 @@
 """The Boltzmann generator: prior N(0, I), flow, coordinate transform and target energy.
 
-Direction (DESIGN.md §2): latent ``z`` --flow--> ``y`` --coordinates--> configuration ``x``.
+Direction (docs/design.md §2): latent ``z`` --flow--> ``y`` --coordinates--> configuration ``x``.
 ``log q(x) = log p(z) + ladj_inverse(x)``; log-weights ``log w = −u(x) − log q(x)`` (§5).
 """
 

@@ -1,4 +1,4 @@
-"""The bijection contract shared by every invertible layer in p4bg (DESIGN.md §2).
+"""The bijection contract shared by every invertible layer in p4bg (docs/design.md §2).
 
 Direction is fixed project-wide: ``forward`` maps latent -> configuration (z -> x) and
 ``inverse`` maps configuration -> latent (x -> z). Both return ``(out, ladj)`` where

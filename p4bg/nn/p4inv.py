@@ -4,10 +4,11 @@ The effective weight is ``W = A + u vᵀ``. ``A`` is frozen between merges and k
 together with its inverse ``Ainv``, ``log|det A|`` and ``sign(det A)``; only the perturbation
 ``(u, v)`` (and the bias) are trained. Sherman–Morrison and the matrix determinant lemma give
 ``W⁻¹`` and ``det W`` from these in O(n²), so neither the forward nor the inverse pass ever
-inverts or factorises a matrix. Every ``N`` optimizer steps :class:`P4Merger` folds ``u vᵀ`` into
-``A`` (a *merge*) and restarts the perturbation, which is how the layer travels through GL(n).
+inverts or factorises a matrix. Every ``N`` optimizer steps the merge schedule
+(:mod:`p4bg.nn.merge`) folds ``u vᵀ`` into ``A`` (a *merge*) and restarts the perturbation, which
+is how the layer travels through GL(n).
 
-Numerics that matter (DESIGN.md §3):
+Numerics that matter (docs/design.md §3):
 
 * the determinant is never stored raw (it under/overflows); ``log|det|`` and its sign are;
 * merges that would make the stored inverse ill-conditioned are skipped, except every
@@ -21,22 +22,18 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 from p4bg.nn.base import Bijection, check_input
+from p4bg.nn.p4inv_autograd import P4Forward, P4Inverse
 
 __all__ = [
     "MergeResult",
-    "MergeStats",
     "P4Inv",
-    "P4Merger",
     "p4inv_penalty",
-    "reset_optimizer_state",
 ]
 
 # Buffers that stay float64 whatever the model dtype: precision here is what keeps the inverse
@@ -226,7 +223,7 @@ class P4Inv(Bijection):
         if torch.is_grad_enabled():  # one autograd node with a hand-written backward
             Ainv = self._buffer_as("Ainv", x)
             logdet = self._buffer_as("log_abs_det_A", x)
-            return _P4Forward.apply(x, self.u, self.v, self.bias, A, Ainv, logdet)
+            return P4Forward.apply(x, self.u, self.v, self.bias, A, Ainv, logdet)
         y = torch.mm(x, A.T) if self.bias is None else torch.addmm(self.bias, x, A.T)
         y = torch.addr(y, torch.mv(x, self.v), self.u)
         _, _, ladj = self._det_terms(x)
@@ -238,7 +235,7 @@ class P4Inv(Bijection):
         Ainv = self._buffer_as("Ainv", y)
         if torch.is_grad_enabled():
             logdet = self._buffer_as("log_abs_det_A", y)
-            return _P4Inverse.apply(y, self.u, self.v, self.bias, Ainv, logdet)
+            return P4Inverse.apply(y, self.u, self.v, self.bias, Ainv, logdet)
         if self.bias is not None:
             y = y - self.bias
         w = torch.mm(y, Ainv.T)
@@ -402,75 +399,6 @@ class P4Inv(Bijection):
         return True, float((eye - A @ inv).abs().max())
 
 
-class _P4Forward(torch.autograd.Function):
-    """``y = A x + u (vᵀx) + b``, ``ladj = ln|1 + vᵀ Ainv u| + ln|det A|`` as one autograd node.
-
-    Training steps are bound by per-operation overhead at these sizes; one node with a
-    hand-written backward (checked by gradcheck) replaces about a dozen. A, Ainv, ln|det A| are
-    constants (buffers). Shapes: x [B, n]; u, v, b [n]; returns y [B, n], ladj [B].
-    """
-
-    @staticmethod
-    def forward(ctx, x, u, v, b, A, Ainv, logdet):
-        xv = torch.mv(x, v)
-        y = torch.mm(x, A.T) if b is None else torch.addmm(b, x, A.T)
-        y = torch.addr(y, xv, u)
-        a = torch.mv(Ainv, u)
-        G = 1.0 + torch.dot(v, a)
-        ladj = torch.log(torch.abs(G)) + logdet
-        ctx.save_for_backward(x, xv, u, v, a, G, A, Ainv)
-        ctx.has_bias = b is not None
-        return y, ladj.expand(x.shape[0])
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, gy, gl):
-        x, xv, u, v, a, G, A, Ainv = ctx.saved_tensors
-        gyu = torch.mv(gy, u)  # uᵀ gy_i
-        gx = torch.addr(torch.mm(gy, A), gyu, v)  # Aᵀ gy_i + v (uᵀ gy_i)
-        gG = gl.sum() / G
-        gu = torch.mv(gy.T, xv) + gG * torch.mv(Ainv.T, v)  # Σ gy_i (vᵀx_i) + ∂G/∂u
-        gv = torch.mv(x.T, gyu) + gG * a  # Σ x_i (uᵀ gy_i) + ∂G/∂v
-        gb = gy.sum(0) if ctx.has_bias else None
-        return gx, gu, gv, gb, None, None, None
-
-
-class _P4Inverse(torch.autograd.Function):
-    """``x = w − (Ainv u)(vᵀw)/G`` with ``w = Ainv (y − b)``, ``ladj = −ln|G| − ln|det A|``, as
-    one autograd node (see :class:`_P4Forward`). Shapes: y [B, n]; returns x [B, n], ladj [B]."""
-
-    @staticmethod
-    def forward(ctx, y, u, v, b, Ainv, logdet):
-        # w = Ainv (y − b) = y Ainvᵀ − Ainv b: the bias costs a vector, not a [B, n] pass
-        w = (
-            torch.mm(y, Ainv.T)
-            if b is None
-            else torch.addmm(torch.mv(Ainv, b), y, Ainv.T, beta=-1.0)
-        )
-        a = torch.mv(Ainv, u)
-        G = 1.0 + torch.dot(v, a)
-        s = torch.mv(w, v)
-        x = torch.addr(w, s / G, a, alpha=-1.0)
-        ladj = -(torch.log(torch.abs(G)) + logdet)
-        ctx.save_for_backward(w, s, v, a, G, Ainv)
-        ctx.has_bias = b is not None
-        return x, ladj.expand(y.shape[0])
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, gx, gl):
-        w, s, v, a, G, Ainv = ctx.saved_tensors
-        ga_x = torch.mv(gx, a)  # aᵀ gx_i
-        gw = torch.addr(gx, ga_x / G, v, alpha=-1.0)  # through w and s = vᵀw
-        gy = torch.mm(gw, Ainv)  # Ainvᵀ gw_i
-        gG = torch.dot(ga_x, s) / (G * G) - gl.sum() / G
-        ga = gG * v - torch.mv(gx.T, s) / G
-        gu = torch.mv(Ainv.T, ga)
-        gv = gG * a - torch.mv(w.T, ga_x) / G
-        gb = -gy.sum(0) if ctx.has_bias else None
-        return gy, gu, gv, gb, None, None
-
-
 def _barrier(t: Tensor, lo: float, hi: float) -> Tensor:
     return torch.relu(lo - t).square() + torch.relu(t - hi).square()
 
@@ -484,193 +412,3 @@ def p4inv_penalty(model: nn.Module) -> Tensor:
 
 
 # ------------------------------------------------------------------------ the merge schedule
-@dataclass
-class MergeStats:
-    """Counts over P4Inv layers for one merge event (or, summed, for a whole run)."""
-
-    attempts: int = 0
-    accepted: int = 0
-    forced: int = 0
-    skipped: int = 0
-    refused: int = 0
-    nonfinite_resets: int = 0
-    corrections: int = 0
-    fallbacks: int = 0
-    max_residual: float = float("nan")
-
-    def add(self, other: MergeStats) -> None:
-        for f in fields(self):
-            if f.name == "max_residual":
-                mine, theirs = self.max_residual, other.max_residual
-                self.max_residual = theirs if math.isnan(mine) else max(mine, theirs)
-            else:
-                setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
-
-    def as_dict(self) -> dict[str, float]:
-        return asdict(self)
-
-
-# the order in which merge decisions travel between processes (as their index)
-_RESULTS = list(MergeResult)
-
-
-def _merge_state(layer: P4Inv) -> list[Tensor]:
-    """The buffers a merge changes in a layer (u and v are broadcast for every layer)."""
-    return [layer.A, layer.Ainv, layer.log_abs_det_A, layer.sign_A, layer.n_merges]
-
-
-def reset_optimizer_state(optimizer: torch.optim.Optimizer, params: Iterable[Tensor]) -> None:
-    """Return the optimizer state of ``params`` (only them) to what a fresh optimizer has.
-
-    Optimizers that create state lazily at their first step (Adam, AdamW, SGD, RMSprop, …)
-    simply forget it. Adagrad creates its state at construction; it is reset in place.
-    """
-    for p in params:
-        state = optimizer.state.get(p)
-        if not state:
-            continue
-        if isinstance(optimizer, torch.optim.Adagrad):
-            group = next(g for g in optimizer.param_groups if any(q is p for q in g["params"]))
-            state["step"].zero_()
-            state["sum"].fill_(group["initial_accumulator_value"])
-        else:
-            del optimizer.state[p]
-
-
-class P4Merger:
-    """Merges every P4Inv layer of a model on schedule (call :meth:`step` after each
-    ``optimizer.step()``).
-
-    Every ``every`` steps each layer attempts a merge; every ``force_every``-th attempt is forced
-    (0: never). A layer's optimizer state for u and v is reset when it merged or was reset for
-    non-finite values (``reset_optimizer``), leaving other parameters' state untouched. After
-    every ``correct_every``-th merge of a layer (0: never) its inverse is corrected.
-    ``track_residual`` measures max |I − A·Ainv| at each merge event (O(n³) per layer).
-    ``generator`` draws the new ``v`` of merged layers from a stream of their own (on the
-    layers' device). ``broadcast``: in a run of several processes, a function that overwrites
-    the tensors it is given with one process's values on every process (p4bg.distributed
-    makes it from torch.distributed; None for one process); that process decides every merge
-    and its merged state is broadcast after the event (once per event, not per forward pass),
-    so that all processes hold the same P4Inv state bit for bit. nn/ knows nothing of how.
-    A merge event synchronises with the device twice, whatever the number of layers: once to
-    read every layer's :meth:`P4Inv.merge_check`, once for the residuals; an inverse
-    correction (every ``correct_every``-th merge of a layer) adds its own.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer | None = None,
-        every: int = 100,
-        force_every: int = 10,
-        correct_every: int = 50,
-        reset_optimizer: bool = True,
-        correction_threshold: float = 1e-6,
-        track_residual: bool = True,
-        generator: torch.Generator | None = None,
-        broadcast: Callable[[list[Tensor]], None] | None = None,
-    ) -> None:
-        for name, value, low in (
-            ("every", every, 1),
-            ("force_every", force_every, 0),
-            ("correct_every", correct_every, 0),
-        ):
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"P4Merger: {name} must be an int >= {low}, got {value!r}")
-        if reset_optimizer and isinstance(optimizer, torch.optim.LBFGS):
-            raise TypeError(
-                "P4Merger: LBFGS keeps one state for all parameters, so a layer's state cannot be "
-                "reset alone; use reset_optimizer=False or another optimizer"
-            )
-        self.layers = [m for m in model.modules() if isinstance(m, P4Inv)]
-        self.optimizer = optimizer
-        self.every = every
-        self.force_every = force_every
-        self.correct_every = correct_every
-        self.reset_optimizer = reset_optimizer
-        self.correction_threshold = correction_threshold
-        self.track_residual = track_residual
-        self.generator = generator
-        self.broadcast = broadcast
-        self.steps = 0
-        self.events = 0
-        self.totals = MergeStats()
-
-    def step(self) -> MergeStats | None:
-        """Count one optimizer step; merge when the schedule says so and return the stats."""
-        self.steps += 1
-        if self.steps % self.every:
-            return None
-        return self.merge_all()
-
-    def merge_all(self, force: bool | None = None) -> MergeStats:
-        """One merge event over all layers, now (``force=None``: by the force schedule)."""
-        self.events += 1
-        if force is None:
-            force = self.force_every > 0 and self.events % self.force_every == 0
-        stats = MergeStats()
-        checks, decisions = self._decide(force)
-        touched_layers = []
-        for layer, check, decision in zip(self.layers, checks, decisions, strict=True):
-            result = layer.merge_step(force, self.generator, check, decision)
-            stats.attempts += 1
-            counter = {
-                MergeResult.ACCEPTED: "accepted",
-                MergeResult.FORCED: "forced",
-                MergeResult.SKIPPED: "skipped",
-                MergeResult.REFUSED: "refused",
-                MergeResult.RESET_NONFINITE: "nonfinite_resets",
-            }[result]
-            setattr(stats, counter, getattr(stats, counter) + 1)
-            touched = result.merged or result is MergeResult.RESET_NONFINITE
-            if touched:
-                touched_layers.append(layer)
-            if touched and self.reset_optimizer and self.optimizer is not None:
-                reset_optimizer_state(self.optimizer, (layer.u, layer.v))
-            merges = int(check[3]) + int(result.merged)  # layer.n_merges, without a sync
-            if result.merged and self.correct_every and merges % self.correct_every == 0:
-                fell_back, _ = layer.correct_inverse(self.correction_threshold)
-                stats.corrections += 1
-                stats.fallbacks += int(fell_back)
-        # rank 0's merged state (A, its inverse and determinant) and every layer's u and v (the
-        # fresh ones of merged layers) replace the others' bit for bit: no rank's own rounding
-        # or random draw survives a merge event
-        if self.broadcast is not None:
-            merged = [t for layer in touched_layers for t in _merge_state(layer)]
-            self.broadcast(merged + [t for layer in self.layers for t in (layer.u, layer.v)])
-        if self.track_residual and self.layers:  # one more synchronisation, for all layers
-            device = self.layers[0].A.device
-            residuals = [layer.inverse_residual_tensor().to(device) for layer in self.layers]
-            stats.max_residual = float(torch.stack(residuals).max())
-        self.totals.add(stats)
-        return stats
-
-    def _decide(self, force: bool) -> tuple[list[list[float]], list[MergeResult]]:
-        """Every layer's :meth:`P4Inv.merge_check` and merge decision, read with one
-        synchronisation. Across processes rank 0 decides: its checks and decisions are
-        broadcast, so that values differing in the last bit cannot split the ranks."""
-        if not self.layers:
-            return [], []
-        device = self.layers[0].A.device
-        table = torch.stack([layer.merge_check().to(device) for layer in self.layers])
-        checks = table.cpu().tolist()
-        pairs = zip(self.layers, checks, strict=True)
-        decisions = [layer.merge_decision(check, force) for layer, check in pairs]
-        if self.broadcast is None:
-            return checks, decisions
-        codes = torch.tensor([[float(_RESULTS.index(d))] for d in decisions], dtype=torch.float64)
-        table = torch.cat([table, codes.to(device)], 1)
-        self.broadcast([table])  # every rank takes rank 0's checks and decisions
-        rows = table.cpu().tolist()
-        return [row[:4] for row in rows], [_RESULTS[int(row[4])] for row in rows]
-
-    def state_dict(self) -> dict:
-        return {"steps": self.steps, "events": self.events, "totals": self.totals.as_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        missing = {"steps", "events", "totals"} - set(state)
-        if missing:
-            raise KeyError(f"P4Merger.load_state_dict: missing keys {sorted(missing)}")
-        self.steps = int(state["steps"])
-        self.events = int(state["events"])
-        self.totals = MergeStats(**state["totals"])
