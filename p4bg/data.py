@@ -8,27 +8,24 @@ Layout of a dataset folder (written by ``python -m p4bg.simulate``)::
     replica_00/chunk_00000.npz     energies (kJ/mol), production step of each frame, and the
                                    OpenMM checkpoint after the chunk's last frame
 
-A chunk is complete when its ``.npz`` exists; both files are written atomically (temporary file,
-then ``os.replace``), the ``.npz`` last.
+A chunk is complete when its ``.npz`` exists; both files are written atomically
+(:func:`p4bg.files.write_atomic`: a temporary ``*.tmp.*`` file, then a move), the ``.npz`` last.
 
 Frames are loaded in the system PDB's labelling of equivalent hydrogens (``p4bg.equivalent``,
-DESIGN.md §5): frames written by another tool with a methyl group's hydrogens in the other order
-are relabelled (with a warning), and frames whose labelling is undefined are refused.
+docs/design.md §5): frames written by another tool with a methyl group's hydrogens in the other
+order are relabelled (with a warning), and frames whose labelling is undefined are refused.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import sys
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
+from p4bg import files
 from p4bg.equivalent import (
     EquivalentAtomsError,
     canonicalize_equivalent_atoms,
@@ -48,7 +45,6 @@ __all__ = [
     "resume_point",
     "training_frames",
     "write_chunk",
-    "write_json",
 ]
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -71,11 +67,9 @@ class Dataset(NamedTuple):
     split: dict[str, np.ndarray]
 
 
-def write_json(path: Path, data: dict) -> None:
-    """Write JSON atomically: a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+# temporary, removed by the lead: p4bg.sample still imports these two from here
+write_json = files.write_json
+_quiet_c_stdio = files.quiet_c_stdio
 
 
 def chunk_paths(folder: Path, index: int) -> tuple[Path, Path]:
@@ -96,26 +90,26 @@ def write_chunk(
     xyz: positions, shape (frames, n_atoms, 3), nm. energies: kJ/mol, shape (frames,).
     steps: production step of each frame. checkpoint: OpenMM ``Context.createCheckpoint()``
     taken after the last frame, from which a killed run resumes (for a replica-exchange chain,
-    p4bg.remd's pickled state of all its temperatures). extra: more per-frame arrays stored in
-    the ``.npz`` (p4bg.remd: energies and angles at every temperature).
+    the pickled state of all its temperatures). extra: more arrays stored in the ``.npz``
+    (replica exchange: energies and angles at every temperature).
     """
     from mdtraj.formats import DCDTrajectoryFile
 
     folder.mkdir(parents=True, exist_ok=True)
     dcd, npz = chunk_paths(folder, index)
-    tmp_dcd = dcd.with_name(dcd.stem + ".tmp.dcd")
-    with DCDTrajectoryFile(str(tmp_dcd), "w", force_overwrite=True) as f:
-        f.write(np.asarray(xyz, dtype=np.float32) * np.float32(10.0))  # DCD stores Å
-    os.replace(tmp_dcd, dcd)
-    tmp_npz = npz.with_name(npz.stem + ".tmp.npz")
-    np.savez(
-        tmp_npz,
-        energies=np.asarray(energies, dtype=np.float64),
-        steps=np.asarray(steps, dtype=np.int64),
-        checkpoint=np.frombuffer(checkpoint, dtype=np.uint8),
+
+    def write_dcd(tmp: Path) -> None:
+        with DCDTrajectoryFile(str(tmp), "w", force_overwrite=True) as f:
+            f.write(np.asarray(xyz, dtype=np.float32) * np.float32(10.0))  # DCD stores Å
+
+    arrays = {
+        "energies": np.asarray(energies, dtype=np.float64),
+        "steps": np.asarray(steps, dtype=np.int64),
+        "checkpoint": np.frombuffer(checkpoint, dtype=np.uint8),
         **(extra or {}),
-    )
-    os.replace(tmp_npz, npz)
+    }
+    files.write_atomic(dcd, write_dcd)
+    files.write_atomic(npz, lambda tmp: np.savez(tmp, **arrays))
 
 
 def complete_chunks(folder: Path) -> int:
@@ -157,30 +151,12 @@ def resume_point(folder: Path) -> ResumePoint:
     return ResumePoint(chunks, frames, checkpoint, step)
 
 
-@contextlib.contextmanager
-def _quiet_c_stdio() -> Iterator[None]:
-    """Silence what C code prints to stdout/stderr (mdtraj's DCD plugin announces every file)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = [os.dup(1), os.dup(2)]
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 1)
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        for fd in (*saved, devnull):
-            os.close(fd)
-
-
 def read_chunk(folder: Path, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, bytes]:
     """``(xyz (frames, n_atoms, 3) nm float32, energies kJ/mol, steps, checkpoint)``."""
     from mdtraj.formats import DCDTrajectoryFile
 
     dcd, npz = chunk_paths(folder, index)
-    with _quiet_c_stdio(), DCDTrajectoryFile(str(dcd), "r") as f:
+    with files.quiet_c_stdio(), DCDTrajectoryFile(str(dcd), "r") as f:
         xyz_angstrom = f.read()[0]
     with np.load(npz) as data:
         energies, steps, checkpoint = data["energies"], data["steps"], data["checkpoint"].tobytes()
@@ -299,7 +275,7 @@ def _canonical_labels(path: Path, meta: dict, xyz: np.ndarray) -> np.ndarray:
     if n_swapped:
         warnings.warn(
             f"{path}: {n_swapped} of {len(xyz)} frames had a methyl group's hydrogens labelled "
-            f"in the other order than {system.name}'s PDB; relabelled (DESIGN.md §5)",
+            f"in the other order than {system.name}'s PDB; relabelled (docs/design.md §5)",
             UserWarning,
             stacklevel=3,
         )

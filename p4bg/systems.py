@@ -15,13 +15,16 @@ from typing import Any
 
 import numpy as np
 
+from p4bg.units import R
+
 SYSTEMS_DIR = Path(__file__).resolve().parent.parent / "systems"
-# Molar gas constant in kJ/(mol K): kT = R T.
-MOLAR_GAS_CONSTANT = 0.00831446261815324
+# temporary, removed at the end of issue 27: import R from p4bg.units
+MOLAR_GAS_CONSTANT = R
 
 __all__ = [
     "MolecularSystem",
     "SystemConfigError",
+    "available_platforms",
     "load_system",
     "measure_platforms",
 ]
@@ -93,7 +96,7 @@ class MolecularSystem:
     @property
     def kT(self) -> float:
         """Thermal energy at ``temperature``, kJ/mol."""
-        return MOLAR_GAS_CONSTANT * self.temperature
+        return R * self.temperature
 
     def make_integrator(self, temperature: float | None = None, seed: int = 0) -> Any:
         """A fresh OpenMM integrator as ``system.toml`` specifies, with its random seed set."""
@@ -113,7 +116,7 @@ class MolecularSystem:
 
 
 def _fail(file: Path, key: str, problem: str) -> SystemConfigError:
-    return SystemConfigError(f"{file}: key '{key}' {problem}; fix the file (see DESIGN.md §4)")
+    return SystemConfigError(f"{file}: key '{key}' {problem}; fix the file (see docs/design.md §4)")
 
 
 def _validate(data: dict, schema: dict, file: Path, prefix: str = "") -> None:
@@ -179,7 +182,7 @@ def load_system(name_or_path: str | Path, temperature: float | None = None) -> M
     file = folder / "system.toml"
     if not file.is_file():
         raise SystemConfigError(
-            f"{folder}: no system.toml; a system folder needs one (DESIGN.md §4)"
+            f"{folder}: no system.toml; a system folder needs one (docs/design.md §4)"
         )
     try:
         data = tomllib.loads(file.read_text())
@@ -264,6 +267,7 @@ def load_system(name_or_path: str | Path, temperature: float | None = None) -> M
 
 
 def available_platforms() -> list[str]:
+    """The names of the OpenMM platforms this machine has (``Reference`` always)."""
     import openmm
 
     return [

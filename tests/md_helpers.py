@@ -8,7 +8,7 @@ import numpy as np
 def run_md(tmp_path_factory, frames: int, seed: int, steps_per_frame: int = 100) -> np.ndarray:
     """Frames of 600 K alanine dipeptide MD run in this process, shape (frames, 66) nm float64."""
     from p4bg.data import read_chunk
-    from p4bg.simulate import ReplicaJob, run_replica
+    from p4bg.md.plain import ReplicaJob, run_replica
     from p4bg.systems import SYSTEMS_DIR
 
     folder = tmp_path_factory.mktemp("md") / "replica_00"

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from p4bg.data import load_dataset
-from p4bg.remd import exchange, geometric_ladder, main, mbar_delta_f, read_chain_arrays
-
-R = 8.314462618e-3  # kJ/(mol K)
+from p4bg.md.estimators import mbar_delta_f
+from p4bg.md.exchange import exchange, geometric_ladder, read_chain_arrays
+from p4bg.remd import main
+from p4bg.units import R
 
 
 def test_geometric_ladder_has_a_constant_ratio():

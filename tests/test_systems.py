@@ -43,7 +43,7 @@ CONTRACT_ORDER = [
     "H1",
     "H2",
     "H3",
-]  # DESIGN.md §4
+]  # docs/design.md §4
 
 
 @pytest.fixture(scope="module")

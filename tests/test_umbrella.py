@@ -9,9 +9,9 @@ import math
 import numpy as np
 import pytest
 
-from p4bg.umbrella import _bias, main, umbrella_delta_f
-
-R = 8.314462618e-3
+from p4bg.md.estimators import bias_energy, umbrella_delta_f
+from p4bg.umbrella import main
+from p4bg.units import R
 
 
 def _sample_windows(free_energy, centers, k, temperature, n, rng):
@@ -20,7 +20,7 @@ def _sample_windows(free_energy, centers, k, temperature, n, rng):
     beta = 1 / (R * temperature)
     out = []
     for c in centers:
-        log_p = -beta * (free_energy(grid) + _bias(np.stack([grid, grid], 1), c, k))
+        log_p = -beta * (free_energy(grid) + bias_energy(np.stack([grid, grid], 1), c, k))
         p = np.exp(log_p - log_p.max())
         phi = rng.choice(grid, size=n, p=p / p.sum()) + rng.uniform(0, 2 * np.pi / 20_000, n)
         out.append(np.stack([phi, np.zeros(n)], 1))
@@ -50,7 +50,7 @@ def test_bias_is_periodic_and_sums_the_restrained_angles():
     c = np.array([3.0, 0.0])
     a = np.array([[-3.0, 0.5], [3.0, 0.0]])
     d = 2 * np.pi - 6.0  # -3 and 3 are 0.28 rad apart across ±π
-    np.testing.assert_allclose(_bias(a, c, k), [0.5 * 100 * d**2 + 0.5 * 40 * 0.25, 0.0])
+    np.testing.assert_allclose(bias_energy(a, c, k), [0.5 * 100 * d**2 + 0.5 * 40 * 0.25, 0.0])
 
 
 def test_umbrella_run_records_its_estimate_in_the_dataset(data, tmp_path):

@@ -1,0 +1,128 @@
+"""The worker pool: MD jobs (replicas, chains, windows) in parallel processes, one progress bar.
+
+Each job runs in a fresh interpreter (``spawn``: no OpenMM or thread state inherited) and talks
+to the pool through a queue: frames done, its result, or its traceback. A job that fails stops
+the whole run with that traceback; a pool that is killed leaves workers that notice it at their
+next report and stop without writing anything partial.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue as queue_module
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from tqdm import tqdm
+
+__all__ = ["Progress", "run_jobs"]
+
+REPORT_EVERY = 50  # frames between progress messages from a worker
+
+
+class Progress:
+    """A worker's channel to the pool: frames done (in batches of ``every``), and a check that
+    the pool still lives. With ``queue`` None (a job run in the calling process) it is silent."""
+
+    def __init__(self, queue: Any, index: int, label: str, every: int = REPORT_EVERY) -> None:
+        self.queue, self.index, self.label, self.every = queue, index, label, every
+        self.parent = os.getppid()
+        self.pending = 0
+
+    def resumed(self, frames: int) -> None:
+        """Frames found on disk from an earlier run (they fill the bar at once)."""
+        if self.queue is not None and frames:
+            self.queue.put(("resumed", self.index, frames))
+
+    def frame(self) -> None:
+        """One more frame; every ``every`` frames, tell the pool and stop if it is gone."""
+        self.pending += 1
+        if self.queue is not None and self.pending == self.every:
+            self.flush()
+            if os.getppid() != self.parent:  # the pool was killed: stop, write nothing partial
+                raise SystemExit(f"{self.label}: parent process gone, stopping")
+
+    def flush(self) -> None:
+        """Report the frames not reported yet (at the end of a chunk)."""
+        if self.queue is not None and self.pending:
+            self.queue.put(("frames", self.index, self.pending))
+        self.pending = 0
+
+
+def _work(run: Callable[[Any, Progress], dict], job: Any, queue: Any) -> None:
+    """A worker process's body: run one job, send back its result or its traceback."""
+    try:
+        progress = Progress(queue, job.index, f"{job.kind} {job.index}")
+        queue.put(("done", job.index, run(job, progress)))
+    except BaseException:
+        queue.put(("error", job.index, traceback.format_exc()))
+
+
+def run_jobs(
+    jobs: Sequence[Any],
+    run: Callable[[Any, Progress], dict],
+    *,
+    workers: int,
+    ps_per_frame: float,
+    label: str = "MD",
+    progress_bar: bool = True,
+) -> list[dict]:
+    """Run every job as ``run(job, progress)`` in up to ``workers`` processes; their results in
+    the order of ``jobs``. A worker's error is raised here as a ``RuntimeError`` with its
+    traceback.
+
+    jobs: picklable, with ``index`` (unique), ``kind`` ("replica", "chain", "window") and
+    ``frames`` (for the bar); run: a module-level function (it is pickled by name);
+    ps_per_frame: MD time per frame, for the bar's ns/day.
+    """
+    ctx = mp.get_context("spawn")  # a fresh interpreter: no inherited OpenMM or thread state
+    queue: Any = ctx.Queue()
+    pending = list(jobs)
+    kinds = {job.index: job.kind for job in jobs}
+    running: dict[int, Any] = {}
+    results: dict[int, dict] = {}
+    bar = tqdm(total=sum(j.frames for j in jobs), unit="frame", disable=not progress_bar,
+               dynamic_ncols=True, desc=label)  # fmt: skip
+    start = time.perf_counter()
+    new_frames = 0
+    try:
+        while pending or running:
+            while pending and len(running) < workers:
+                job = pending.pop(0)
+                proc = ctx.Process(target=_work, args=(run, job, queue), daemon=True)
+                proc.start()
+                running[job.index] = proc
+            try:
+                kind, index, payload = queue.get(timeout=1.0)
+            except queue_module.Empty:
+                for index, proc in list(running.items()):
+                    if not proc.is_alive() and proc.exitcode not in (0, None):
+                        raise RuntimeError(
+                            f"{kinds[index]} {index}: worker died (exit code {proc.exitcode})"
+                        ) from None
+                continue
+            if kind == "frames":
+                new_frames += payload
+                bar.update(payload)
+                elapsed = time.perf_counter() - start
+                ns_per_day = new_frames * ps_per_frame * 1e-3 / (elapsed / 86400.0)
+                bar.set_postfix_str(f"{ns_per_day:,.0f} ns/day")
+            elif kind == "resumed":
+                bar.update(payload)
+            elif kind == "done":
+                results[index] = payload
+                running.pop(index).join()
+            elif kind == "error":
+                raise RuntimeError(f"{kinds[index]} {index} failed:\n{payload}")
+    finally:
+        bar.close()
+        for proc in running.values():
+            proc.terminate()
+        for proc in running.values():
+            proc.join(timeout=10)
+        queue.close()
+        queue.join_thread()
+    return [results[j.index] for j in jobs]
