@@ -64,7 +64,8 @@ def measure(
     config = apply_overrides(TrainConfig(), {**PRESETS[name], **extra, **changes}, preset)
     if not Path(config.data).is_dir():
         raise SystemExit(f"preset_walltime: the {preset} preset's dataset {config.data} is not "
-                         "here; make it (README, 'Datasets') or pass --data")  # fmt: skip
+                         "here; make it (docs/guide.md, 'The datasets behind the results') "
+                         "or pass --data")  # fmt: skip
     trainer = Trainer(config, progress=False)
     times: dict[str, list[float]] = {"nll": [], "mixed": [], "anneal": []}
     lengths = {"nll": config.nll_steps, "mixed": config.mixed_steps, "anneal": config.anneal_steps}

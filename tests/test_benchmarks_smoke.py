@@ -225,3 +225,13 @@ def test_sample_throughput_smoke(data, tmp_path):
               "32", "--rounds", "1")  # fmt: skip
     assert "2 processes (torchrun, 1 thread each)" in out
     assert not (run_dir / "samples.npz").exists()  # the run's own folder is never sampled into
+
+
+def test_every_benchmark_is_in_the_index():
+    """docs/benchmarks.md names every script of benchmarks/ and benchmarks/studies/."""
+    index = (ROOT / "docs" / "benchmarks.md").read_text()
+    scripts = [p for folder in ("benchmarks", "benchmarks/studies")
+               for p in sorted((ROOT / folder).glob("*")) if p.suffix in (".py", ".sh")]  # fmt: skip
+    assert scripts
+    missing = [p.name for p in scripts if f"`{p.name}" not in index]
+    assert not missing, f"not in docs/benchmarks.md: {missing}"
