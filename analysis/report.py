@@ -13,8 +13,6 @@ __all__ = [
     "markdown_table",
     "metrics_json_text",
     "report_md_text",
-    "write_metrics_json",
-    "write_report_md",
 ]
 
 # (key in a model's metrics or None, key in the reference metrics or None, label, format).
@@ -163,14 +161,6 @@ def metrics_json_text(data: dict[str, Any]) -> str:
     return json.dumps(_jsonable(data), indent=2, sort_keys=True) + "\n"
 
 
-def write_metrics_json(path: str | Path, data: dict[str, Any]) -> Path:
-    """Write :func:`metrics_json_text` to ``path``."""
-    path = Path(path)
-    # temporary: the lead moves the writing to p4bg.analyze
-    path.write_text(metrics_json_text(data))
-    return path
-
-
 def report_md_text(
     reference: dict[str, Any],
     models: dict[str, dict[str, Any]],
@@ -223,17 +213,3 @@ def report_md_text(
     ]
     lines += [f"![{Path(f).stem}]({f})" for f in figures]
     return "\n".join(lines) + "\n"
-
-
-def write_report_md(
-    path: str | Path,
-    reference: dict[str, Any],
-    models: dict[str, dict[str, Any]],
-    info: dict[str, Any],
-    figures: list[str],
-) -> Path:
-    """Write :func:`report_md_text` to ``path``."""
-    path = Path(path)
-    # temporary: the lead moves the writing to p4bg.analyze
-    path.write_text(report_md_text(reference, models, info, figures))
-    return path

@@ -357,14 +357,22 @@ def analyze(
         curves.append(AngleSet(f"{name} (reweighted)", s["phi"], s["psi"], s["log_w"]))
     panels = raw + reweighted if samples else raw
     figures = [
-        plot_energies(out / "energies.png", energies, u_train_max).name,
-        plot_ramachandran(out / "ramachandran.png", panels, columns=len(raw)).name,
-        plot_free_energy_phi(out / "free_energy_phi.png", curves).name,
+        write_atomic(
+            out / "energies.png", lambda tmp: plot_energies(tmp, energies, u_train_max)
+        ).name,
+        write_atomic(
+            out / "ramachandran.png", lambda tmp: plot_ramachandran(tmp, panels, columns=len(raw))
+        ).name,
+        write_atomic(
+            out / "free_energy_phi.png", lambda tmp: plot_free_energy_phi(tmp, curves)
+        ).name,
     ]
     training = {run.name: read_training_metrics(run) for run in runs}
     training = {k: v for k, v in training.items() if v is not None}
     if training:
-        figures.append(plot_training(out / "training.png", training).name)
+        figures.append(
+            write_atomic(out / "training.png", lambda tmp: plot_training(tmp, training)).name
+        )
     info = {
         "reference": str(reference_path), "split": split, "temperature_K": ref.temperature,
         "kT_kJ_per_mol": ref.kT, "u_train_max": u_train_max,

@@ -1,4 +1,4 @@
-"""Equivalent atoms: the labels of a methyl group's three hydrogens (DESIGN.md §5).
+"""Equivalent atoms: the labels of a methyl group's three hydrogens (docs/design.md §5).
 
 The three hydrogens of a methyl group (CH3, and any X–AH3 group) are interchangeable: the force
 field gives them the same parameters, so relabelling them leaves the energy unchanged. The flow's

@@ -23,8 +23,11 @@ import torch
 from train_helpers import stop_after
 
 from p4bg import distributed
+from p4bg.energy import make_energy
 from p4bg.nn import P4Inv, P4Merger
-from p4bg.train import Trainer, parse_args, resolve_config
+from p4bg.systems import load_system
+from p4bg.train import parse_args, resolve_config
+from p4bg.training import Trainer
 
 BUFFERS = ("A", "Ainv", "log_abs_det_A", "sign_A", "n_merges", "u", "v")
 
@@ -54,24 +57,32 @@ def merges(out: Path, alone: bool) -> None:
     distributed.shutdown()
 
 
-def failing(energy):
+class Failing:
     """``energy`` failing where the first coordinate's thousandths are a multiple of 3."""
 
-    def u(x: torch.Tensor) -> torch.Tensor:
-        fail = torch.remainder(torch.floor(x[:, 0].detach() * 1000), 3) == 0
-        return torch.where(fail, torch.inf, energy(x))
+    def __init__(self, energy) -> None:
+        self.energy = energy
+        self.stats, self.platform = energy.stats, energy.platform
 
-    return u
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        fail = torch.remainder(torch.floor(x[:, 0].detach() * 1000), 3) == 0
+        return torch.where(fail, torch.inf, self.energy(x))
+
+    def close(self) -> None:
+        self.energy.close()
 
 
 def train(out: Path, stop_at: int, argv: list[str], fail: bool = False) -> None:
     flags, overrides = parse_args(argv)
     config = resolve_config(flags, overrides)
     world, device = distributed.setup(config.device)
-    trainer = Trainer(config, resume=bool(flags["resume"]), progress=False, world=world,
-                      device=device)  # fmt: skip
+    energy = None
     if fail:
-        trainer.bg.target = failing(trainer.energy())
+        system = load_system(config.system, config.temperature)
+        energy = Failing(make_energy(config.energy, system, device=device,
+                                     temperature=config.temperatures().target))  # fmt: skip
+    trainer = Trainer(config, resume=bool(flags["resume"]), progress=False, world=world,
+                      device=device, energy=energy)  # fmt: skip
     if stop_at:
         stop_after(trainer, stop_at)
     trainer.run()

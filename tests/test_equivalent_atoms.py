@@ -1,4 +1,4 @@
-"""Equivalent hydrogens (DESIGN.md §5): methyl labels are brought to the PDB's, energies unchanged."""
+"""Equivalent hydrogens (docs/design.md §5): methyl labels are brought to the PDB's, energies unchanged."""
 
 from __future__ import annotations
 

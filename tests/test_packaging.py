@@ -148,3 +148,17 @@ def test_parser_reads_pip_section_and_comments(tmp_path: Path) -> None:
     assert pip == {"zuko": "1.1"}
     with pytest.raises(ValueError, match="cannot read requirement"):
         parse_requirement("numpy==1.24", "x")
+
+
+def test_every_package_is_listed_for_the_wheel():
+    """pyproject.toml lists the packages by hand (one of them, p4bg.builtin_systems, is the
+    systems/ folder under another name): a new subpackage must be added there, or an installed
+    p4bg would lack it."""
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+                 ["packages"])  # fmt: skip
+    found = {".".join(p.parent.relative_to(ROOT).parts)
+             for top in ("p4bg", "analysis") for p in (ROOT / top).rglob("__init__.py")}  # fmt: skip
+    assert listed - {"p4bg.builtin_systems"} == found
+    mapped = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert mapped["package-dir"]["p4bg.builtin_systems"] == "systems"
+    assert any((ROOT / "systems").glob("*/system.toml"))

@@ -4,7 +4,7 @@ Heavy atoms are placed from textbook bond lengths and angles (Engh & Huber) with
 φ = -70°, ψ = 140° and trans peptide bonds; OpenMM's ``Modeller.addHydrogens`` adds the
 hydrogens with the Amber ff99SB-ILDN templates; the structure is energy-minimised in OBC implicit
 solvent (no constraints) and written with the atom order the project's contract fixes
-(DESIGN.md §4):
+(docs/design.md §4):
 
     ACE HH31 CH3 HH32 HH33 C O · ALA N H CA HA CB HB1 HB2 HB3 C O · NME N H C H1 H2 H3
 
@@ -50,7 +50,7 @@ def place(
 
 
 def chirality(n: np.ndarray, ca: np.ndarray, c: np.ndarray, cb: np.ndarray) -> float:
-    """> 0 for L-alanine (DESIGN.md §5)."""
+    """> 0 for L-alanine (docs/design.md §5)."""
     return float(np.dot(n - ca, np.cross(c - ca, cb - ca)))
 
 
