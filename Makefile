@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: venv demo test test-all lint bench clean
+.PHONY: venv demo test test-all lint bench bench-paper clean
 
 venv: $(VENV)/.installed
 
@@ -27,7 +27,7 @@ DEMO_RUN ?= runs/demo_p4inv
 demo: venv
 	$(PY) -m p4bg.simulate --ns 4 --save-every-ps 0.04 --out $(DEMO_DATA) --resume
 	if [ -f $(DEMO_RUN)/checkpoint.pt ]; then $(PY) -m p4bg.train --resume $(DEMO_RUN); \
-	else $(PY) -m p4bg.train --preset quick --flow p4inv --data $(DEMO_DATA) --out $(DEMO_RUN); fi
+	else $(PY) -m p4bg.train --preset quick --mixing=p4inv --data $(DEMO_DATA) --out $(DEMO_RUN); fi
 	$(PY) -m p4bg.sample $(DEMO_RUN) --n 20000 --overwrite
 	$(PY) -m p4bg.analyze $(DEMO_RUN) --reference $(DEMO_DATA)
 
@@ -43,13 +43,20 @@ test: venv lint
 test-all: venv lint
 	$(PY) -m pytest -q
 
+# The product's speed, side by side (docs/benchmarks.md): minutes.
 bench: venv
 	$(PY) benchmarks/linear_layers.py
-	$(PY) benchmarks/linear_problems.py
-	$(PY) benchmarks/train_step.py
-	$(PY) benchmarks/md_throughput.py
-	$(PY) benchmarks/energy_throughput.py
 	$(PY) benchmarks/flow_step.py
+	$(PY) benchmarks/energy_throughput.py
+	$(PY) benchmarks/md_throughput.py
+	$(PY) -m p4bg.simulate --ns 4 --save-every-ps 0.04 --out $(DEMO_DATA) --resume
+	$(PY) benchmarks/train_step.py --data $(DEMO_DATA)
+
+# The paper's experiments (hours; docs/results.md §1-4).
+bench-paper: venv
+	$(PY) benchmarks/linear_problems.py
+	$(PY) benchmarks/densities_2d.py --steps 2000 --out docs/results
+	bash benchmarks/paper_bg.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

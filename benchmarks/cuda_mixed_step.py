@@ -21,7 +21,7 @@ import warnings
 import torch
 
 from p4bg.config import TrainConfig, apply_overrides
-from p4bg.train import Trainer
+from p4bg.training import Trainer
 
 
 def time_mixed(args: argparse.Namespace, energy: str, device: str) -> tuple[float, float | None]:

@@ -39,7 +39,7 @@ for seed in $SEEDS; do
         if [ -f "$run/checkpoint.pt" ]; then
             $PY -m p4bg.train --resume "$run" --no-progress
         else
-            $PY -m p4bg.train --preset paper --flow "$flow" --seed "$seed" --data "$DATA" \
+            $PY -m p4bg.train --preset paper --mixing "$flow" --seed "$seed" --data "$DATA" \
                 --out "$run" --no-progress
         fi
         complete "$run" "$N" 1 || $PY -m p4bg.sample "$run" --n "$N" --seed "$seed" --overwrite
@@ -67,12 +67,12 @@ done
 # 1e-5), from the trained paper models, same w_e/w_l = 0.05.
 more=()
 for run in "${runs[@]}"; do
-    flow=$(grep '^flow' "$run/config.toml" | cut -d'"' -f2)
+    flow=$(grep -E '^(mixing|flow) ' "$run/config.toml" | cut -d'"' -f2)
     dest=${run}_morekl
     if [ -f "$dest/checkpoint.pt" ]; then
         $PY -m p4bg.train --resume "$dest" --no-progress
     else
-        $PY -m p4bg.train --preset paper --flow "$flow" --init="$run" --nll_steps=0 \
+        $PY -m p4bg.train --preset paper --mixing "$flow" --init="$run" --nll_steps=0 \
             --mixed_steps=4000 --mixed_lr=1e-4 --data "$DATA" --out "$dest" --no-progress
     fi
     complete "$dest" "$N" 1 || $PY -m p4bg.sample "$dest" --n "$N" --seed 0 --overwrite
@@ -84,7 +84,7 @@ $PY -m p4bg.analyze "${runs[@]}" "${more[@]}" --reference "$DATA" --out "${OUT}_
 # and then 0.5, each stage starting from the previous one.
 chain=()
 for run in "${runs[@]}"; do
-    flow=$(grep '^flow' "$run/config.toml" | cut -d'"' -f2)
+    flow=$(grep -E '^(mixing|flow) ' "$run/config.toml" | cut -d'"' -f2)
     prev=${run}_morekl
     chain+=("$run" "$prev")
     for ratio in 0.2 0.5; do
@@ -92,7 +92,7 @@ for run in "${runs[@]}"; do
         if [ -f "$dest/checkpoint.pt" ]; then
             $PY -m p4bg.train --resume "$dest" --no-progress
         else
-            $PY -m p4bg.train --preset paper --flow "$flow" --init="$prev" --nll_steps=0 \
+            $PY -m p4bg.train --preset paper --mixing "$flow" --init="$prev" --nll_steps=0 \
                 --mixed_steps=4000 --mixed_lr=1e-4 --energy_weight_ratio="$ratio" \
                 --data "$DATA" --out "$dest" --no-progress
         fi

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from p4bg.config import PRESETS, TrainConfig, apply_overrides
-from p4bg.train import Trainer
+from p4bg.training import Trainer
 
 
 def split_spec(spec: str) -> tuple[str, dict[str, str]]:
@@ -59,7 +59,7 @@ def measure(
 ) -> dict[str, float]:
     """Seconds per NLL step, per mixed step and per validation of ``preset``, and its plan."""
     name, extra = split_spec(preset)
-    changes = {"out": out, "init": "", **({"flow": flow} if flow else {}),
+    changes = {"out": out, "init": "", **({"mixing": flow} if flow else {}),
                **({"data": data} if data else {})}  # fmt: skip
     config = apply_overrides(TrainConfig(), {**PRESETS[name], **extra, **changes}, preset)
     if not Path(config.data).is_dir():

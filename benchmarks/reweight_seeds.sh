@@ -63,7 +63,7 @@ for preset in $PRESETS; do
                 $PY -m p4bg.train --resume "$run" --no-progress
             else
                 # shellcheck disable=SC2086  # TRAIN_ARGS is a list of overrides
-                $PY -m p4bg.train --preset "$preset" --flow "$flow" --seed "$seed" --out "$run" \
+                $PY -m p4bg.train --preset "$preset" --mixing "$flow" --seed "$seed" --out "$run" \
                     $TRAIN_ARGS --no-progress
             fi
             [ -f "$run/samples.json" ] && grep -q '"status": "complete"' "$run/samples.json" \

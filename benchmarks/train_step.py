@@ -37,7 +37,7 @@ import torch
 
 from p4bg import distributed
 from p4bg.config import PRESETS, TrainConfig, apply_overrides
-from p4bg.train import Trainer
+from p4bg.training import Trainer
 
 # the model of a coupling kind: the paper's (TrainConfig defaults) or the spline preset's
 MODEL_KEYS = ("coupling", "n_blocks", "hidden", "spline_bins", "spline_tail_bound")
@@ -156,7 +156,7 @@ def time_steps(
 ) -> tuple[float, ...]:
     """Median seconds of the NLL and the mixed step, and the energy's share of the mixed step."""
     config = apply_overrides(TrainConfig(), {**model_settings(coupling),
-        "flow": kind, "data": args.data, "out": "/tmp/p4bg_bench", "batch_size": args.batch,
+        "mixing": kind, "data": args.data, "out": "/tmp/p4bg_bench", "batch_size": args.batch,
         "nll_steps": args.steps + 3, "mixed_steps": args.steps + 3, "n_workers": args.workers,
         "device": args.device, "energy": energy_name, "compile": args.compile},
         "benchmark")  # fmt: skip

@@ -3,7 +3,7 @@
 The gradient norm (foreach), fused Adam (with ``found_inf``) and ``zero_grad`` as the training
 step runs them, on the paper's P4Inv flow (800 parameter tensors), first with every tensor
 handed to the optimizer, then through :class:`p4bg.optim.FlatParameters` (the conditioners in
-one buffer, P4Inv's 150 tensors separate, as :func:`p4bg.train.make_optimizer` builds it).
+one buffer, P4Inv's 150 tensors separate, as :func:`p4bg.training.build.make_optimizer` builds it).
 Random gradients; alternating rounds; median milliseconds.
 
     python benchmarks/studies/flat_params.py

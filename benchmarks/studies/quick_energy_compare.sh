@@ -20,7 +20,7 @@ for energy in $ENERGIES; do
         if [ -f "$run/checkpoint.pt" ]; then
             $PY -m p4bg.train --resume "$run" --no-progress
         else
-            $PY -m p4bg.train --preset quick --flow p4inv --data "$DATA" --energy="$energy" \
+            $PY -m p4bg.train --preset quick --mixing p4inv --data "$DATA" --energy="$energy" \
                 --seed "$seed" --out "$run" --no-progress
         fi
         [ -f "$run/samples.json" ] && grep -q '"status": "complete"' "$run/samples.json" \

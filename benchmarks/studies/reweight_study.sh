@@ -63,7 +63,7 @@ for name in $RUNS; do
         $PY -m p4bg.train --resume "$run" --no-progress
     else
         # shellcheck disable=SC2046
-        $PY -m p4bg.train --preset paper --flow p4inv --data "$DATA" --out "$run" --no-progress \
+        $PY -m p4bg.train --preset paper --mixing p4inv --data "$DATA" --out "$run" --no-progress \
             $args
     fi
     [ -f "$run/samples.json" ] && grep -q '"status": "complete"' "$run/samples.json" \

@@ -41,7 +41,7 @@ def summarise(run: Path) -> dict[str, object]:
     train_nll = sum(train_tail) / len(train_tail) if train_tail else math.nan
     return {
         "run": run.name,
-        "flow": config.get("flow"),
+        "flow": config.get("mixing", config.get("flow")),
         "train_fraction": config.get("train_fraction", 1.0),
         "train_stride": config.get("train_stride", 1),
         "steps": f"{config.get('nll_steps')}+{config.get('mixed_steps')}",
