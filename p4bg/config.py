@@ -207,16 +207,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     # docs/design.md §4 exactly: the defaults of TrainConfig.
     "paper": {},
     # The paper's model for samples that reweight (issue "Samples that reweight";
-    # benchmarks/studies/reweight_study.sh measured each choice): 2,000,000 training frames (80 ns saved
-    # every 0.04 ps: with the paper's 80,000 frames the model overfits whatever the schedule),
-    # 8,000 NLL steps with the learning rate cosine-decayed from 1e-3 to 1e-5 (validation NLL
-    # still at its best at the end), then 2,000 mixed steps at lr 1e-4 (cosine) with
-    # w_e/w_l = 0.25 that cut the high-energy tail (mean shift 24 -> 2.5 kT) at the cost of 1-2
-    # ESS points; w_e = w_l cut it further (1.5 kT) but bent the Ramachandran map (KL 2.8x the
-    # floor). Sampled from the prior N(0, 0.96²I): the largest τ whose samples' mean energy is
-    # within 0.5 kT of the validation frames' (benchmarks/studies/prior_scale_scan.sh on the validation
-    # split: +2.5 kT at τ = 1, +0.24 at 0.96) for 16 % reverse ESS instead of 21 %; the weights
-    # stay exact. About a quarter of the paper preset's wall time. Make its data with
+    # benchmarks/studies/reweight_study.sh measured each choice): 2,000,000 training frames (80 ns
+    # saved every 0.04 ps: with the paper's 80,000 frames the model overfits whatever the schedule),
+    # 8,000 NLL steps with the learning rate cosine-decayed from 1e-3 to 1e-5 (validation NLL still
+    # at its best at the end), then 2,000 mixed steps at lr 1e-4 (cosine) with w_e/w_l = 0.25 that
+    # cut the high-energy tail (mean shift 24 -> 2.5 kT) at the cost of 1-2 ESS points; w_e = w_l
+    # cut it further (1.5 kT) but bent the Ramachandran map (KL 2.8x the floor). Sampled from the
+    # prior N(0, 0.96²I): the largest τ whose samples' mean energy is within 0.5 kT of the
+    # validation frames' (benchmarks/studies/prior_scale_scan.sh on the validation split: +2.5 kT at
+    # τ = 1, +0.24 at 0.96) for 16 % reverse ESS instead of 21 %; the weights stay exact. About a
+    # quarter of the paper preset's wall time. Make its data with
     # `python -m p4bg.simulate --ns 100 --save-every-ps 0.04 --replicas 2 --seed 0
     #  --chunk-frames 12500 --out data/alanine_dipeptide_600K_100ns`.
     "reweight": {

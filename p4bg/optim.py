@@ -3,11 +3,11 @@
 Why: the paper's flow has 800 parameter tensors (50 couplings × 2 MLPs × 6, 50 P4Inv × 3, the
 coupling scales). On the CPU, fused Adam and the foreach gradient norm still loop over tensors,
 at about 7 µs per tensor: 7.1 ms per step against 2.2 ms with the conditioners in one buffer
-and P4Inv's 150 tensors apart (``python benchmarks/studies/flat_params.py``). :class:`FlatParameters`
-stores each group's parameters as views into one contiguous buffer and their gradients as views
-into that buffer's gradient, so that autograd accumulates in place and the optimizer, the
-gradient norm and ``zero_grad`` see a handful of tensors. The modules, their ``state_dict`` and
-every forward pass are unchanged; apex's flat FusedAdam buffers and DDP's
+and P4Inv's 150 tensors apart (``python benchmarks/studies/flat_params.py``).
+:class:`FlatParameters` stores each group's parameters as views into one contiguous buffer and
+their gradients as views into that buffer's gradient, so that autograd accumulates in place and
+the optimizer, the gradient norm and ``zero_grad`` see a handful of tensors. The modules, their
+``state_dict`` and every forward pass are unchanged; apex's flat FusedAdam buffers and DDP's
 ``gradient_as_bucket_view`` rest on the same idea, and neither is a dependency that fits here
 (apex is CUDA-only, DDP a process group).
 

@@ -55,7 +55,7 @@ def _imports(name: str, path: Path) -> list[tuple[str, list[str], int]]:
             rest = [n for n in names if n not in submodules]
             if rest:
                 found.append((base, rest, node.lineno))
-    return [(m, n, line) for m, n, line in found if m.split(".")[0] in PACKAGES + ("torch",)]
+    return [(m, n, line) for m, n, line in found if m.split(".")[0] in (*PACKAGES, "torch")]
 
 
 GRAPH = {name: _imports(name, path) for name, path in MODULES.items()}
@@ -71,7 +71,7 @@ def test_no_import_cycle():
         stack.append(m)
         for t in sorted(edges[m]):
             if state.get(t) == 1:
-                cycle = stack[stack.index(t):] + [t]
+                cycle = [*stack[stack.index(t) :], t]
                 pytest.fail("import cycle: " + " -> ".join(cycle))
             if t not in state:
                 visit(t)
@@ -88,8 +88,10 @@ def test_layers():
     for m, imports in GRAPH.items():
         for target, _, line in imports:
             where = f"{MODULES[m].relative_to(ROOT)}:{line} imports {target}"
-            if m.startswith("p4bg.nn") and target.split(".")[0] == "p4bg" and not (
-                target.startswith("p4bg.nn")
+            if (
+                m.startswith("p4bg.nn")
+                and target.split(".")[0] == "p4bg"
+                and not (target.startswith("p4bg.nn"))
             ):
                 problems.append(f"{where} (nn/ depends on torch alone)")
             if m.startswith("analysis") and target.split(".")[0] in ("p4bg", "torch"):

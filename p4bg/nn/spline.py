@@ -6,9 +6,9 @@ rational-quadratic pieces on ``[−B, B]`` (B = ``tail_bound``), whose knots and
 are predicted from the conditioning half. Outside ``[−B, B]`` the map is the identity, and the
 end knots have derivative 1, so the tails are linear and the map is C¹ everywhere.
 
-Why p4bg has its own spline rather than zuko's ``MonotonicRQSTransform`` (which has the same
-knots, unit end slopes and formulas, and is this module's oracle in the tests): speed, measured
-side by side by ``benchmarks/studies/spline_primitive.py`` (batch 256 × 30 features × 8 bins, 2 threads;
+Why p4bg has its own spline rather than zuko's ``MonotonicRQSTransform`` (which has the same knots,
+unit end slopes and formulas, and is this module's oracle in the tests): speed, measured side by
+side by ``benchmarks/studies/spline_primitive.py`` (batch 256 × 30 features × 8 bins, 2 threads;
 zuko's time over p4bg's: forward 1.9×, inverse 2.6×, with the backward pass 2.3× and 1.8×).
 
 * zuko's inverse gets its log-determinant from a second forward evaluation at the recovered
