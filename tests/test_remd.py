@@ -1,5 +1,6 @@
-"""python -m p4bg.remd: the exchange rule, MBAR against a known answer, a short run that analyze
-reads as a dataset, and exact resume."""
+"""python -m p4bg.remd: the exchange rule, the engine sampling a known distribution at every
+temperature, MBAR against a known answer, a short run that analyze reads as a dataset, and exact
+resume."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 
 from p4bg.data import load_dataset
 from p4bg.md.estimators import mbar_delta_f
-from p4bg.md.exchange import exchange, geometric_ladder, read_chain_arrays
+from p4bg.md.exchange import ReplicaExchange, exchange, geometric_ladder, read_chain_arrays
 from p4bg.remd import main
 from p4bg.units import R
 
@@ -41,6 +42,101 @@ def test_exchange_accepts_with_the_metropolis_probability():
                     1, rng, attempts, accepts)  # fmt: skip
     assert perm[0] == 0 and perm[3] == 3 and list(attempts) == [0, 1, 0]
     assert sorted(perm) == [0, 1, 2, 3]
+
+
+# ------------------------------------------------ the engine on a known distribution
+# One particle (12 amu) in a tilted double well along x, harmonic in y and z:
+#   U = h ((x/w)² − 1)² + a x/w + ½ k_yz (y² + z²),
+# whose exact x-density at T is ∝ exp(−U(x)/kT). At 300 K the barrier is 1.6 kT and the
+# tilt makes the x > 0 basin's population depend on T (0.27 at 300 K, 0.39 at 675 K).
+WELL = {"h": 4.0, "w": 0.1, "a": 1.5, "kyz": 2000.0}  # kJ/mol, nm, kJ/mol, kJ/mol/nm²
+MASS = 12.0  # amu
+LADDER = [300.0, 450.0, 675.0]
+
+
+def _double_well():
+    import openmm
+
+    system = openmm.System()
+    system.addParticle(MASS)
+    force = openmm.CustomExternalForce("h*((x/w)^2 - 1)^2 + a*x/w + 0.5*kyz*(y^2 + z^2)")
+    for name, value in WELL.items():
+        force.addGlobalParameter(name, value)
+    force.addParticle(0, [])
+    system.addForce(force)
+    return system
+
+
+def _langevin(temperature: float, seed: int):
+    import openmm
+
+    integrator = openmm.LangevinMiddleIntegrator(temperature, 5.0, 0.002)  # 1/ps, ps
+    integrator.setRandomNumberSeed(seed)
+    return integrator
+
+
+def _engine(seed: int) -> ReplicaExchange:
+    start = np.array([[WELL["w"], 0.0, 0.0]])
+    return ReplicaExchange(_double_well(), start, LADDER, _langevin, steps_per_cycle=10,
+                           seed=seed, platform="Reference")  # fmt: skip
+
+
+def _exact_cdf(x: np.ndarray, temperature: float) -> np.ndarray:
+    """The exact CDF of x at ``temperature``, integrated on a fine grid."""
+    grid = np.linspace(-0.3, 0.3, 60_001)
+    u = WELL["h"] * ((grid / WELL["w"]) ** 2 - 1) ** 2 + WELL["a"] * grid / WELL["w"]
+    density = np.exp(-(u - u.min()) / (R * temperature))
+    cdf = np.concatenate([[0.0], np.cumsum((density[1:] + density[:-1]) / 2)])
+    return np.interp(x, grid, cdf / cdf[-1])
+
+
+def test_replica_exchange_samples_the_boltzmann_distribution_at_every_temperature():
+    """20,000 exchange cycles of 20 fs on the double well: at every temperature the positions
+    follow the exact Boltzmann density (Kolmogorov–Smirnov distance) and the velocities the
+    Maxwell–Boltzmann one (mean kinetic energy 3/2 kT).
+
+    Tolerances, measured: over 11 seeds the largest KS distance was 0.021 and the kinetic energy
+    within 3 % of 3/2 kT. Broken engines (checked by hand, not kept as tests) fail them: swaps
+    without the temperature factor (β = 0, every swap accepted) or with β = 1/T (R missing) give
+    KS 0.14 at 300 K; velocities not rescaled give kinetic energies of 1.41 and 0.79 × 3/2 kT at
+    300 and 675 K, rescaled by the inverse factor 2.5 × at 300 K."""
+    engine = _engine(seed=1)
+    engine.start(equilibration_cycles=200)
+    n = 20_000
+    x = np.empty((n, len(LADDER)))
+    kinetic = np.empty((n, len(LADDER)))
+    for c in range(n):
+        cycle = engine.step()
+        x[c] = cycle.xyz[:, 0, 0]
+        kinetic[c] = 0.5 * MASS * (cycle.velocities[:, 0, :] ** 2).sum(-1)  # kJ/mol
+    assert (engine.accepts / engine.attempts > 0.5).all()  # the replicas do exchange
+    for k, temperature in enumerate(LADDER):
+        xs = np.sort(x[:, k])
+        cdf = _exact_cdf(xs, temperature)
+        ks = max((np.arange(1, n + 1) / n - cdf).max(), (cdf - np.arange(n) / n).max())
+        assert ks < 0.035, (temperature, ks)
+        ratio = kinetic[:, k].mean() / (1.5 * R * temperature)
+        assert abs(ratio - 1) < 0.06, (temperature, ratio)
+
+
+def test_an_exchange_moves_configurations_with_velocities_rescaled():
+    """After a cycle, the context at T_k holds the configuration that was at T_perm[k], with its
+    velocities scaled by sqrt(T_k / T_perm[k]) (kinetic energy by T_k / T_perm[k])."""
+    engine = _engine(seed=2)
+    engine.start()
+    swapped = 0
+    for _ in range(20):
+        cycle = engine.step()
+        for k, source in enumerate(cycle.perm):
+            state = engine.contexts[k].getState(getPositions=True, getVelocities=True)
+            np.testing.assert_array_equal(state.getPositions(asNumpy=True)._value,
+                                          cycle.xyz[source])  # fmt: skip
+            scale = math.sqrt(LADDER[k] / LADDER[source])
+            np.testing.assert_allclose(state.getVelocities(asNumpy=True)._value,
+                                       cycle.velocities[source] * scale, rtol=1e-12)  # fmt: skip
+            swapped += source != k
+    assert swapped >= 10  # both directions, several pairs
+    assert sorted(engine.walker) == [0, 1, 2]
 
 
 def test_mbar_recovers_a_two_state_free_energy():

@@ -1,5 +1,6 @@
 """python -m p4bg.umbrella: the MBAR estimator against an exactly known free energy, the
-restraint against its numpy twin, and a short run recorded in the dataset."""
+estimator's bias energy against OpenMM's restraint on MD frames, a window resumed mid-run, and a
+short run recorded in the dataset."""
 
 from __future__ import annotations
 
@@ -9,7 +10,11 @@ import math
 import numpy as np
 import pytest
 
+from analysis.geometry import dihedral
+from p4bg.data import load_dataset
 from p4bg.md.estimators import bias_energy, umbrella_delta_f
+from p4bg.md.umbrella import WindowJob, restrained_system, run_window
+from p4bg.systems import load_system
 from p4bg.umbrella import main
 from p4bg.units import R
 
@@ -51,6 +56,66 @@ def test_bias_is_periodic_and_sums_the_restrained_angles():
     a = np.array([[-3.0, 0.5], [3.0, 0.0]])
     d = 2 * np.pi - 6.0  # -3 and 3 are 0.28 rad apart across ±π
     np.testing.assert_allclose(bias_energy(a, c, k), [0.5 * 100 * d**2 + 0.5 * 40 * 0.25, 0.0])
+
+
+@pytest.mark.parametrize(
+    ("center", "k", "wraps"),  # wraps: (φ, ψ) cross ±π from the centre in some frames
+    [((-np.pi, 0.0), (300.0, 0.0), (False, False)), ((-1.2, 0.0), (300.0, 0.0), (False, False)),
+     ((2.8, 0.0), (300.0, 0.0), (True, False)), ((2.8, -2.9), (300.0, 100.0), (True, True)),
+     ((-1.2, 2.5), (300.0, 100.0), (False, True))],
+)  # fmt: skip
+def test_bias_energy_is_the_restraint_openmm_simulates(data, center, k, wraps):
+    """The bias the estimator puts in every window's reduced potential equals the energy of the
+    CustomTorsionForce restraints the window simulates with, on MD frames, for φ windows and
+    (φ, ψ) windows; centres near ±π make the periodic wrap matter (|θ − θ0| > π)."""
+    import openmm
+
+    system = load_system("alanine_dipeptide", 600.0)
+    omm = restrained_system(system, center, k)
+    n_restraints = 2 if k[1] > 0 else 1
+    for i in range(omm.getNumForces() - n_restraints, omm.getNumForces()):
+        assert isinstance(omm.getForce(i), openmm.CustomTorsionForce)
+        omm.getForce(i).setForceGroup(31)  # the restraints alone
+    context = openmm.Context(omm, openmm.VerletIntegrator(0.001),
+                             openmm.Platform.getPlatformByName("Reference"))  # fmt: skip
+    xyz = load_dataset(data).xyz.reshape(-1, 22, 3).astype(np.float64)[::4]
+    angles = np.stack([dihedral(xyz, system.phi_atoms), dihedral(xyz, system.psi_atoms)], 1)
+    openmm_energy = []
+    for frame in xyz:
+        context.setPositions(frame)
+        state = context.getState(getEnergy=True, groups={31})
+        openmm_energy.append(state.getPotentialEnergy()._value)  # kJ/mol
+    ours = bias_energy(angles, np.array(center), np.array(k))
+    np.testing.assert_allclose(ours, openmm_energy, rtol=1e-9, atol=1e-9)
+    assert np.ptp(ours) > 1.0  # the frames see different restraint energies
+    crossing = (np.abs(angles - np.array(center)) > np.pi).mean(0) * (np.array(k) > 0)
+    assert tuple(crossing > 0.1) == wraps
+
+
+def test_a_window_resumed_after_a_kill_ends_as_an_uninterrupted_one(data, tmp_path):
+    """A window killed after its first chunk continues from that chunk's checkpoint: the same
+    φ, ψ series as a window run at once; its chunks are removed once its file is written."""
+    system = load_system("alanine_dipeptide", 600.0)
+    start = load_dataset(data).xyz[0].reshape(22, 3).astype(np.float64)
+
+    def job(folder, stop_after_chunks=None):
+        return WindowJob(index=0, system_path=str(system.path), temperature=600.0,
+                         platform="Reference", seed=5, center=(-1.2, 0.0), k=(300.0, 0.0),
+                         start=start, frames=30, steps_per_frame=50, equilibration_steps=200,
+                         chunk_frames=10, folder=str(folder),
+                         stop_after_chunks=stop_after_chunks)  # fmt: skip
+
+    run_window(job(tmp_path / "a" / "window_000"))
+    killed = tmp_path / "b" / "window_000"
+    run_window(job(killed, stop_after_chunks=1))
+    assert not killed.with_suffix(".npz").exists() and (killed / "chunk_00000.npz").is_file()
+    run_window(job(killed))
+    assert not killed.exists()
+    with np.load(tmp_path / "a" / "window_000.npz") as a, np.load(killed.with_suffix(".npz")) as b:
+        assert len(a["phi"]) == 30
+        np.testing.assert_array_equal(a["phi"], b["phi"])
+        np.testing.assert_array_equal(a["psi"], b["psi"])
+        assert tuple(b["center"]) == (-1.2, 0.0) and int(b["seed"]) == 5
 
 
 def test_umbrella_run_records_its_estimate_in_the_dataset(data, tmp_path):
