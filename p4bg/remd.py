@@ -2,9 +2,10 @@
 
 Examples:
 
-    python -m p4bg.remd --t-min 300 --t-max 600 --n-temperatures 6 --ns 10 --chains 2 \\
-        --seed 0 --out data/alanine_dipeptide_300K_remd
-    python -m p4bg.remd ... --out data/alanine_dipeptide_300K_remd --resume
+    python -m p4bg.remd --ns 10 --out data/alanine_dipeptide_300K_remd
+    python -m p4bg.remd --t-min 300 --t-max 800 --n-temperatures 8 --ns 10 --chains 4 \\
+        --seed 1 --out data/alanine_dipeptide_300K_remd8
+    python -m p4bg.remd --ns 10 --out data/alanine_dipeptide_300K_remd --resume
     python -m p4bg.remd --out data/alanine_dipeptide_300K_remd --reestimate
 
 At 300 K plain MD of alanine dipeptide rarely crosses into phi > 0; at 600 K it crosses every
