@@ -79,7 +79,7 @@ def train(out: Path, stop_at: int, argv: list[str], fail: bool = False) -> None:
     energy = None
     if fail:
         system = load_system(config.system, config.temperature)
-        energy = Failing(make_energy(config.energy, system, device=device,
+        energy = Failing(make_energy(config.energy, system, device=distributed.pick_device(device),
                                      temperature=config.temperatures().target))  # fmt: skip
     trainer = Trainer(config, resume=bool(flags["resume"]), progress=False, world=world,
                       device=device, energy=energy)  # fmt: skip

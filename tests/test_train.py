@@ -15,6 +15,7 @@ from train_helpers import stop_after
 from p4bg.config import PRESETS, ConfigError, TrainConfig, apply_overrides, load_toml, to_toml
 from p4bg.train import main, parse_args, resolve_config
 from p4bg.training import Trainer, host_row
+from p4bg.training.plan import energy_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -118,7 +119,7 @@ def test_configuration_errors(data, tmp_path):
         resolve_config(*parse_args(["--batchsize=3"]))
     with pytest.raises(ConfigError, match="key 'nll_steps' needs a int"):
         resolve_config(*parse_args(["--nll_steps=many"]))
-    with pytest.raises(ConfigError, match="flow must be"):
+    with pytest.raises(ConfigError, match="mixing must be"):
         resolve_config(*parse_args(["--flow=glow"]))
     with pytest.raises(ConfigError, match="--preset"):
         parse_args(["--preset", "fast"])
@@ -258,7 +259,7 @@ def test_energy_option_errors_and_legacy_runs(data, tmp_path):
     trainer.system.openmm_system.addForce(openmm.CustomExternalForce("x^2"))
     trainer.config.energy = "torch"
     with pytest.raises(ConfigError, match="CustomExternalForce"):
-        trainer._energy_plan()
+        energy_plan(trainer.config, trainer.system, trainer.device)
 
 
 # ------------------------------------------------------------------ recipe and diagnostics
