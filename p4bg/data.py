@@ -67,11 +67,6 @@ class Dataset(NamedTuple):
     split: dict[str, np.ndarray]
 
 
-# temporary, removed by the lead: p4bg.sample still imports these two from here
-write_json = files.write_json
-_quiet_c_stdio = files.quiet_c_stdio
-
-
 def chunk_paths(folder: Path, index: int) -> tuple[Path, Path]:
     return folder / f"chunk_{index:05d}.dcd", folder / f"chunk_{index:05d}.npz"
 

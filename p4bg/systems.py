@@ -17,9 +17,21 @@ import numpy as np
 
 from p4bg.units import R
 
+# Where a system named by its folder name is looked for, in order: ./systems/ (a user's own, in
+# the working directory), the repository's systems/ (a clone, or an editable install), and the
+# copy of it inside an installed wheel (pyproject.toml packs systems/ as p4bg/builtin_systems).
 SYSTEMS_DIR = Path(__file__).resolve().parent.parent / "systems"
-# temporary, removed at the end of issue 27: import R from p4bg.units
-MOLAR_GAS_CONSTANT = R
+INSTALLED_SYSTEMS_DIR = Path(__file__).resolve().parent / "builtin_systems"
+
+
+def system_dirs() -> list[Path]:
+    """The folders holding systems by name, first match wins (see above)."""
+    found = []
+    for folder in (Path.cwd() / "systems", SYSTEMS_DIR, INSTALLED_SYSTEMS_DIR):
+        if folder.is_dir() and folder.resolve() not in [f.resolve() for f in found]:
+            found.append(folder)
+    return found
+
 
 __all__ = [
     "MolecularSystem",
@@ -159,13 +171,16 @@ def _resolve(name_or_path: str | Path) -> Path:
         return candidate.resolve()
     if candidate.name == "system.toml" and candidate.is_file():
         return candidate.parent.resolve()
-    folder = SYSTEMS_DIR / str(name_or_path)
-    if folder.is_dir():
-        return folder
-    available = sorted(p.name for p in SYSTEMS_DIR.iterdir() if (p / "system.toml").is_file())
+    dirs = system_dirs()
+    for base in dirs:
+        if (base / str(name_or_path) / "system.toml").is_file():
+            return (base / str(name_or_path)).resolve()
+    available = sorted({p.name for base in dirs for p in base.iterdir()
+                        if (p / "system.toml").is_file()})  # fmt: skip
     raise SystemConfigError(
-        f"unknown system {str(name_or_path)!r}: no folder {folder} and no such path; "
-        f"available systems: {', '.join(available) or 'none'}"
+        f"unknown system {str(name_or_path)!r}: not a folder, and not in "
+        f"{', '.join(str(d) for d in dirs) or 'any systems folder'}; available systems: "
+        f"{', '.join(available) or 'none'}"
     )
 
 
