@@ -265,6 +265,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "sample_batch": 16,
         "val_samples": 64,
         "n_workers": 1,
+        # made by p4bg.train itself when missing (200 frames: seconds)
+        "data": "data/alanine_dipeptide_600K_smoke",
         "out": "runs/smoke",
     },
 }

@@ -33,8 +33,10 @@ from p4bg.cli import build_parser as build_cli_parser
 from p4bg.config import PRESETS, RENAMED_KEYS, ConfigError, TrainConfig, apply_overrides, load_toml
 from p4bg.data import DatasetError
 from p4bg.distributed import SINGLE
+from p4bg.md import plain
+from p4bg.md.output import MDRunOptions
 from p4bg.runs import RESUME_OVERRIDES, read_config
-from p4bg.systems import SystemConfigError
+from p4bg.systems import SystemConfigError, load_system
 from p4bg.training import Trainer
 
 __all__ = ["build_parser", "main", "parse_args", "resolve_config"]
@@ -134,6 +136,22 @@ def resolve_config(flags: dict[str, Any], overrides: dict[str, str]) -> TrainCon
     return config
 
 
+def make_smoke_data(config: TrainConfig) -> None:
+    """The smoke preset's dataset, made when it is missing: 200 frames of MD (0.04 ns over two
+    replicas, seconds), so that ``python -m p4bg.train --preset smoke`` checks an installation
+    from nothing. Only for the preset's own dataset folder; any other missing data is an error."""
+    if config.data != PRESETS["smoke"]["data"] or (Path(config.data) / "metadata.json").is_file():
+        return
+    print(f"p4bg.train: the smoke preset's data {config.data} is not there; making it (200 "
+          "frames of MD, seconds)", file=sys.stderr)  # fmt: skip
+    system = load_system(config.system, config.temperature)
+    options = MDRunOptions(system=config.system, out=config.data, equilibration_ps=1.0,
+                           workers=1, no_progress=True)  # fmt: skip
+    plan = plain.make_plan(system, ns=0.04, save_every_ps=0.2, replicas=2, seed=0,
+                           equilibration_ps=1.0, split=options.split, chunk_frames=100)  # fmt: skip
+    plain.run(options, system, plan, "python -m p4bg.train --preset smoke")
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m p4bg.train``, or under ``torchrun`` one process of a distributed run."""
     argv = sys.argv[1:] if argv is None else argv
@@ -146,6 +164,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"out={config.out} already holds a run; continue it with "
                 f"--resume {config.out} or choose another --out"
             )
+        if not flags["resume"] and not distributed.launched():  # not under torchrun
+            make_smoke_data(config)
         world, device = (SINGLE, config.device) if flags["dry_run"] else distributed.setup(
             config.device)  # fmt: skip
         trainer = Trainer(config, resume=bool(flags["resume"]), progress=not flags["no_progress"],
