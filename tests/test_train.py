@@ -479,7 +479,7 @@ def test_compiled_training_matches_eager_and_resumes(data, tmp_path):
 
     eager = Trainer(smoke_config(data, tmp_path / "eager"), progress=False)
     compiled = Trainer(smoke_config(data, tmp_path / "compiled", compile=True), progress=False)
-    x = compiled.train_x[:16]
+    x = compiled.parts.train_x[:16]
     assert torch._dynamo.explain(compiled.bg.nll)(x).graph_break_count == 0
     z = compiled._prior(16, "validation")
     assert torch._dynamo.explain(compiled.bg.generate)(z).graph_break_count == 0
