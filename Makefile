@@ -16,20 +16,13 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
-# Main job on the default system: a 4 ns MD dataset of alanine dipeptide at 600 K saved every
-# 0.04 ps (100,000 frames: frames are cheap, and more of them keep the short run from
-# overfitting; about two minutes), then the paper's P4Inv Boltzmann generator trained with the
-# `quick` preset (cosine-decayed learning rate; about 4 minutes on 2 cores), 20,000 samples from
-# it and the report against the MD test frames (runs/demo_p4inv/report/report.md). Re-running
-# continues where it stopped.
-DEMO_DATA ?= data/demo_alanine_dipeptide_600K
-DEMO_RUN ?= runs/demo_p4inv
+# Main job on the default system (python -m p4bg.demo, runs/demo/): 600 K MD of alanine
+# dipeptide, a spline + P4Inv Boltzmann generator trained on it and annealed to 300 K, 20,000
+# samples, and report/report.md comparing them with plain 300 K MD of the same CPU seconds (run
+# beside it on the other core) and with the 300 K reference shipped in systems/. About 15
+# minutes on 2 cores; rerunning continues where it stopped; a GPU is used when there is one.
 demo: venv
-	$(PY) -m p4bg.simulate --ns 4 --save-every-ps 0.04 --out $(DEMO_DATA) --resume
-	if [ -f $(DEMO_RUN)/checkpoint.pt ]; then $(PY) -m p4bg.train --resume $(DEMO_RUN); \
-	else $(PY) -m p4bg.train --preset quick --mixing=p4inv --data $(DEMO_DATA) --out $(DEMO_RUN); fi
-	$(PY) -m p4bg.sample $(DEMO_RUN) --n 20000 --overwrite
-	$(PY) -m p4bg.analyze $(DEMO_RUN) --reference $(DEMO_DATA)
+	$(PY) -m p4bg.demo
 
 lint: venv
 	$(PY) -m ruff check .
@@ -49,8 +42,8 @@ bench: venv
 	$(PY) benchmarks/flow_step.py
 	$(PY) benchmarks/energy_throughput.py
 	$(PY) benchmarks/md_throughput.py
-	$(PY) -m p4bg.simulate --ns 4 --save-every-ps 0.04 --out $(DEMO_DATA) --resume
-	$(PY) benchmarks/train_step.py --data $(DEMO_DATA)
+	$(PY) -m p4bg.simulate --ns 4 --save-every-ps 0.04 --out data/demo_alanine_dipeptide_600K --resume
+	$(PY) benchmarks/train_step.py --data data/demo_alanine_dipeptide_600K
 
 # The paper's experiments (hours; docs/results.md §1-4).
 bench-paper: venv

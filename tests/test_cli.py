@@ -52,7 +52,9 @@ def test_errors_name_the_option(argv, message):
     assert message in str(err.value)
 
 
-@pytest.mark.parametrize("command", ["train", "sample", "analyze", "simulate", "remd", "umbrella"])
+@pytest.mark.parametrize(
+    "command", ["train", "sample", "analyze", "simulate", "remd", "umbrella", "demo"]
+)
 def test_every_command_prints_its_help(command):
     result = subprocess.run([sys.executable, "-m", f"p4bg.{command}", "--help"], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)  # fmt: skip
@@ -60,7 +62,9 @@ def test_every_command_prints_its_help(command):
     assert result.stdout.startswith(f"usage: python -m p4bg.{command}")
 
 
-@pytest.mark.parametrize("command", ["train", "sample", "analyze", "simulate", "remd", "umbrella"])
+@pytest.mark.parametrize(
+    "command", ["train", "sample", "analyze", "simulate", "remd", "umbrella", "demo"]
+)
 def test_every_command_says_a_bad_option_alike(command):
     result = subprocess.run([sys.executable, "-m", f"p4bg.{command}", "x", "--no-such-option"],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip

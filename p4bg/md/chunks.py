@@ -37,6 +37,9 @@ class ChunkJob:
     chunk_frames: int  # frames per chunk file
     folder: str  # the job's folder of chunks
     stop_after_chunks: int | None = None  # testing hook: stop after this many chunks, as a kill
+    # stop after the chunk during which this file appeared: an orderly early end (the demo's MD
+    # of a given cost); the folder keeps every finished chunk and resumes like a killed run
+    stop_file: str | None = None
 
 
 class Frame(NamedTuple):
@@ -123,6 +126,8 @@ def run_chunks(
         new_frames += m
         step = int(steps[-1])
         chunk += 1
+        if job.stop_file is not None and Path(job.stop_file).exists():
+            break
     seconds = time.perf_counter() - start
     md_steps = new_frames * (md_steps_per_frame or job.steps_per_frame)
     return {

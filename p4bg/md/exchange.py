@@ -332,7 +332,7 @@ def run(args: MDRunOptions, system: MolecularSystem, plan: dict, command: str) -
                  steps_per_frame=plan["steps_per_frame"],
                  equilibration_steps=round(args.equilibration_ps * 1000.0 / system.timestep_fs),
                  chunk_frames=plan["chunk_frames"], folder=str(out / r["folder"]),
-                 stop_after_chunks=args.stop_after_chunks)
+                 stop_after_chunks=args.stop_after_chunks, stop_file=args.stop_file)
         for r in plan["replicas"]
     ]  # fmt: skip
     # every temperature's MD steps: a frame at T_min costs K × steps_per_frame of them

@@ -41,6 +41,9 @@ class MDRunOptions:
     no_progress: bool = option(False)
     # testing hook: stop each replica or chain after this many chunks, as a kill would
     stop_after_chunks: int | None = option(None, hidden=True)
+    stop_file: str | None = option(
+        None, "stop after the current chunk once this file exists (the run resumes later like "
+        "a killed one)", metavar="PATH")  # fmt: skip
 
 
 def command_line(module: str) -> str:

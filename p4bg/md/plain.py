@@ -195,7 +195,7 @@ def run(args: MDRunOptions, system: MolecularSystem, plan: dict, command: str) -
                    frames=r["frames"], steps_per_frame=plan["steps_per_frame"],
                    equilibration_steps=equilibration_steps,
                    chunk_frames=plan["chunk_frames"], folder=str(out / r["folder"]),
-                   stop_after_chunks=args.stop_after_chunks)
+                   stop_after_chunks=args.stop_after_chunks, stop_file=args.stop_file)
         for r in plan["replicas"]
     ]  # fmt: skip
     if run_and_record(out, meta, jobs, run_replica, args, plan["steps_per_frame"]):
