@@ -9,7 +9,7 @@ What it does, in phases (each one line on the terminal, with the time it should 
   1. data      600 K MD of alanine dipeptide (at 600 K the molecule crosses its barriers)
   2. 600 K     a spline + P4Inv Boltzmann generator learns the MD frames (maximum likelihood)
   3. 300 K     the model is annealed to 300 K by reweighting its own samples, stage by stage
-  4. samples   20,000 conformations at 300 K with their energies and importance weights
+  4. samples   100,000 conformations at 300 K with their energies and importance weights
   5. report    report.md and figures in runs/demo/report/
 Meanwhile plain 300 K MD runs on the other core for exactly as long as the generator's
 phases take, so both get the same CPU seconds. Both are compared with a 300 K reference shipped
@@ -26,6 +26,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from p4bg.cli import option, parse
 from p4bg.config import ConfigError
@@ -81,21 +82,36 @@ def _load_state(path: Path) -> DemoState:
 
 
 # The sizes of the phases; ``--smoke`` shrinks them to seconds for the tests.
-SIZES = {"ns": "4", "samples": 20_000, "train": ()}
-SMOKE = {
+SIZES: dict[str, Any] = {
+    "ns": "4",
+    "equilibration_ps": "100",
+    "samples": 100_000,
+    "600 K": (),
+    "300 K": (),
+}
+SMOKE: dict[str, Any] = {
     "ns": "0.04",
+    "equilibration_ps": "1",
     "samples": 200,
-    "train": (
+    "600 K": (
         "--n_blocks=2",
         "--hidden=16",
         "--nll_steps=20",
         "--val_every=10",
         "--val_samples=64",
+        "--checkpoint_every=10",
+        "--log_every=5",
+    ),
+    "300 K": (
+        "--n_blocks=2",
+        "--hidden=16",
         "--anneal_steps=12",
         "--anneal_stages=2",
         "--anneal_samples=64",
-        "--checkpoint_every=10",
-        "--log_every=5",
+        "--val_every=6",
+        "--val_samples=64",
+        "--checkpoint_every=6",
+        "--log_every=3",
     ),
 }
 
@@ -107,7 +123,7 @@ def _phases(opts: DemoOptions, out: Path) -> list[Phase]:
     size = SMOKE if opts.smoke else SIZES
     data, bg600, bg300 = out / "data_600K", out / "bg600", out / "bg300"
 
-    def train(preset: str, run: Path, *extra: str) -> list[str]:
+    def train(preset: str, run: Path, stage: str, *extra: str) -> list[str]:
         if (run / "checkpoint.pt").is_file():
             return _python("p4bg.train", "--resume", str(run), "--no-progress", dev)
         return _python(
@@ -120,7 +136,7 @@ def _phases(opts: DemoOptions, out: Path) -> list[Phase]:
             "--no-progress",
             dev,
             f"--data={data}",
-            *size["train"],
+            *size[stage],
             *extra,
         )
 
@@ -140,6 +156,8 @@ def _phases(opts: DemoOptions, out: Path) -> list[Phase]:
         str(data),
         "--resume",
         "--no-progress",
+        "--equilibration-ps",
+        size["equilibration_ps"],
     )
     sample = _python(
         "p4bg.sample",
@@ -164,14 +182,14 @@ def _phases(opts: DemoOptions, out: Path) -> list[Phase]:
             "600 K",
             "a spline + P4Inv flow learns the frames (maximum likelihood)",
             300,
-            train("demo600", bg600),
+            train("demo600", bg600, "600 K"),
             out / "done" / "600K",
         ),
         Phase(
             "300 K",
             "the model is annealed to 300 K on its own reweighted samples",
             300,
-            train("demo300", bg300, f"--init={bg600}"),
+            train("demo300", bg300, "300 K", f"--init={bg600}"),
             out / "done" / "300K",
         ),
         Phase(

@@ -150,7 +150,7 @@ def write_demo_report(out: Path, state: dict[str, Any]) -> Path:
         "kT_kJ_per_mol": kT(TEMPERATURE),
         "command": "make demo (python -m p4bg.demo)",
         "recipe": "600 K MD (4 ns) -> spline + P4Inv flow by maximum likelihood (preset demo600) "
-        "-> annealed to 300 K on its own reweighted samples (preset demo300) -> 20,000 samples",
+        "-> annealed to 300 K on its own reweighted samples (preset demo300) -> 100,000 samples",
         "training": validation_trend(curve),
         "notes": [f"{pdb.name}: the highest-weight samples of each φ basin, for a viewer"],
         "phases": state["phases"],
