@@ -185,6 +185,7 @@ def plot_free_energy_phi_bands(
               (f"MD, same CPU seconds ({md.ns:.3g} ns)", md.all("phi"), None, COLOURS["MD"],
                True),
               ("reference", reference.all("phi"), None, COLOURS["reference"], False)]  # fmt: skip
+    empty = 0  # curves without a φ > 0 sample, labelled one under the other
     for label, phi, log_w, colour, band in curves:
         try:
             centres, free, low, high = free_energy_phi_band(phi, _weights(log_w), bins, batches)
@@ -196,8 +197,9 @@ def plot_free_energy_phi_bands(
         if band:
             ax.fill_between(x, low, np.minimum(high, max_kT + 1), color=colour, alpha=0.25, lw=0)
         if not np.isfinite(free[centres > 0]).any():
-            ax.text(90, max_kT * 0.5, f"{label.split(',')[0]}: no sample with φ > 0",
-                    ha="center", color=colour, fontsize=9)  # fmt: skip
+            ax.text(90, max_kT * (0.55 - 0.08 * empty), f"{label.split(',')[0]}: no sample "
+                    "with φ > 0", ha="center", color=colour, fontsize=9)  # fmt: skip
+            empty += 1
     ref_text = f"{reference.delta_f:.2f} ± {reference.delta_f_err:.2f} kT"
     box = [f"ΔF(φ>0 vs φ<0), reference: {ref_text}"]
     if metrics is not None:
