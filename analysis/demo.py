@@ -42,6 +42,7 @@ from analysis.metrics import (
     reverse_ess_clipped,
 )
 from analysis.summary import split_halves
+from analysis.timeseries import MIN_TRANSITIONS, TRANSITION_MARGIN, committed_transitions
 
 __all__ = [
     "DELTA_F_TOLERANCE", "ESS_THRESHOLD", "KL_FLOOR_FACTOR", "MIN_BASIN_ESS", "MIN_TRANSITIONS",
@@ -50,9 +51,7 @@ __all__ = [
     "md_delta_f_measurement", "md_tau_phi",
 ]  # fmt: skip
 
-MIN_TRANSITIONS = 10  # committed basin changes each way before MD's ΔF or τ means something
 MIN_BASIN_ESS = 10.0  # effective BG samples in each φ basin before its ΔF means something
-TRANSITION_MARGIN = 0.5  # rad (≈ 29°): hysteresis of committed_transitions
 ESS_THRESHOLD = 0.10  # issue 28: reverse ESS ≥ 10 %
 DELTA_F_TOLERANCE = 0.3  # issue 28: |ΔF − reference| ≤ 0.3 kT
 KL_FLOOR_FACTOR = 2.0  # issue 28: Ramachandran KL ≤ 2 × floor
@@ -165,29 +164,6 @@ class Reference:
     def all(self, name: str) -> np.ndarray:
         """phi or psi over all segments, shape (n_frames,)."""
         return _joined(getattr(self, name))
-
-
-def committed_transitions(
-    phi_segments: list[np.ndarray], margin: float = TRANSITION_MARGIN
-) -> tuple[int, int]:
-    """``(into, out_of)``: committed changes into the φ > 0 basin and out of it, summed over the
-    segments (radians, each in time order). Unlike analysis.metrics.basin_transitions (every
-    sign change), only moves from one basin's core to the other's count: cores ``[margin,
-    π − margin]`` (φ > 0) and ``[−π + margin, −margin]`` (φ < 0). Frames near φ = 0 or ±π (the
-    β basin's edge, where φ wraps without a barrier) keep the last core, so recrossings and
-    wraps do not count; non-finite φ is skipped; a segment's first core is not a transition."""
-    into = out = 0
-    for phi in phi_segments:
-        phi = np.asarray(phi, dtype=np.float64)
-        phi = phi[np.isfinite(phi)]
-        core = np.zeros(phi.size, dtype=np.int8)
-        core[(phi >= margin) & (phi <= math.pi - margin)] = 1
-        core[(phi <= -margin) & (phi >= -math.pi + margin)] = -1
-        seq = core[core != 0]
-        change = np.diff(seq)
-        into += int(np.count_nonzero(change > 0))
-        out += int(np.count_nonzero(change < 0))
-    return into, out
 
 
 def _too_few_transitions(md: MDRun, margin: float, what: str, bound: bool) -> Measurement | None:

@@ -104,6 +104,8 @@ def markdown_table(
 
 def _tau_warning(reference: dict[str, Any]) -> str:
     tau = reference.get("tau_phi_frames")
+    if reference.get("tau_phi_note"):
+        return f" ({reference['tau_phi_note']}: no τ, no rate, no BG value)"
     if tau is None:
         return ""
     if not (isinstance(tau, float) and math.isfinite(tau)):

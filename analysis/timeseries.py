@@ -16,10 +16,13 @@ import numpy as np
 from analysis.histograms import delta_f_error, delta_f_of_fraction, finite_angles
 
 __all__ = [
+    "MIN_TRANSITIONS",
+    "TRANSITION_MARGIN",
     "Blocking",
     "basin_transitions",
     "block_standard_error",
     "chi2_quantile_99",
+    "committed_transitions",
     "integrated_autocorrelation_time",
     "md_delta_f",
     "md_efficiency",
@@ -185,6 +188,33 @@ def md_delta_f(phi: np.ndarray, segments: list[np.ndarray] | None = None) -> dic
     }
 
 
+MIN_TRANSITIONS = 10  # committed basin changes each way before MD's ΔF or τ means something
+TRANSITION_MARGIN = 0.5  # rad (≈ 29°): hysteresis of committed_transitions
+
+
+def committed_transitions(
+    phi_segments: list[np.ndarray], margin: float = TRANSITION_MARGIN
+) -> tuple[int, int]:
+    """``(into, out_of)``: committed changes into the φ > 0 basin and out of it, summed over the
+    segments (radians, each in time order). Unlike analysis.metrics.basin_transitions (every
+    sign change), only moves from one basin's core to the other's count: cores ``[margin,
+    π − margin]`` (φ > 0) and ``[−π + margin, −margin]`` (φ < 0). Frames near φ = 0 or ±π (the
+    β basin's edge, where φ wraps without a barrier) keep the last core, so recrossings and
+    wraps do not count; non-finite φ is skipped; a segment's first core is not a transition."""
+    into = out = 0
+    for phi in phi_segments:
+        phi = np.asarray(phi, dtype=np.float64)
+        phi = phi[np.isfinite(phi)]
+        core = np.zeros(phi.size, dtype=np.int8)
+        core[(phi >= margin) & (phi <= math.pi - margin)] = 1
+        core[(phi <= -margin) & (phi >= -math.pi + margin)] = -1
+        seq = core[core != 0]
+        change = np.diff(seq)
+        into += int(np.count_nonzero(change > 0))
+        out += int(np.count_nonzero(change < 0))
+    return into, out
+
+
 def md_efficiency(
     phi: np.ndarray,
     segments: list[np.ndarray] | None = None,
@@ -201,7 +231,15 @@ def md_efficiency(
     phi = np.asarray(phi, dtype=np.float64)
     segments = [np.arange(phi.size)] if segments is None else [np.asarray(s) for s in segments]
     series = [(phi[s] > 0).astype(np.float64) for s in segments]
-    tau = integrated_autocorrelation_time(series)
+    into, out_of = committed_transitions([phi[s] for s in segments])
+    note = None
+    if min(into, out_of) < MIN_TRANSITIONS:
+        # a correlation time from a series that hardly changes basin says nothing: no number
+        tau = math.nan
+        note = (f"not measurable here: {into} transitions into φ > 0 and {out_of} out of it; "
+                f"τ needs at least {MIN_TRANSITIONS} each way")  # fmt: skip
+    else:
+        tau = integrated_autocorrelation_time(series)
     n = int(sum(s.size for s in series))
     independent = n / tau if tau > 0 else math.nan
     spf = math.nan if seconds_per_frame is None else float(seconds_per_frame)
@@ -209,6 +247,8 @@ def md_efficiency(
     mean_length = n / len(series) if series else 0.0
     return {
         "tau_phi_frames": tau,
+        "tau_phi_note": note,
+        "committed_transitions": [into, out_of],
         "tau_phi_reliable": bool(tau > 0 and mean_length >= 50 * tau),
         "tau_phi_frames_replicas": [integrated_autocorrelation_time(s) for s in series],
         "tau_phi_ps": tau * ps_per_frame if ps_per_frame else math.nan,

@@ -427,9 +427,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"report in {out}/: report.md, metrics.json, {', '.join(result['info']['figures'])}")
     ref = result["reference"]
     source = f" ({ref['delta_f_source']})" if "delta_f_source" in ref else ""
-    print(f"  MD: ΔF {ref['delta_f']:.2f} ± {ref['delta_f_err']:.2f} kT{source}, τ(φ>0) "
-          f"{ref['tau_phi_ps']:.1f} ps, {ref['independent_samples_per_second']:.3g} independent "
-          "samples/s")  # fmt: skip
+    tau = (f"τ(φ>0) {ref['tau_phi_ps']:.1f} ps, {ref['independent_samples_per_second']:.3g} "
+           "independent samples/s") if not ref.get("tau_phi_note") else (
+           f"τ(φ>0) {ref['tau_phi_note']}")  # fmt: skip
+    print(f"  MD: ΔF {ref['delta_f']:.2f} ± {ref['delta_f_err']:.2f} kT{source}, {tau}")
     for name, m in result["models"].items():
         print(f"  {name}: shift {m['energy_shift_finite']:+.2f} kT (finite), reverse ESS "
               f"{m['reverse_ess']:.2%} (clipped top 1e-4: {m['reverse_ess_clipped']:.2%}), "
@@ -437,7 +438,9 @@ def main(argv: list[str] | None = None) -> None:
               f"reweighted {m['delta_f_reweighted']:.2f} ± {m['delta_f_reweighted_err']:.2f} kT, "
               f"Rama KL {m['kl_rama']:.3f} raw / {m['kl_rama_reweighted']:.3f} reweighted; at the "
               f"floor's size {m['kl_rama_matched']:.3f} / {m['kl_rama_reweighted_matched']:.3f} "
-              f"(floor {ref['kl_rama_floor']:.3f}); BG value {m['bg_value']:.3g}")  # fmt: skip
+              f"(floor {ref['kl_rama_floor']:.3f}); BG value "
+              + (f"{m['bg_value']:.3g}" if math.isfinite(m["bg_value"]) else "not measurable "
+                 "here (MD's τ is not)"))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -558,17 +558,15 @@ def test_new_keys_in_ensemble_and_reference_metrics():
                 "independent_samples_per_second", "high_energy_fraction", "d_form_fraction"):  # fmt: skip
         assert key in ref, key
     assert ref["low_energy_fraction"] + ref["high_energy_fraction"] == pytest.approx(1.0)
-    # i.i.d. frames: τ ≈ 1
-    assert ref["tau_phi_frames"] == pytest.approx(1.0, abs=0.3)
+    # frames that never change φ basin: no τ and no rate, said so instead of a number
+    assert math.isnan(ref["tau_phi_frames"]) and ref["tau_phi_note"].startswith("not measurable")
     log_w = rng.normal(size=len(u))
     m = ensemble_metrics(u, log_w, phi, psi, np.ones(len(u), bool), np.ones(len(u), bool),
                          {"u": u, "phi": phi, "psi": psi}, 5.0, log_w, 4.0,
                          ref["independent_samples_per_second"])  # fmt: skip
     assert m["log_z_gap"] == pytest.approx(m["log_z_forward"] - m["log_z_reverse"])
     assert m["reverse_ess_clipped"] >= m["reverse_ess"] and m["forward_n_nonfinite"] == 0
-    assert m["bg_value"] == pytest.approx(
-        m["reverse_ess"] * 2000 / 4.0 / ref["independent_samples_per_second"]
-    )
+    assert math.isnan(m["bg_value"])  # without MD's rate there is no ratio
     assert m["high_energy_fraction"] == pytest.approx(np.mean(u >= 5.0))
     assert m["d_form_fraction"] == m["chirality_violations"] == 0.0
     assert math.isfinite(m["delta_f_err"]) and math.isfinite(m["delta_f_reweighted_err"])
