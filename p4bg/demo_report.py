@@ -29,10 +29,17 @@ from analysis.report import metrics_json_text
 from p4bg.config import ConfigError
 from p4bg.data import complete_chunks, read_chunk
 from p4bg.files import quiet_c_stdio, write_atomic
+from p4bg.runs import read_config
 from p4bg.systems import load_system
 from p4bg.units import kT
 
-__all__ = ["load_reference", "read_md", "read_training_curve", "write_demo_report"]
+__all__ = [
+    "energy_evaluations",
+    "load_reference",
+    "read_md",
+    "read_training_curve",
+    "write_demo_report",
+]
 
 TEMPERATURE = 300.0
 
@@ -114,6 +121,36 @@ def _conformations(run: Path, log_w: np.ndarray, out: Path, n: int = 10) -> Path
     return write_atomic(out, lambda tmp: frames.save_pdb(str(tmp)))
 
 
+def _md_evaluations(folder: Path) -> int:
+    """Force evaluations of an MD dataset: its saved frames' steps and every replica's
+    equilibration (one evaluation per step)."""
+    meta = json.loads((folder / "metadata.json").read_text())
+    frames = 0
+    for r in meta["replicas"]:
+        replica = folder / r["folder"]
+        frames += sum(len(np.load(replica / f"chunk_{i:05d}.npz")["energies"])
+                      for i in range(complete_chunks(replica)))  # fmt: skip
+    equilibration = round(float(meta["equilibration_ps"]) * 1000.0 / float(meta["timestep_fs"]))
+    return frames * int(meta["steps_per_frame"]) + equilibration * len(meta["replicas"])
+
+
+def energy_evaluations(out: Path, n_samples: int) -> dict[str, int]:
+    """What each part of the demo spent in target-energy evaluations (docs/design.md §5,
+    "Cost"): MD steps, annealing draws, validation samples, the final samples."""
+    counts = {"600 K MD": _md_evaluations(out / "data_600K")}
+    validation = annealing = 0
+    for run in (out / "bg600", out / "bg300"):
+        config, _ = read_config(run)
+        with (run / "metrics.csv").open() as f:
+            rows = list(csv.DictReader(f))
+        validation += sum(1 for r in rows if r.get("val_nll")) * config.val_samples
+        annealing += config.anneal_steps * config.anneal_samples
+    counts.update(annealing=annealing, validation=validation, sampling=n_samples)
+    counts["generator, all"] = sum(counts.values())
+    counts["300 K MD, same CPU seconds"] = _md_evaluations(out / "md300")
+    return counts
+
+
 def write_demo_report(out: Path, state: dict[str, Any]) -> Path:
     """report.md, metrics.json, four figures and conformations.pdb in ``out/report``."""
     report = out / "report"
@@ -152,7 +189,11 @@ def write_demo_report(out: Path, state: dict[str, Any]) -> Path:
         "recipe": "600 K MD (4 ns) -> spline + P4Inv flow by maximum likelihood (preset demo600) "
         "-> annealed to 300 K on its own reweighted samples (preset demo300) -> 100,000 samples",
         "training": validation_trend(curve),
-        "notes": [f"{pdb.name}: the highest-weight samples of each φ basin, for a viewer"],
+        "notes": [
+            f"{pdb.name}: the highest-weight samples of each φ basin, for a viewer",
+            "energy evaluations: "
+            + ", ".join(f"{k} {v:,}" for k, v in energy_evaluations(out, len(arrays["u"])).items()),
+        ],
         "phases": state["phases"],
     }
     write_atomic(report / "metrics.json", metrics_json_text({**metrics, "info": info}))

@@ -27,6 +27,7 @@ def test_the_demo_runs_reports_and_resumes(tmp_path):
     for name in ("report.md", "metrics.json", "ramachandran.png", "free_energy_phi.png",
                  "energies.png", "training.png", "conformations.pdb"):  # fmt: skip
         assert (report / name).is_file(), name
+    assert "energy evaluations: 600 K MD" in (report / "report.md").read_text()
     metrics = json.loads((report / "metrics.json").read_text())
     assert set(metrics["checks"][0]) >= {"check", "value", "threshold", "passed"}
     state = json.loads((out / "demo.json").read_text())
