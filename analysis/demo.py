@@ -244,9 +244,10 @@ def bg_delta_f(bg: BGSamples) -> Measurement:
 
 
 def _difference(a: Measurement, b: Measurement, what: str) -> Measurement:
-    if not a.measured:
+    if not a.measured or not b.measured:
         return Measurement.missing(f"{what} is not measurable")
-    err = math.hypot(a.err or 0.0, b.err or 0.0)
+    # an unknown error stays unknown: it is not a zero
+    err = None if a.err is None or b.err is None else math.hypot(a.err, b.err)
     return Measurement(a.value - b.value, err)  # type: ignore[operator]
 
 

@@ -245,7 +245,7 @@ def _run(phase: Phase, out: Path, log: Path, env: dict[str, str], every: float) 
                     flush=True,
                 )
     code = os.waitstatus_to_exitcode(status)
-    proc.returncode = code
+    proc.returncode = code  # reaped by wait4: Popen must not wait for it again
     if code != 0:
         tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
         raise SystemExit(
@@ -282,18 +282,18 @@ def _start_md300(out: Path, seed: int, stop: Path, log: Path) -> subprocess.Pope
         str(stop),
         "--no-progress",
     )
-    f = log.open("a")
-    f.write(f"\n$ {' '.join(command)}\n")
-    f.flush()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT, env=env)
+    with log.open("a") as f:  # the child keeps its own copy of the file descriptor
+        f.write(f"\n$ {' '.join(command)}\n")
+        f.flush()
+        return subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT, env=env)
 
 
 def _stop_md300(proc: subprocess.Popen, stop: Path) -> dict:
     """Ask the 300 K MD to stop after its current chunk; its (wall, CPU) seconds."""
     stop.touch()
     _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped by wait4, as in _run
     return {"cpu_s": usage.ru_utime + usage.ru_stime}
 
 
