@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 # Main job on the default system (python -m p4bg.demo, runs/demo/): 600 K MD of alanine
-# dipeptide, a spline + P4Inv Boltzmann generator trained on it and annealed to 300 K, 100,000
+# dipeptide, a spline + P4Inv Boltzmann generator trained on it and annealed to 300 K, 300,000
 # samples, and report/report.md comparing them with plain 300 K MD of the same CPU seconds (run
 # beside it on the other core) and with the 300 K reference shipped in systems/. About 15
 # minutes on 2 cores; rerunning continues where it stopped; a GPU is used when there is one.

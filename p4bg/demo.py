@@ -9,7 +9,7 @@ What it does, in phases (each one line on the terminal, with the time it should 
   1. data      600 K MD of alanine dipeptide (at 600 K the molecule crosses its barriers)
   2. 600 K     a spline + P4Inv Boltzmann generator learns the MD frames (maximum likelihood)
   3. 300 K     the model is annealed to 300 K by reweighting its own samples, stage by stage
-  4. samples   100,000 conformations at 300 K with their energies and importance weights
+  4. samples   300,000 conformations at 300 K with their energies and importance weights
   5. report    report.md and figures in runs/demo/report/
 Meanwhile plain 300 K MD runs on the other core for exactly as long as the generator's
 phases take, so both get the same CPU seconds. Both are compared with a 300 K reference shipped
@@ -85,7 +85,7 @@ def _load_state(path: Path) -> DemoState:
 SIZES: dict[str, Any] = {
     "ns": "4",
     "equilibration_ps": "100",
-    "samples": 100_000,
+    "samples": 300_000,
     "600 K": (),
     "300 K": (),
 }
@@ -195,7 +195,7 @@ def _phases(opts: DemoOptions, out: Path) -> list[Phase]:
         Phase(
             "samples",
             f"{size['samples']:,} conformations at 300 K with energies and weights",
-            20,
+            60,
             sample,
             out / "done" / "samples",
         ),

@@ -112,12 +112,12 @@ def _conformations(run: Path, log_w: np.ndarray, out: Path, n: int = 10) -> Path
     """The ``n`` samples of largest weight in each φ basin, as a multi-model PDB."""
     import mdtraj
 
-    with quiet_c_stdio():
-        traj = mdtraj.load(str(run / "samples.dcd"), top=str(run / "samples.pdb"))
     phi = np.load(run / "samples.npz")["phi"]
     order = np.argsort(-np.nan_to_num(log_w, nan=-np.inf))
     picks = [i for i in order if phi[i] < 0][: n // 2] + [i for i in order if phi[i] > 0][: n // 2]
-    frames = traj[sorted(picks)]
+    dcd, top = str(run / "samples.dcd"), str(run / "samples.pdb")
+    with quiet_c_stdio():  # the picked frames only, not the whole file
+        frames = mdtraj.join([mdtraj.load_frame(dcd, int(i), top=top) for i in sorted(picks)])
     return write_atomic(out, lambda tmp: frames.save_pdb(str(tmp)))
 
 
@@ -187,7 +187,8 @@ def write_demo_report(out: Path, state: dict[str, Any]) -> Path:
         "kT_kJ_per_mol": kT(TEMPERATURE),
         "command": "make demo (python -m p4bg.demo)",
         "recipe": "600 K MD (4 ns) -> spline + P4Inv flow by maximum likelihood (preset demo600) "
-        "-> annealed to 300 K on its own reweighted samples (preset demo300) -> 100,000 samples",
+        "-> annealed to 300 K on its own reweighted samples (preset demo300) -> "
+        f"{len(arrays['u']):,} samples",
         "training": validation_trend(curve),
         "notes": [
             f"{pdb.name}: the highest-weight samples of each φ basin, for a viewer",

@@ -19,7 +19,7 @@ from p4bg.remd import main as remd_main
 from p4bg.sampling import sample_run
 from p4bg.train import main, resolve_config
 from p4bg.training import Trainer
-from p4bg.training.schedules import anneal_ladder, anneal_temperature
+from p4bg.training.schedules import anneal_ladder, anneal_temperature, learning_rate
 
 ANNEAL = {"target_temperature": 300.0, "anneal_steps": 8, "anneal_stages": 2,
           "anneal_samples": 64}  # fmt: skip
@@ -56,6 +56,26 @@ def test_anneal_ladder_ends_at_the_target():
         [math.sqrt(600 * 300)] * 2 + [300.0] * 2
     )
     assert config.total_steps == 18
+
+
+def test_anneal_final_decay_spans_the_last_stage_only():
+    # 10 NLL steps, then 7 annealing steps in 3 stages: stage starts 10, 13, 15 (ceil(2·7/3) = 5)
+    config = apply_overrides(TrainConfig(), {"nll_steps": 10, "mixed_steps": 0, "nll_lr": 1e-3,
+                                             **ANNEAL, "anneal_steps": 7, "anneal_stages": 3,
+                                             "anneal_lr": 4e-4, "lr_final_factor": 0.1,
+                                             "anneal_final_decay": True}, "test")  # fmt: skip
+    temps = config.temperatures()
+    last = [s for s in range(10, 17) if anneal_temperature(config, temps, s) == 300.0]
+    assert last == [15, 16]
+    lrs = [learning_rate(config, s) for s in range(17)]
+    assert lrs[:10] == [1e-3] * 10 and lrs[10:15] == [4e-4] * 5
+    assert lrs[15:] == pytest.approx([4e-4, 4e-5])  # cosine over the stage's 2 steps
+    # off by default; a cosine schedule decays the whole phase as before
+    plain = apply_overrides(config, {"anneal_final_decay": False}, "test")
+    assert [learning_rate(plain, s) for s in range(10, 17)] == [4e-4] * 7
+    cosine = apply_overrides(config, {"lr_schedule": "cosine"}, "test")
+    assert learning_rate(cosine, 10) == pytest.approx(4e-4)
+    assert learning_rate(cosine, 13) == pytest.approx(4e-4 * (0.1 + 0.9 * 0.5))
 
 
 def test_target_temperature_configuration_errors(data, tmp_path):

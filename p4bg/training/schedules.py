@@ -26,7 +26,9 @@ def phase(config: TrainConfig, step: int) -> str:
 
 def learning_rate(config: TrainConfig, step: int) -> float:
     """Learning rate of optimizer step ``step``: per phase constant or cosine-decayed to
-    ``lr × lr_final_factor``; a linear warm-up over the first ``warmup_steps``."""
+    ``lr × lr_final_factor``; a linear warm-up over the first ``warmup_steps``. With
+    ``anneal_final_decay`` a constant annealing rate decays (cosine) over the last stage only."""
+    decay = config.lr_schedule == "cosine"
     if step < config.nll_steps:
         base, start, length = config.nll_lr, 0, config.nll_steps
     elif step < config.nll_steps + config.mixed_steps:
@@ -34,8 +36,12 @@ def learning_rate(config: TrainConfig, step: int) -> float:
     else:
         base, start = config.anneal_lr, config.nll_steps + config.mixed_steps
         length = config.anneal_steps
+        if config.anneal_final_decay and not decay:
+            # the last stage starts where anneal_temperature's last stage does
+            offset = -(-(config.anneal_stages - 1) * config.anneal_steps // config.anneal_stages)
+            start, length, decay = start + offset, length - offset, step >= start + offset
     lr = base
-    if config.lr_schedule == "cosine" and length > 1:
+    if decay and length > 1:
         t = (step - start) / (length - 1)
         f = config.lr_final_factor
         lr = base * (f + (1.0 - f) * 0.5 * (1.0 + math.cos(math.pi * t)))
