@@ -342,6 +342,11 @@ def demo_metrics(bg: BGSamples, md: MDRun, reference: Reference) -> dict[str, An
             "all_checks_passed": all(c["passed"] for c in checks)}  # fmt: skip
 
 
+def _count(n: int, word: str) -> str:
+    """``"1 segment"``, ``"2 segments"``."""
+    return f"{n:,} {word}{'' if n == 1 else 's'}"
+
+
 def _m(d: dict[str, Any], fmt: str = "{:.2f}", unit: str = "") -> str:
     return Measurement(d["value"], d.get("err"), d.get("note")).text(fmt, unit)
 
@@ -390,11 +395,11 @@ def demo_report_md(
          "– (unweighted frames)", dash),
         ("in φ > 0", f"{bg['effective_samples_phi_positive']:,.0f} effective samples",
          f"{md['frames_phi_positive']:,} of {md['n_frames']:,} frames; "
-         f"{md['transitions_into_phi_positive']} transitions in, "
+         f"{_count(md['transitions_into_phi_positive'], 'transition')} in, "
          f"{md['transitions_out_of_phi_positive']} out", dash),
         ("τ of the φ > 0 indicator", dash, _m(md["tau_phi_ps"], "{:.3g}", "ps"), dash),
         ("samples / frames", f"{bg['n_samples']:,} samples ({bg['n_failed_energies']:,} failed "
-         "energies)", f"{md['n_frames']:,} frames in {md['n_segments']} segments, "
+         "energies)", f"{md['n_frames']:,} frames in {_count(md['n_segments'], 'segment')}, "
          f"{md['ns']:.3g} ns every {md['dt_ps']:g} ps", f"{ref['n_frames']:,} frames"),
         ("CPU seconds", _seconds(bg["cpu_seconds"], "600 K MD + training + sampling"),
          _seconds(md["cpu_seconds"]), _seconds(ref["seconds"], "shipped, not rerun")),

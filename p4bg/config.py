@@ -421,10 +421,9 @@ PRESETS["spline300"] = {
 #   500, −195.46 at 1,500); the small one still improves at 3,000 (−196.23);
 # - 2,048 samples per annealing step, not 1,024: reverse ESS 16.7 % against 10.1 % (100,000
 #   samples at 300 K, same 600 K model), at 1.4x the annealing time;
-# - a learning rate constant through the stages and cosine-decayed over the last one (to 1.5e-5):
-#   reverse ESS 21.9, 22.1, 17.8 % against 20.7, 11.5, 13.7 % with a constant one (the three
-#   seeds' 600 K models; 200,000 and 100,000 samples), and 92-112 effective samples in φ > 0
-#   against 17-56 (a cosine over the whole phase from 6e-4: 15.3, 23.6, 17.6 %, 45-213).
+# - the annealing rate decayed over the last stage only (anneal_final_decay): reverse ESS 21.9,
+#   22.1, 17.8 % against 20.7, 11.5, 13.7 % with a constant one on the same three 600 K models,
+#   92-112 effective samples in φ > 0 against 17-56.
 PRESETS["demo600"] = {
     "data": "runs/demo/data_600K",
     "out": "runs/demo/bg600",

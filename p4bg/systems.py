@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from p4bg.units import R
+from p4bg.zmatrix import LayoutError, backbone_dihedrals, build_layout, central_residue
 
 # Where a system named by its folder name is looked for, in order: ./systems/ (a user's own, in
 # the working directory), the repository's systems/ (a clone, or an editable install), and the
@@ -68,6 +69,9 @@ _SCHEMA: dict[str, Any] = {
     "coordinates": {"rigid_atoms": (list, True), "z_matrix": (list, True)},
     "dihedrals": {"phi": (list, True), "psi": (list, True)},
 }
+# Without them the layout comes from the topology (p4bg.zmatrix) and φ/ψ are the central
+# residue's backbone torsions.
+_OPTIONAL_SECTIONS = ("coordinates", "dihedrals")
 
 
 @dataclass
@@ -139,6 +143,8 @@ def _validate(data: dict, schema: dict, file: Path, prefix: str = "") -> None:
     for key, spec in schema.items():
         full = prefix + key
         if isinstance(spec, dict):
+            if key in _OPTIONAL_SECTIONS and key not in data:
+                continue
             section = data.get(key)
             if not isinstance(section, dict):
                 raise _fail(file, full, "is missing or is not a [section]")
@@ -208,7 +214,7 @@ def load_system(name_or_path: str | Path, temperature: float | None = None) -> M
     pdb_path = folder / data["pdb"]
     if not pdb_path.is_file():
         raise _fail(file, "pdb", f"names {pdb_path}, which does not exist")
-    ff, sim, coords = data["forcefield"], data["simulation"], data["coordinates"]
+    ff, sim, coords = data["forcefield"], data["simulation"], data.get("coordinates")
     if ff["nonbonded_method"] not in _NONBONDED:
         raise _fail(file, "forcefield.nonbonded_method", f"must be one of {_NONBONDED}")
     if ff["constraints"] not in _CONSTRAINTS:
@@ -223,6 +229,26 @@ def load_system(name_or_path: str | Path, temperature: float | None = None) -> M
 
     pdb = app.PDBFile(str(pdb_path))
     n_atoms = pdb.topology.getNumAtoms()
+    topology = mdtraj.Topology.from_openmm(pdb.topology)
+    positions = np.array(pdb.getPositions(asNumpy=True)._value, dtype=np.float64)  # nm
+    if coords is None or "dihedrals" not in data:
+        try:
+            if coords is None:
+                layout = build_layout(topology, positions)
+                coords = {"rigid_atoms": layout.rigid_atoms.tolist(),
+                          "z_matrix": layout.z_matrix.tolist()}  # fmt: skip
+            if "dihedrals" not in data:
+                centre = central_residue(topology)
+                _, phi_auto, psi_auto = next(
+                    d for d in backbone_dihedrals(topology)
+                    if d[0] == f"{centre.name}{centre.resSeq}"
+                )  # fmt: skip
+                data["dihedrals"] = {"phi": list(phi_auto), "psi": list(psi_auto)}
+        except (LayoutError, StopIteration) as err:
+            raise _fail(file, "coordinates" if coords is None else "dihedrals",
+                        f"is missing and cannot be made from {pdb_path.name} "
+                        f"({err or 'the central residue has no neighbour on one side'})"
+                        ) from err  # fmt: skip
     rigid = _int_list(coords["rigid_atoms"], file, "coordinates.rigid_atoms", n_atoms)
     rows = coords["z_matrix"]
     for i, row in enumerate(rows):
@@ -259,11 +285,10 @@ def load_system(name_or_path: str | Path, temperature: float | None = None) -> M
         nonbondedMethod=getattr(app, ff["nonbonded_method"]),
         constraints=None if ff["constraints"] == "None" else getattr(app, ff["constraints"]),
     )
-    positions = np.array(pdb.getPositions(asNumpy=True)._value, dtype=np.float64)  # nm
     return MolecularSystem(
         name=data["name"],
         path=folder,
-        topology=mdtraj.Topology.from_openmm(pdb.topology),
+        topology=topology,
         openmm_topology=pdb.topology,
         openmm_system=system,
         temperature=float(sim["temperature"] if temperature is None else temperature),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 
 def run_md(tmp_path_factory, frames: int, seed: int, steps_per_frame: int = 100) -> np.ndarray:
@@ -26,3 +27,21 @@ def run_md(tmp_path_factory, frames: int, seed: int, steps_per_frame: int = 100)
     )
     run_replica(job)
     return read_chunk(folder, 0)[0].reshape(frames, 66).astype(np.float64)
+
+
+def rotation(omega: torch.Tensor) -> torch.Tensor:
+    """exp([ω]×): the rotation by the rotation vector ω [3] rad."""
+    zero = omega.new_zeros(())
+    skew = torch.stack([torch.stack([zero, -omega[2], omega[1]]),
+                        torch.stack([omega[2], zero, -omega[0]]),
+                        torch.stack([-omega[1], omega[0], zero])])  # fmt: skip
+    return torch.linalg.matrix_exp(skew)
+
+
+def frame_log_volume(block: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """log|det[T, Ω(y), B]| of blocks y [batch, 5, 3] by the 15 × 15 determinant itself."""
+    eye = torch.eye(3, dtype=block.dtype)
+    T = eye.repeat(block.shape[1], 1).expand(len(block), -1, -1)
+    omega = torch.stack([torch.cross(eye[i].expand_as(block), block, dim=-1).flatten(1)
+                         for i in range(3)], -1)  # fmt: skip
+    return torch.linalg.slogdet(torch.cat([T, omega, basis.expand(len(block), -1, -1)], -1))[1]

@@ -9,7 +9,7 @@ import mdtraj
 import numpy as np
 import pytest
 import torch
-from md_helpers import run_md
+from md_helpers import frame_log_volume, rotation, run_md
 from torch.autograd.functional import jacobian
 
 from p4bg.coordinates import (
@@ -210,24 +210,6 @@ def test_inverse_canonicalises_swapped_methyl_hydrogens(transform, md):
     z_s, ladj_s = transform.inverse(swapped)
     torch.testing.assert_close(z_s, z, atol=1e-10, rtol=0)
     torch.testing.assert_close(ladj_s, ladj, atol=1e-10, rtol=0)
-
-
-def rotation(omega: torch.Tensor) -> torch.Tensor:
-    """exp([ω]×): the rotation by the rotation vector ω [3] rad."""
-    zero = omega.new_zeros(())
-    skew = torch.stack([torch.stack([zero, -omega[2], omega[1]]),
-                        torch.stack([omega[2], zero, -omega[0]]),
-                        torch.stack([-omega[1], omega[0], zero])])  # fmt: skip
-    return torch.linalg.matrix_exp(skew)
-
-
-def frame_log_volume(block: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    """log|det[T, Ω(y), B]| of blocks y [batch, 5, 3] by the 15 × 15 determinant itself."""
-    eye = torch.eye(3, dtype=block.dtype)
-    T = eye.repeat(block.shape[1], 1).expand(len(block), -1, -1)
-    omega = torch.stack([torch.cross(eye[i].expand_as(block), block, dim=-1).flatten(1)
-                         for i in range(3)], -1)  # fmt: skip
-    return torch.linalg.slogdet(torch.cat([T, omega, basis.expand(len(block), -1, -1)], -1))[1]
 
 
 def test_block_log_volume_is_the_orientation_frame_determinant(transform, md):
