@@ -45,3 +45,40 @@ def frame_log_volume(block: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     omega = torch.stack([torch.cross(eye[i].expand_as(block), block, dim=-1).flatten(1)
                          for i in range(3)], -1)  # fmt: skip
     return torch.linalg.slogdet(torch.cat([T, omega, basis.expand(len(block), -1, -1)], -1))[1]
+
+
+def capped_dipeptide_frames(residue: str, frames: int, seed: int) -> tuple[object, np.ndarray]:
+    """ACE-``residue``-NME (alanine dipeptide's PDB mutated by PDBFixer, hydrogens added at
+    pH 7, minimised) and ``frames`` frames of 600 K MD, 50 fs apart, in amber99sbildn + OBC on
+    the Reference platform. Returns (mdtraj Topology, frames (frames, n_atoms, 3) nm float64)."""
+    import mdtraj
+    import openmm
+    import openmm.app as app
+    import openmm.unit as unit
+    from pdbfixer import PDBFixer
+
+    from p4bg.systems import SYSTEMS_DIR
+
+    fixer = PDBFixer(filename=str(SYSTEMS_DIR / "alanine_dipeptide" / "alanine_dipeptide.pdb"))
+    if residue != "ALA":
+        fixer.applyMutations([f"ALA-2-{residue}"], next(fixer.topology.chains()).id)
+    fixer.findMissingResidues()
+    fixer.missingResidues = {}
+    fixer.findMissingAtoms()
+    fixer.addMissingAtoms(seed=seed)
+    fixer.addMissingHydrogens(7.0)
+    forcefield = app.ForceField("amber99sbildn.xml", "amber99_obc.xml")
+    system = forcefield.createSystem(fixer.topology, nonbondedMethod=app.NoCutoff)
+    integrator = openmm.LangevinMiddleIntegrator(600.0, 1.0, 0.001)
+    integrator.setRandomNumberSeed(seed)
+    context = openmm.Context(system, integrator, openmm.Platform.getPlatformByName("Reference"))
+    context.setPositions(fixer.positions)
+    openmm.LocalEnergyMinimizer.minimize(context)
+    context.setVelocitiesToTemperature(600.0, seed)
+    integrator.step(500)
+    out = []
+    for _ in range(frames):
+        integrator.step(50)
+        out.append(context.getState(getPositions=True).getPositions(asNumpy=True)
+                   .value_in_unit(unit.nanometer))  # fmt: skip
+    return mdtraj.Topology.from_openmm(fixer.topology), np.asarray(out, dtype=np.float64)
