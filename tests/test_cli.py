@@ -53,7 +53,7 @@ def test_errors_name_the_option(argv, message):
 
 
 @pytest.mark.parametrize(
-    "command", ["train", "sample", "analyze", "simulate", "remd", "umbrella", "demo"]
+    "command", ["train", "sample", "analyze", "simulate", "remd", "umbrella", "demo", "systems"]
 )
 def test_every_command_prints_its_help(command):
     result = subprocess.run([sys.executable, "-m", f"p4bg.{command}", "--help"], cwd=ROOT,
@@ -63,7 +63,7 @@ def test_every_command_prints_its_help(command):
 
 
 @pytest.mark.parametrize(
-    "command", ["train", "sample", "analyze", "simulate", "remd", "umbrella", "demo"]
+    "command", ["train", "sample", "analyze", "simulate", "remd", "umbrella", "demo", "systems"]
 )
 def test_every_command_says_a_bad_option_alike(command):
     result = subprocess.run([sys.executable, "-m", f"p4bg.{command}", "x", "--no-such-option"],

@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("p4bg", "analysis")
 COMMANDS = {f"p4bg.{name}" for name in ("train", "sample", "analyze", "simulate", "remd", "demo",
-                                        "umbrella")}  # fmt: skip
+                                        "umbrella", "systems.__main__")}  # fmt: skip
 MAX_LINES = 460
 
 

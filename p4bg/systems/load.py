@@ -1,4 +1,4 @@
-"""Molecular systems: ``systems/<name>/`` (a PDB and a ``system.toml``) loaded into one object.
+"""A system folder, ``systems/<name>/`` (a PDB and a ``system.toml``), loaded into one object.
 
 Adding a molecule means adding a folder: the PDB fixes the atom order, ``system.toml`` the force
 field, the simulation defaults and the coordinate layout (Z-matrix, rigid block, φ/ψ atoms).
@@ -21,8 +21,8 @@ from p4bg.zmatrix import LayoutError, backbone_dihedrals, build_layout, central_
 # Where a system named by its folder name is looked for, in order: ./systems/ (a user's own, in
 # the working directory), the repository's systems/ (a clone, or an editable install), and the
 # copy of it inside an installed wheel (pyproject.toml packs systems/ as p4bg/builtin_systems).
-SYSTEMS_DIR = Path(__file__).resolve().parent.parent / "systems"
-INSTALLED_SYSTEMS_DIR = Path(__file__).resolve().parent / "builtin_systems"
+SYSTEMS_DIR = Path(__file__).resolve().parents[2] / "systems"
+INSTALLED_SYSTEMS_DIR = Path(__file__).resolve().parents[1] / "builtin_systems"
 
 
 def system_dirs() -> list[Path]:
@@ -35,11 +35,14 @@ def system_dirs() -> list[Path]:
 
 
 __all__ = [
+    "INSTALLED_SYSTEMS_DIR",
+    "SYSTEMS_DIR",
     "MolecularSystem",
     "SystemConfigError",
     "available_platforms",
     "load_system",
     "measure_platforms",
+    "system_dirs",
 ]
 
 

@@ -1,0 +1,122 @@
+"""New systems from a sequence or a PDB (p4bg.systems.peptide and ``python -m p4bg.systems``)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import mdtraj
+import numpy as np
+import pytest
+
+from analysis.geometry import is_l_chirality
+from p4bg.systems import SYSTEMS_DIR, load_system
+from p4bg.systems.peptide import (
+    PHI,
+    PSI,
+    PeptideError,
+    backbone_pdb,
+    from_pdb,
+    from_sequence,
+    write_system,
+)
+from p4bg.zmatrix import backbone_dihedrals
+
+ROOT = Path(__file__).resolve().parents[1]
+ALA_PDB = SYSTEMS_DIR / "alanine_dipeptide" / "alanine_dipeptide.pdb"
+
+
+def _systems(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "p4bg.systems", *argv], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+
+
+def test_backbone_geometry_is_the_standard_one(tmp_path):
+    path = tmp_path / "backbone.pdb"
+    path.write_text(backbone_pdb(["ALA", "GLY", "ALA"]))
+    traj = mdtraj.load(str(path))
+    names = [f"{a.residue.name}-{a.name}" for a in traj.topology.atoms]
+    assert names[:3] == ["ACE-CH3", "ACE-C", "ACE-O"] and names[-2:] == ["NME-N", "NME-C"]
+    phi = np.degrees(mdtraj.compute_phi(traj)[1][0])
+    psi = np.degrees(mdtraj.compute_psi(traj)[1][0])
+    np.testing.assert_allclose(phi, PHI, atol=0.05)  # PDB coordinates: 0.001 Å
+    np.testing.assert_allclose(psi, PSI, atol=0.05)
+    omega = np.degrees(mdtraj.compute_omega(traj)[1][0])
+    np.testing.assert_allclose(np.abs(omega), 180.0, atol=0.05)
+    n_ca = mdtraj.compute_distances(traj, [[3, 4]])[0, 0]  # ALA2 N–CA, nm
+    assert abs(n_ca - 0.1458) < 1e-4
+
+
+@pytest.fixture(scope="module")
+def tripeptide(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("systems") / "akd"
+    write_system(from_sequence("AKD"), folder, "akd", source="--sequence AKD")
+    return load_system(folder)
+
+
+def test_a_sequence_becomes_a_loadable_capped_l_peptide(tripeptide):
+    s = tripeptide
+    assert [r.name for r in s.topology.residues] == ["ACE", "ALA", "LYS", "ASP", "NME"]
+    assert s.n_atoms == 6 + 10 + 22 + 12 + 6  # ACE, ALA, LYS+ (NH3+), ASP− (pH 7), NME
+    traj = mdtraj.Trajectory(s.positions[None], s.topology)
+    for res in s.topology.residues:
+        if res.name in ("ACE", "NME"):
+            continue
+        idx = {a.name: a.index for a in res.atoms}
+        assert is_l_chirality(s.positions[None], idx["N"], idx["CA"], idx["C"], idx["CB"])[0]
+    # minimised near the built polyproline II conformation, on the central residue's φ/ψ
+    phi = np.degrees(mdtraj.compute_phi(traj)[1][0])
+    assert np.all(np.abs(phi - PHI) < 40)
+    labels = [label for label, _, _ in backbone_dihedrals(s.topology)]
+    assert labels == ["ALA2", "LYS3", "ASP4"]
+    assert (s.phi_atoms, s.psi_atoms) == backbone_dihedrals(s.topology)[1][1:]
+    text = (s.path / "system.toml").read_text()
+    assert "--sequence AKD" in text and "PDBFixer added" in text and "[coordinates]" in text
+
+
+def test_a_pdb_without_hydrogens_gets_them_and_loses_its_water(tmp_path):
+    lines = [line for line in ALA_PDB.read_text().splitlines()
+             if line.startswith(("ATOM", "HETATM")) and line[76:78].strip() != "H"]  # fmt: skip
+    lines.append("HETATM 9999  O   HOH W   9       9.000   9.000   9.000  1.00  0.00"
+                 "           O")  # fmt: skip
+    path = tmp_path / "ala_heavy.pdb"
+    path.write_text("\n".join([*lines, "END"]) + "\n")
+    molecule = from_pdb(path)
+    assert molecule.topology.getNumAtoms() == 22
+    assert any("12 hydrogens" in note for note in molecule.notes)
+    assert any("solvent residues" in note for note in molecule.notes)
+    original = mdtraj.load(str(ALA_PDB)).topology
+    names = sorted(f"{a.residue.name}{a.element.symbol}" for a in original.atoms)
+    assert sorted(f"{a.residue.name}{a.element.symbol}"
+                  for a in mdtraj.Topology.from_openmm(molecule.topology).atoms) == names  # fmt: skip
+
+
+def test_bad_inputs_name_what_is_wrong(tmp_path):
+    with pytest.raises(PeptideError, match="sequence position 2: 'B'"):
+        from_sequence("AB")
+    with pytest.raises(PeptideError, match="empty"):
+        from_sequence("  ")
+    with pytest.raises(PeptideError, match="no such file"):
+        from_pdb(tmp_path / "missing.pdb")
+    ligand = tmp_path / "ligand.pdb"
+    text = ALA_PDB.read_text().replace("NME A   3", "LIG A   3")
+    ligand.write_text(text)
+    with pytest.raises(PeptideError, match="residue LIG3 is not a standard amino acid"):
+        from_pdb(ligand)
+
+
+def test_the_command_makes_lists_and_refuses(tmp_path):
+    result = _systems("new", "ala2", "--sequence", "AA", "--out", "mine", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "wrote mine/ala2: 32 atoms, ACE-ALA-ALA-NME" in result.stdout
+    assert load_system(tmp_path / "mine" / "ala2").n_atoms == 32
+    again = _systems("new", "ala2", "--sequence", "AA", "--out", "mine", cwd=tmp_path)
+    assert again.returncode == 2 and "exists" in again.stderr
+    both = _systems("new", "x", "--sequence", "AA", "--pdb", str(ALA_PDB), cwd=tmp_path)
+    assert both.returncode == 2 and "exactly one of --sequence and --pdb" in both.stderr
+    # a system made in ./systems is found by name from that folder
+    made = _systems("new", "gly", "--sequence", "G", cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    listed = _systems("list", cwd=tmp_path)
+    assert "gly" in listed.stdout and "alanine_dipeptide" in listed.stdout
