@@ -1,4 +1,4 @@
-"""Equivalent atoms: the labels of a methyl group's three hydrogens (docs/design.md §5).
+"""Equivalent atoms: the labels of a methyl group's hydrogens, and of a CH2's (docs/design.md §5).
 
 The three hydrogens of a methyl group (CH3, and any X–AH3 group) are interchangeable: the force
 field gives them the same parameters, so relabelling them leaves the energy unchanged. The flow's
@@ -19,10 +19,23 @@ which is invariant under cyclic relabellings and flips under any swap of two lab
 the last two hydrogens. ``|s|`` is ≈ 0.9–1 for any methyl group an MD run can visit; below
 :data:`DEGENERATE_COS` the labelling is undefined (the group is flat along its axis) and
 :func:`canonicalize_equivalent_atoms` refuses the frame.
+
+Two hydrogens on one sp3 atom with the same force-field parameters are equivalent as well (the
+CH2 of a side chain, glycine's HA2/HA3). On an atom A with heavy neighbours X, Y exchanging them
+is a reflection, which MD never makes but another tool's labels can (HB2/HB3 written the other
+way round). Their sense is
+
+    s = cos∠( (H1 − A) × (H2 − A),  X − Y )   (X < Y by index)
+
+and frames whose ``s`` has the other sign than the PDB's get H1 and H2 exchanged, as above. An
+NH2 on an sp2 atom (amides, arginine) is left as it is: exchanging its hydrogens is a 180° turn
+of the group, a torsion the flow models, as it does a carboxylate's. Alanine dipeptide has no
+pair, so its runs are unchanged.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -54,7 +67,7 @@ class EquivalentAtomsError(ValueError):
 
 @dataclass(frozen=True)
 class EquivalentGroup:
-    """Three interchangeable hydrogens on one atom (0-based atom indices, PDB order).
+    """Three (or two) interchangeable hydrogens on one atom (0-based atom indices, PDB order).
 
     center: the atom carrying them (A). neighbor: its one heavy neighbour (X).
     hydrogens: (H1, H2, H3) in PDB order. reference_sign: ±1, the sign of the orientation ``s``
@@ -63,8 +76,9 @@ class EquivalentGroup:
 
     center: int
     neighbor: int
-    hydrogens: tuple[int, int, int]
+    hydrogens: tuple[int, ...]  # three (a rotor) or two (a pair)
     reference_sign: int
+    second: int = -1  # a pair's other heavy neighbour Y (module docstring); -1 for a rotor
 
 
 def _frames(xyz: Any) -> Any:
@@ -78,23 +92,42 @@ def labelling_orientation(xyz: np.ndarray, group: EquivalentGroup) -> np.ndarray
     xyz: positions, shape (frames, n_atoms, 3) or (frames, 3·n_atoms), nm. Returns (frames,),
     dimensionless in [−1, 1]; NaN where the positions are not finite.
     """
-    xyz = _frames(np.asarray(xyz))
-    h1, h2, h3, a, x = (
-        xyz[:, i].astype(np.float64) for i in (*group.hydrogens, group.center, group.neighbor)
-    )
-    normal = np.cross(h2 - h1, h3 - h1)
-    axis = a - x
+    xyz = _frames(np.asarray(xyz)).astype(np.float64)
+    normal, axis = _sense_vectors(xyz, group, np.cross)
     norms = np.linalg.norm(normal, axis=-1) * np.linalg.norm(axis, axis=-1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.einsum("fi,fi->f", normal, axis) / norms
 
 
+def _sense_vectors(xyz: Any, group: EquivalentGroup, cross: Any) -> tuple[Any, Any]:
+    """The two vectors whose angle's cosine is ``s`` (module docstring), numpy or torch."""
+    a, x = xyz[:, group.center], xyz[:, group.neighbor]
+    if len(group.hydrogens) == 3:
+        h1, h2, h3 = (xyz[:, i] for i in group.hydrogens)
+        return cross(h2 - h1, h3 - h1), a - x
+    h1, h2 = (xyz[:, i] for i in group.hydrogens)
+    return cross(h1 - a, h2 - a), x - xyz[:, group.second]
+
+
+def _nonbonded_parameters(system: MolecularSystem) -> list[tuple[float, ...]] | None:
+    """Each atom's (charge, σ, ε) of the System's NonbondedForce, None when it has none."""
+    import openmm
+
+    for force in system.openmm_system.getForces():
+        if isinstance(force, openmm.NonbondedForce):
+            return [tuple(v._value for v in force.getParticleParameters(i))
+                    for i in range(force.getNumParticles())]  # fmt: skip
+    return None
+
+
 def equivalent_groups(system: MolecularSystem) -> list[EquivalentGroup]:
-    """The methyl-like groups of ``system``: atoms bonded to exactly three hydrogens and one
-    other atom, taken from the topology's bonds, with reference signs from ``system.positions``.
+    """The equivalent hydrogens of ``system`` from the topology's bonds, with reference signs
+    from ``system.positions``: methyl-like rotors (an atom bonded to exactly three hydrogens and
+    one other atom), and pairs (an atom bonded to exactly two hydrogens with the same nonbonded
+    parameters and to two other atoms).
 
     For alanine dipeptide: ACE CH3 (1; H 0, 2, 3), ALA CB (10; H 11, 12, 13), NME C (18; H 19,
-    20, 21).
+    20, 21), and no pair.
     """
     neighbours: dict[int, list[int]] = {a.index: [] for a in system.topology.atoms}
     for a, b in system.topology.bonds:
@@ -103,20 +136,28 @@ def equivalent_groups(system: MolecularSystem) -> list[EquivalentGroup]:
     is_h = {
         a.index: a.element is not None and a.element.symbol == "H" for a in system.topology.atoms
     }
+    parameters = None
     groups = []
     for center, bonded in sorted(neighbours.items()):
         hydrogens = sorted(i for i in bonded if is_h[i])
-        heavy = [i for i in bonded if not is_h[i]]
-        if len(hydrogens) != 3 or len(heavy) != 1:
+        heavy = sorted(i for i in bonded if not is_h[i])
+        if len(hydrogens) == 3 and len(heavy) == 1:
+            group = EquivalentGroup(center, heavy[0], tuple(hydrogens), 0)
+        elif len(hydrogens) == 2 and len(heavy) == 2:
+            if parameters is None:
+                parameters = _nonbonded_parameters(system) or []
+            if not parameters or parameters[hydrogens[0]] != parameters[hydrogens[1]]:
+                continue  # not interchangeable in this force field
+            group = EquivalentGroup(center, heavy[0], tuple(hydrogens), 0, heavy[1])
+        else:
             continue
-        group = EquivalentGroup(center, heavy[0], tuple(hydrogens), 0)  # type: ignore[arg-type]
         s = float(labelling_orientation(system.positions[None], group)[0])
         if not abs(s) >= DEGENERATE_COS:
             raise EquivalentAtomsError(
                 f"{system.path}: the PDB's hydrogens {group.hydrogens} on atom {center} are "
                 f"degenerate (orientation {s:.2g}); the PDB cannot fix their labelling"
             )
-        groups.append(EquivalentGroup(center, heavy[0], group.hydrogens, 1 if s > 0 else -1))
+        groups.append(dataclasses.replace(group, reference_sign=1 if s > 0 else -1))
     return groups
 
 
@@ -151,7 +192,7 @@ def canonicalize_equivalent_atoms(
                 f"|s| must be ≥ {DEGENERATE_COS}); the frame is broken or not this molecule"
             )
         swap = np.sign(s) != group.reference_sign
-        _, h2, h3 = group.hydrogens
+        h2, h3 = group.hydrogens[-2:]  # a rotor's last two, a pair's both
         out[swap, h2], out[swap, h3] = out[swap, h3], out[swap, h2]  # masks index copies
         changed |= swap
     return out.reshape(shape), int(changed.sum())
@@ -173,14 +214,12 @@ def canonicalize_equivalent_atoms_torch(x: Tensor, groups: list[EquivalentGroup]
     perm = torch.arange(n_atoms, device=x.device).expand(batch, n_atoms).clone()
     with torch.no_grad():
         for group in groups:
-            h1, h2, h3 = (xyz[:, i] for i in group.hydrogens)
-            normal = torch.linalg.cross(h2 - h1, h3 - h1)
-            axis = xyz[:, group.center] - xyz[:, group.neighbor]
+            normal, axis = _sense_vectors(xyz, group, torch.linalg.cross)
             s = (normal * axis).sum(-1) / (
                 torch.linalg.vector_norm(normal, dim=-1) * torch.linalg.vector_norm(axis, dim=-1)
             )
             swap = (s.abs() >= DEGENERATE_COS) & (torch.sign(s) != group.reference_sign)
-            _, i2, i3 = group.hydrogens
+            i2, i3 = group.hydrogens[-2:]
             perm[:, i2] = torch.where(swap, i3, i2)
             perm[:, i3] = torch.where(swap, i2, i3)
     out = torch.gather(xyz, 1, perm.unsqueeze(-1).expand(batch, n_atoms, 3))

@@ -6,8 +6,10 @@ import numpy as np
 import torch
 
 
-def run_md(tmp_path_factory, frames: int, seed: int, steps_per_frame: int = 100) -> np.ndarray:
-    """Frames of 600 K alanine dipeptide MD run in this process, shape (frames, 66) nm float64."""
+def run_md(tmp_path_factory, frames: int, seed: int, steps_per_frame: int = 100,
+           system_path: object = None) -> np.ndarray:  # fmt: skip
+    """Frames of 600 K MD run in this process, of alanine dipeptide or of the system folder
+    ``system_path``: shape (frames, 3·n_atoms) nm float64 (66 for alanine dipeptide)."""
     from p4bg.data import read_chunk
     from p4bg.md.plain import ReplicaJob, run_replica
     from p4bg.systems import SYSTEMS_DIR
@@ -15,7 +17,7 @@ def run_md(tmp_path_factory, frames: int, seed: int, steps_per_frame: int = 100)
     folder = tmp_path_factory.mktemp("md") / "replica_00"
     job = ReplicaJob(
         index=0,
-        system_path=str(SYSTEMS_DIR / "alanine_dipeptide"),
+        system_path=str(system_path or SYSTEMS_DIR / "alanine_dipeptide"),
         temperature=600.0,
         platform="Reference",
         seed=seed,
@@ -26,7 +28,7 @@ def run_md(tmp_path_factory, frames: int, seed: int, steps_per_frame: int = 100)
         folder=str(folder),
     )
     run_replica(job)
-    return read_chunk(folder, 0)[0].reshape(frames, 66).astype(np.float64)
+    return read_chunk(folder, 0)[0].reshape(frames, -1).astype(np.float64)
 
 
 def rotation(omega: torch.Tensor) -> torch.Tensor:

@@ -242,3 +242,54 @@ def test_torch_version_leaves_degenerate_frames_alone(md_frames, groups):
     out = canonicalize_equivalent_atoms_torch(x, groups)
     assert torch.equal(out.isnan(), x.isnan())
     torch.testing.assert_close(out, x, equal_nan=True)
+
+
+@pytest.fixture(scope="module")
+def gly_lys(tmp_path_factory):
+    """ACE-GLY-LYS-NME (made by p4bg.systems new) and 40 frames of its 600 K MD, nm."""
+    from md_helpers import run_md
+
+    from p4bg.systems.peptide import from_sequence, write_system
+
+    folder = tmp_path_factory.mktemp("systems") / "gk"
+    write_system(from_sequence("GK"), folder, "gk")
+    molecule = load_system(folder)
+    frames = run_md(tmp_path_factory, frames=40, seed=2, system_path=folder)
+    return molecule, frames.reshape(40, -1, 3)
+
+
+def test_ch2_pairs_of_any_peptide_are_found_and_swaps_undone(gly_lys):
+    """Glycine's HA2/HA3 and lysine's four CH2 are pairs; lysine's NH3+ and the caps' methyls
+    are rotors; a frame with a pair written the other way round comes back exactly, with the
+    same energy, and the coordinate transform sees the same molecule."""
+    from p4bg.coordinates import MixedCoordinateTransform
+
+    molecule, xyz = gly_lys
+    groups = equivalent_groups(molecule)
+    names = {tuple(molecule.topology.atom(h).name for h in g.hydrogens) for g in groups}
+    assert {("HA2", "HA3"), ("HB2", "HB3"), ("HG2", "HG3"), ("HD2", "HD3"),
+            ("HE2", "HE3")} <= names  # fmt: skip
+    assert ("HZ1", "HZ2", "HZ3") in names
+    pairs = [g for g in groups if len(g.hydrogens) == 2]
+    assert len(pairs) == 5 and all(g.second >= 0 for g in pairs)
+    # p4bg's own MD keeps the PDB's sense for every pair
+    for g in pairs:
+        assert (np.sign(labelling_orientation(xyz, g)) == g.reference_sign).all()
+    swapped = xyz.copy()
+    for g in pairs:
+        h1, h2 = g.hydrogens
+        swapped[:, [h1, h2]] = swapped[:, [h2, h1]]
+    back, n = canonicalize_equivalent_atoms(swapped, groups)
+    assert n == len(xyz)
+    np.testing.assert_array_equal(back, xyz)
+    context = openmm.Context(molecule.openmm_system, openmm.VerletIntegrator(0.001),
+                             openmm.Platform.getPlatformByName("Reference"))  # fmt: skip
+    energies = []
+    for frame in (xyz[0], swapped[0]):
+        context.setPositions(frame)
+        energies.append(context.getState(getEnergy=True).getPotentialEnergy()._value)
+    assert energies[0] == pytest.approx(energies[1], rel=1e-9)
+    transform = MixedCoordinateTransform(molecule, xyz[:30].reshape(30, -1))
+    z, _ = transform.inverse(torch.from_numpy(xyz[30:].reshape(10, -1)))
+    z_swapped, _ = transform.inverse(torch.from_numpy(swapped[30:].reshape(10, -1)))
+    torch.testing.assert_close(z_swapped, z, atol=1e-10, rtol=0)
