@@ -146,6 +146,10 @@ def equivalent_groups(system: MolecularSystem) -> list[EquivalentGroup]:
         elif len(hydrogens) == 2 and len(heavy) == 2:
             if parameters is None:
                 parameters = _nonbonded_parameters(system) or []
+                if parameters and len(parameters) != len(neighbours):
+                    raise ValueError(f"{system.name}: the System has {len(parameters)} "
+                                     f"particles, the topology {len(neighbours)} atoms"
+                                     )  # fmt: skip
             if not parameters or parameters[hydrogens[0]] != parameters[hydrogens[1]]:
                 continue  # not interchangeable in this force field
             group = EquivalentGroup(center, heavy[0], tuple(hydrogens), 0, heavy[1])

@@ -49,10 +49,13 @@ def frame_log_volume(block: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     return torch.linalg.slogdet(torch.cat([T, omega, basis.expand(len(block), -1, -1)], -1))[1]
 
 
-def capped_dipeptide_frames(residue: str, frames: int, seed: int) -> tuple[object, np.ndarray]:
+def capped_dipeptide_frames(
+    residue: str, frames: int, seed: int
+) -> tuple[object, np.ndarray, object]:
     """ACE-``residue``-NME (alanine dipeptide's PDB mutated by PDBFixer, hydrogens added at
     pH 7, minimised) and ``frames`` frames of 600 K MD, 50 fs apart, in amber99sbildn + OBC on
-    the Reference platform. Returns (mdtraj Topology, frames (frames, n_atoms, 3) nm float64)."""
+    the Reference platform. Returns (mdtraj Topology, frames (frames, n_atoms, 3) nm float64,
+    the openmm.System)."""
     import mdtraj
     import openmm
     import openmm.app as app
@@ -83,4 +86,4 @@ def capped_dipeptide_frames(residue: str, frames: int, seed: int) -> tuple[objec
         integrator.step(50)
         out.append(context.getState(getPositions=True).getPositions(asNumpy=True)
                    .value_in_unit(unit.nanometer))  # fmt: skip
-    return mdtraj.Topology.from_openmm(fixer.topology), np.asarray(out, dtype=np.float64)
+    return mdtraj.Topology.from_openmm(fixer.topology), np.asarray(out, dtype=np.float64), system

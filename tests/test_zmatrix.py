@@ -172,7 +172,7 @@ def test_a_system_without_coordinates_gets_the_generated_layout(system, layout, 
 def test_generated_layout_round_trips_capped_dipeptides(system, residue):
     """Glycine (no CB), proline (a ring through the backbone), an aromatic ring and both
     charges: the generated layout places every atom, and MD frames come back to 1e-5 nm."""
-    topology, frames = capped_dipeptide_frames(residue, frames=60, seed=3)
+    topology, frames, openmm_system = capped_dipeptide_frames(residue, frames=60, seed=3)
     layout = build_layout(topology, frames[0])
     n = topology.n_atoms
     names = {topology.atom(int(i)).name for i in layout.rigid_atoms}
@@ -184,6 +184,7 @@ def test_generated_layout_round_trips_capped_dipeptides(system, residue):
     assert phi in rows and psi[::-1] in rows
     molecule = dataclasses.replace(
         system, name=f"ace-{residue.lower()}-nme", topology=topology, positions=frames[0],
+        openmm_system=openmm_system,
         z_matrix=layout.z_matrix, rigid_atoms=layout.rigid_atoms, phi_atoms=phi, psi_atoms=psi,
     )  # fmt: skip
     transform = MixedCoordinateTransform(molecule, frames[:50].reshape(50, -1))
