@@ -87,3 +87,35 @@ def capped_dipeptide_frames(
         out.append(context.getState(getPositions=True).getPositions(asNumpy=True)
                    .value_in_unit(unit.nanometer))  # fmt: skip
     return mdtraj.Topology.from_openmm(fixer.topology), np.asarray(out, dtype=np.float64), system
+
+
+def rigid_motion_residuals(transform: object, z: torch.Tensor, seed: int) -> torch.Tensor:
+    """For each latent row z[i]: (z, rotation vector ω, translation t) -> R(ω) forward(z) + t is
+    square (3n -> 3n); returns log|det| of its autograd Jacobian − ladj(z) − log J(0) − log g(ω),
+    g(ω) = 2(1 − cos|ω|)/|ω|² the Haar density of ω: zero when ladj is the full Jacobian. ω and t
+    are drawn from ``seed``; float64 throughout."""
+    import math
+
+    from torch.autograd.functional import jacobian
+
+    n_latent = z.shape[1]
+    n_atoms = (n_latent + 6) // 3
+    log_j0 = float(frame_log_volume(transform.reference.unsqueeze(0), transform.basis)[0])
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(len(z)):
+        omega = torch.randn(3, dtype=torch.float64, generator=gen)
+        shift = torch.randn(3, dtype=torch.float64, generator=gen)
+
+        def placed(v: torch.Tensor) -> torch.Tensor:
+            x, _ = transform(v[:n_latent].unsqueeze(0))
+            moved = x.reshape(n_atoms, 3) @ rotation(v[n_latent : n_latent + 3]).T
+            return (moved + v[n_latent + 3 :]).reshape(-1)
+
+        sign, logdet = torch.linalg.slogdet(jacobian(placed, torch.cat([z[i], omega, shift])))
+        assert sign != 0
+        _, ladj = transform(z[i : i + 1])
+        theta = float(omega.norm())
+        log_g = math.log(2 * (1 - math.cos(theta)) / theta**2)
+        out.append(float(logdet) - float(ladj[0]) - log_g - log_j0)
+    return torch.tensor(out, dtype=torch.float64)

@@ -9,7 +9,7 @@ import mdtraj
 import numpy as np
 import pytest
 import torch
-from md_helpers import frame_log_volume, rotation, run_md
+from md_helpers import frame_log_volume, rigid_motion_residuals, run_md
 from torch.autograd.functional import jacobian
 
 from p4bg.coordinates import (
@@ -232,25 +232,7 @@ def test_ladj_is_the_jacobian_including_rigid_motion(transform, legacy, md, bloc
     Without the block's volume factor the difference is log J(c) − log J(0), not a constant."""
     t = transform if block_volume else legacy
     z, _ = t.inverse(torch.from_numpy(md[250:254]))
-    log_j0 = float(frame_log_volume(t.reference.unsqueeze(0), t.basis)[0])
-    gen = torch.Generator().manual_seed(3)
-    residuals = []
-    for i in range(4):
-        omega = torch.randn(3, dtype=torch.float64, generator=gen)
-        shift = torch.randn(3, dtype=torch.float64, generator=gen)
-
-        def placed(v: torch.Tensor) -> torch.Tensor:
-            x, _ = t(v[:60].unsqueeze(0))
-            return (x.reshape(22, 3) @ rotation(v[60:63]).T + v[63:]).reshape(66)
-
-        v = torch.cat([z[i], omega, shift])
-        sign, logdet = torch.linalg.slogdet(jacobian(placed, v))
-        assert sign != 0
-        _, ladj = t(z[i : i + 1])
-        theta = float(omega.norm())
-        log_g = math.log(2 * (1 - math.cos(theta)) / theta**2)
-        residuals.append(float(logdet) - float(ladj[0]) - log_g - log_j0)
-    residuals = torch.tensor(residuals, dtype=torch.float64)
+    residuals = rigid_motion_residuals(t, z, seed=3)
     if block_volume:
         torch.testing.assert_close(
             residuals, torch.zeros(4, dtype=torch.float64), atol=1e-9, rtol=0

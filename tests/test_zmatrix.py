@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import mdtraj
 import numpy as np
 import pytest
 import torch
-from md_helpers import capped_dipeptide_frames, frame_log_volume, rotation, run_md
-from torch.autograd.functional import jacobian
+from md_helpers import capped_dipeptide_frames, rigid_motion_residuals, run_md
 
 from p4bg.coordinates import MixedCoordinateTransform
 from p4bg.geometry import placement_stages
@@ -87,22 +85,8 @@ def test_generated_layout_ladj_is_the_full_jacobian(generated, md):
     (the same identity as tests/test_coordinates.py checks for the hand-written one)."""
     t = MixedCoordinateTransform(generated, md[:150])
     z, _ = t.inverse(torch.from_numpy(md[150:153]))
-    log_j0 = float(frame_log_volume(t.reference.unsqueeze(0), t.basis)[0])
-    gen = torch.Generator().manual_seed(4)
-    for i in range(3):
-        omega = torch.randn(3, dtype=torch.float64, generator=gen)
-        shift = torch.randn(3, dtype=torch.float64, generator=gen)
-
-        def placed(v: torch.Tensor) -> torch.Tensor:
-            x, _ = t(v[:60].unsqueeze(0))
-            return (x.reshape(22, 3) @ rotation(v[60:63]).T + v[63:]).reshape(66)
-
-        sign, logdet = torch.linalg.slogdet(jacobian(placed, torch.cat([z[i], omega, shift])))
-        _, ladj = t(z[i : i + 1])
-        theta = float(omega.norm())
-        log_g = math.log(2 * (1 - math.cos(theta)) / theta**2)
-        assert sign != 0
-        assert abs(float(logdet) - float(ladj[0]) - log_g - log_j0) < 1e-9
+    residuals = rigid_motion_residuals(t, z, seed=4)
+    torch.testing.assert_close(residuals, torch.zeros(3, dtype=torch.float64), atol=1e-9, rtol=0)
 
 
 def test_collinear_references_are_skipped(system):
@@ -197,3 +181,6 @@ def test_generated_layout_round_trips_capped_dipeptides(system, residue):
     assert float(err) < 1e-5
     torch.testing.assert_close(ladj_fwd + ladj_inv, torch.zeros(10, dtype=torch.float64),
                                atol=1e-9, rtol=0)  # fmt: skip
+    # ladj is the full Jacobian (rigid motion included), as for the hand-written layout
+    residuals = rigid_motion_residuals(transform, z[:2], seed=1)
+    torch.testing.assert_close(residuals, torch.zeros(2, dtype=torch.float64), atol=1e-8, rtol=0)
