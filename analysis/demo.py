@@ -33,6 +33,8 @@ from typing import Any
 import numpy as np
 
 from analysis.metrics import (
+    MIN_BASIN_ESS,
+    basin_ess,
     delta_f_with_error,
     integrated_autocorrelation_time,
     md_delta_f,
@@ -51,7 +53,6 @@ __all__ = [
     "md_delta_f_measurement", "md_tau_phi",
 ]  # fmt: skip
 
-MIN_BASIN_ESS = 10.0  # effective BG samples in each φ basin before its ΔF means something
 ESS_THRESHOLD = 0.10  # issue 28: reverse ESS ≥ 10 %
 DELTA_F_TOLERANCE = 0.3  # issue 28: |ΔF − reference| ≤ 0.3 kT
 KL_FLOOR_FACTOR = 2.0  # issue 28: Ramachandran KL ≤ 2 × floor
@@ -211,18 +212,6 @@ def md_tau_phi(md: MDRun, margin: float = TRANSITION_MARGIN) -> Measurement:
         return Measurement.missing(f"segments shorter than 50 τ (τ ≳ {tau * md.dt_ps:.3g} ps): "
                                    "τ would be underestimated")  # fmt: skip
     return Measurement(tau * md.dt_ps)
-
-
-def basin_ess(phi: np.ndarray, weights: np.ndarray) -> tuple[float, float]:
-    """Kish counts ``(Σ_B w)² / Σ_B w²`` of the φ > 0 and φ < 0 samples (weights (n,), any
-    normalisation; non-finite φ left out): the independent samples each basin rests on."""
-    phi = np.asarray(phi, dtype=np.float64)
-    w = np.where(np.isfinite(phi), np.asarray(weights, dtype=np.float64), 0.0)
-    out = []
-    for mask in (phi > 0, phi < 0):
-        s, s2 = float(w[mask].sum()), float((w[mask] ** 2).sum())
-        out.append(s * s / s2 if s2 > 0 else 0.0)
-    return out[0], out[1]
 
 
 def bg_delta_f(bg: BGSamples) -> Measurement:

@@ -49,6 +49,8 @@ from analysis.timeseries import (
 )
 from analysis.weights import (
     CLIP_FRACTION,
+    MIN_BASIN_ESS,
+    basin_ess,
     forward_ess,
     high_energy_fraction,
     log_z_forward,
@@ -64,9 +66,11 @@ from analysis.weights import (
 __all__ = [
     "CLIP_FRACTION",
     "EPS",
+    "MIN_BASIN_ESS",
     "PHI_BINS",
     "RAMA_BINS",
     "Blocking",
+    "basin_ess",
     "basin_transitions",
     "bg_value",
     "block_standard_error",

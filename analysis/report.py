@@ -84,6 +84,8 @@ def _format(value: Any, fmt: str, kT: float | None = None, err: Any = None) -> s
 def _cell(metrics: dict[str, Any], key: str | None, fmt: str, kT: float | None) -> str:
     if key is None:
         return "–"
+    if fmt == "delta_f" and metrics.get(key + "_note"):
+        return str(metrics[key + "_note"])  # no number where the data cannot give one
     err = metrics.get(key + "_err", math.nan) if fmt == "delta_f" else None
     return _format(metrics.get(key), fmt, kT, err)
 
@@ -182,11 +184,13 @@ def report_md_text(
         "",
     ]
     if "delta_f_source" in reference:
+        frames = (f"its frames alone: {reference['delta_f_frames_note']}"
+                  if reference.get("delta_f_frames_note") else
+                  f"its frames alone give {reference['delta_f_frames']:.3f} ± "
+                  f"{reference['delta_f_frames_err']:.3f} kT")  # fmt: skip
         lines += [f"The reference's ΔF is {reference['delta_f']:.3f} ± "
                   f"{reference['delta_f_err']:.3f} kT from {reference['delta_f_source']}, "
-                  "recorded with the dataset; its frames alone give "
-                  f"{reference['delta_f_frames']:.3f} ± {reference['delta_f_frames_err']:.3f} kT.",
-                  ""]  # fmt: skip
+                  f"recorded with the dataset; {frames}.", ""]  # fmt: skip
     for name, meta in info.get("runs", {}).items():
         lines.append(f"- `{name}`: {meta}")
     notes = info.get("notes", [])

@@ -20,8 +20,10 @@ from analysis.histograms import (
     kl_1d,
     ramachandran_kl,
 )
-from analysis.timeseries import md_delta_f, md_efficiency
+from analysis.timeseries import MIN_TRANSITIONS, md_delta_f, md_efficiency
 from analysis.weights import (
+    MIN_BASIN_ESS,
+    basin_ess,
     forward_ess,
     high_energy_fraction,
     log_z_forward,
@@ -106,6 +108,12 @@ def reference_metrics(
     }
     out.update(md_delta_f(phi, segments))
     out.update(md_efficiency(phi, segments, ps_per_frame, seconds_per_frame))
+    into, out_of = out["committed_transitions"]
+    out["delta_f_note"] = None
+    if min(into, out_of) < MIN_TRANSITIONS:  # the frames' populations say nothing: no number
+        out["delta_f_note"] = (f"not measurable here: {into} transitions into φ > 0 and "
+                               f"{out_of} out of it; ΔF needs at least {MIN_TRANSITIONS} "
+                               "each way")  # fmt: skip
     return out
 
 
@@ -211,6 +219,14 @@ def ensemble_metrics(
     out["delta_f_reweighted"], out["delta_f_reweighted_err"] = (
         (math.nan, math.nan) if w is None else delta_f_with_error(phi, w)
     )
+    pos, neg = (0.0, 0.0) if w is None else basin_ess(phi, w)
+    out["effective_samples_phi_positive"], out["effective_samples_phi_negative"] = pos, neg
+    out["delta_f_reweighted_note"] = None
+    if min(pos, neg) < MIN_BASIN_ESS:  # a ΔF from a handful of weighted samples: no number
+        out["delta_f_reweighted_note"] = (
+            f"not measurable here: {min(pos, neg):.1f} effective samples in the "
+            f"{'φ > 0' if pos < neg else 'φ < 0'} basin; ΔF needs at least {MIN_BASIN_ESS:g}"
+        )
     out.update(bg_value(out["reverse_ess"], len(u), sampling_seconds, md_independent_per_second))
     # The floor compares n/2 MD frames with n/2 others, and with ε = 1e-10 every empty bin on
     # the q side weighs heavily, so the KL depends on the q sample count. For a like-for-like

@@ -17,6 +17,8 @@ import numpy as np
 
 __all__ = [
     "CLIP_FRACTION",
+    "MIN_BASIN_ESS",
+    "basin_ess",
     "forward_ess",
     "high_energy_fraction",
     "log_z_forward",
@@ -155,3 +157,18 @@ def high_energy_fraction(u: np.ndarray, threshold: float) -> float:
     (u = +inf or NaN); the complement of :func:`low_energy_fraction`."""
     u = np.asarray(u, dtype=np.float64)
     return float(np.mean(~(u < threshold))) if u.size else math.nan
+
+
+MIN_BASIN_ESS = 10.0  # effective samples in each φ basin before a reweighted ΔF means something
+
+
+def basin_ess(phi: np.ndarray, weights: np.ndarray) -> tuple[float, float]:
+    """Kish counts ``(Σ_B w)² / Σ_B w²`` of the φ > 0 and φ < 0 samples (weights (n,), any
+    normalisation; non-finite φ left out): the independent samples each basin rests on."""
+    phi = np.asarray(phi, dtype=np.float64)
+    w = np.where(np.isfinite(phi), np.asarray(weights, dtype=np.float64), 0.0)
+    out = []
+    for mask in (phi > 0, phi < 0):
+        s, s2 = float(w[mask].sum()), float((w[mask] ** 2).sum())
+        out.append(s * s / s2 if s2 > 0 else 0.0)
+    return out[0], out[1]

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from analysis.geometry import dihedral, is_l_chirality
+from analysis.geometry import dihedral
 from analysis.metrics import ensemble_metrics, reference_metrics
 from analysis.plots import (
     AngleSet,
@@ -100,7 +100,7 @@ class Reference:
         self.u_train_max = float(np.max(data.energies[data.split["train"]]) / self.kT)
         self.phi = dihedral(self.xyz, self.system.phi_atoms)
         self.psi = dihedral(self.xyz, self.system.psi_atoms)
-        self.is_l = is_l_chirality(self.xyz)
+        self.is_l = self.system.is_l(self.xyz)
         self.segments = replica_segments([int(r["frames"]) for r in meta["replicas"]], idx)
         self.ps_per_frame = meta.get("save_every_ps")
         steps, rate = meta.get("steps_per_frame"), meta.get("steps_per_second_total")
@@ -297,6 +297,7 @@ def analyze(
         # a replica-exchange ladder) replaces the one from the frames (kept as delta_f_frames)
         reference["delta_f_frames"] = reference["delta_f"]
         reference["delta_f_frames_err"] = reference["delta_f_err"]
+        reference["delta_f_frames_note"] = reference.pop("delta_f_note", None)
         reference["delta_f"], reference["delta_f_err"], reference["delta_f_source"] = estimate
     noisy_label = f"MD + {noise:g} nm noise"
     reference["perturbed"] = {
@@ -430,17 +431,27 @@ def main(argv: list[str] | None = None) -> None:
     tau = (f"τ(φ>0) {ref['tau_phi_ps']:.1f} ps, {ref['independent_samples_per_second']:.3g} "
            "independent samples/s") if not ref.get("tau_phi_note") else (
            f"τ(φ>0) {ref['tau_phi_note']}")  # fmt: skip
-    print(f"  MD: ΔF {ref['delta_f']:.2f} ± {ref['delta_f_err']:.2f} kT{source}, {tau}")
+    delta_f = (f"ΔF {ref['delta_f_note']}" if ref.get("delta_f_note") else
+               f"ΔF {ref['delta_f']:.2f} ± {ref['delta_f_err']:.2f} kT{source}")  # fmt: skip
+    print(f"  MD: {delta_f}, {tau}")
     for name, m in result["models"].items():
+        delta_f = (
+            m["delta_f_reweighted_note"]
+            if m.get("delta_f_reweighted_note")
+            else f"{m['delta_f_reweighted']:.2f} ± {m['delta_f_reweighted_err']:.2f} kT"
+        )
+        value = (
+            f"{m['bg_value']:.3g}"
+            if math.isfinite(m["bg_value"])
+            else "not measurable here (MD's τ is not)"
+        )
         print(f"  {name}: shift {m['energy_shift_finite']:+.2f} kT (finite), reverse ESS "
               f"{m['reverse_ess']:.2%} (clipped top 1e-4: {m['reverse_ess_clipped']:.2%}), "
               f"forward ESS {m['forward_ess']:.2%}, log Z gap {m['log_z_gap']:+.3f}, ΔF "
-              f"reweighted {m['delta_f_reweighted']:.2f} ± {m['delta_f_reweighted_err']:.2f} kT, "
-              f"Rama KL {m['kl_rama']:.3f} raw / {m['kl_rama_reweighted']:.3f} reweighted; at the "
-              f"floor's size {m['kl_rama_matched']:.3f} / {m['kl_rama_reweighted_matched']:.3f} "
-              f"(floor {ref['kl_rama_floor']:.3f}); BG value "
-              + (f"{m['bg_value']:.3g}" if math.isfinite(m["bg_value"]) else "not measurable "
-                 "here (MD's τ is not)"))  # fmt: skip
+              f"reweighted {delta_f}, Rama KL {m['kl_rama']:.3f} raw / "
+              f"{m['kl_rama_reweighted']:.3f} reweighted; at the floor's size "
+              f"{m['kl_rama_matched']:.3f} / {m['kl_rama_reweighted_matched']:.3f} "
+              f"(floor {ref['kl_rama_floor']:.3f}); BG value {value}")  # fmt: skip
 
 
 if __name__ == "__main__":

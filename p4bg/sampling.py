@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from analysis.geometry import dihedral, is_l_chirality
+from analysis.geometry import dihedral
 from p4bg import distributed, units
 from p4bg.config import ENERGIES, ConfigError
 from p4bg.distributed import SINGLE, World, shard_sizes
@@ -268,7 +268,7 @@ def _sample_shard(bg: Any, energy: Any, system: Any, stream: LatentStream, n: in
             writer.write(angstrom, {
                 "u": u, "log_q": log_q, "log_w": log_w,
                 "phi": dihedral(xyz, system.phi_atoms), "psi": dihedral(xyz, system.psi_atoms),
-                "finite": np.isfinite(xyz).all(axis=(1, 2)), "is_l": is_l_chirality(xyz),
+                "finite": np.isfinite(xyz).all(axis=(1, 2)), "is_l": system.is_l(xyz),
             })  # fmt: skip
             done += size
             bar.update(size)

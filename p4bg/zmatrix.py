@@ -47,6 +47,7 @@ __all__ = [
     "backbone_dihedrals",
     "build_layout",
     "central_residue",
+    "chirality_centres",
 ]
 
 BACKBONE = ("N", "CA", "C")
@@ -113,6 +114,17 @@ def backbone_dihedrals(topology: Any) -> list[tuple[str, tuple[int, ...], tuple[
         phi = (prev_c.index, n.index, ca.index, c.index)
         psi = (n.index, ca.index, c.index, nxt_n.index)
         out.append((f"{res.name}{res.resSeq}", phi, psi))
+    return out
+
+
+def chirality_centres(topology: Any) -> list[tuple[int, int, int, int]]:
+    """(N, CA, C, CB) atom indices of every residue that has all four (glycine has no CB):
+    the atoms whose handedness tells L from D (analysis.geometry.is_l_chirality)."""
+    out = []
+    for res in topology.residues:
+        atoms = [_atom(res, name) for name in ("N", "CA", "C", "CB")]
+        if None not in atoms:
+            out.append(tuple(a.index for a in atoms))
     return out
 
 

@@ -573,8 +573,26 @@ def test_new_keys_in_ensemble_and_reference_metrics():
     assert {row[1] for row in ROWS} - {None} <= set(ref)
     table = markdown_table(ref, {"model": m}, 4.99)
     assert "reverse ESS (clipped top 1e-4)" in table
-    assert f"{m['delta_f_reweighted']:.2f} ± {m['delta_f_reweighted_err']:.2f} kT" in table
-    assert f"{ref['delta_f']:.2f} ± {ref['delta_f_err']:.2f} kT" in table
+    # ... and no ΔF from them either: the table says why (the value stays in the metrics)
+    assert ref["delta_f_note"].startswith("not measurable here") and ref["delta_f_note"] in table
+    assert f"| ΔF φ>0 vs φ<0, raw | {ref['delta_f_note']} |" in table  # the MD cell
+    # equal weights: every φ > 0 sample counts, enough for a reweighted ΔF with its error
+    even = ensemble_metrics(u, np.zeros(len(u)), phi, psi, np.ones(len(u), bool),
+                            np.ones(len(u), bool), {"u": u, "phi": phi, "psi": psi}, 5.0, log_w,
+                            4.0, ref["independent_samples_per_second"])  # fmt: skip
+    assert even["delta_f_reweighted_note"] is None
+    assert even["effective_samples_phi_positive"] == pytest.approx(np.sum(phi > 0))
+    shown = f"{even['delta_f_reweighted']:.2f} ± {even['delta_f_reweighted_err']:.2f} kT"
+    assert shown in markdown_table(ref, {"model": even}, 4.99)
+    # a reweighted ΔF resting on a handful of φ > 0 samples is not printed as a number
+    few = np.where(phi > 0, -30.0, log_w)
+    few[np.flatnonzero(phi > 0)[:3]] = 0.0
+    m_few = ensemble_metrics(u, few, phi, psi, np.ones(len(u), bool), np.ones(len(u), bool),
+                             {"u": u, "phi": phi, "psi": psi}, 5.0, log_w, 4.0,
+                             ref["independent_samples_per_second"])  # fmt: skip
+    assert m_few["effective_samples_phi_positive"] < 10
+    assert m_few["delta_f_reweighted_note"].startswith("not measurable here: ")
+    assert m_few["delta_f_reweighted_note"] in markdown_table(ref, {"model": m_few}, 4.99)
 
 
 def test_training_figure_with_ess_and_per_basin_columns(tmp_path):

@@ -117,6 +117,18 @@ class MolecularSystem:
         """Thermal energy at ``temperature``, kJ/mol."""
         return R * self.temperature
 
+    def is_l(self, xyz: np.ndarray) -> np.ndarray:
+        """True for the frames in which every residue with a CB is an L amino acid.
+
+        xyz: positions, shape (frames, n_atoms, 3), nm. Non-finite frames are False."""
+        from analysis.geometry import is_l_chirality
+        from p4bg.zmatrix import chirality_centres
+
+        out = np.ones(len(xyz), dtype=bool)
+        for n, ca, c, cb in chirality_centres(self.topology):
+            out &= is_l_chirality(xyz, n, ca, c, cb)
+        return out
+
     def make_integrator(self, temperature: float | None = None, seed: int = 0) -> Any:
         """A fresh OpenMM integrator as ``system.toml`` specifies, with its random seed set."""
         import openmm
