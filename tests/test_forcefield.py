@@ -173,8 +173,17 @@ def test_compiled_evaluation_matches_eager(system, frames, dtype):
     tol = 1e-12 if dtype == torch.float64 else 2e-5
     torch.testing.assert_close(v, u, rtol=tol, atol=tol)
     torch.testing.assert_close(y.grad, x.grad, rtol=tol, atol=tol * x.grad.abs().max().item())
+    # u of an MD frame (a few kT) is a sum of terms thousands of times larger that cancel, so
+    # float32 promises agreement only to its own rounding error of that sum: measured against
+    # float64 on the 20 MD frames, another float32 evaluation (the compiled graph for a batch
+    # of 5: other kernels, another summation order) must agree to within a few times it.
+    atol = tol
+    if dtype == torch.float32:
+        u64 = eager(torch.tensor(frames[:20], dtype=torch.float64)).detach()
+        atol = max(tol, 4 * float((u[:20].detach().double() - u64).abs().max()))
+        assert atol < 1e-3  # kT: a rounding error, not a different energy
     with torch.no_grad():
-        torch.testing.assert_close(compiled(x[:5]), u[:5].detach(), rtol=tol, atol=tol)
+        torch.testing.assert_close(compiled(x[:5]), u[:5].detach(), rtol=0, atol=atol)
 
 
 def test_batched_equals_single_and_chunks_do_not_matter(system, frames):
