@@ -21,7 +21,7 @@ from p4bg.systems.peptide import (
     from_sequence,
     write_system,
 )
-from p4bg.zmatrix import backbone_dihedrals
+from p4bg.zmatrix import backbone_dihedrals, chirality_centres
 
 ROOT = Path(__file__).resolve().parents[1]
 ALA_PDB = SYSTEMS_DIR / "alanine_dipeptide" / "alanine_dipeptide.pdb"
@@ -162,3 +162,16 @@ def test_the_whole_pipeline_runs_on_a_new_tetrapeptide(tmp_path):
     assert traj.n_atoms == 42 and traj.n_frames == 300
     report = (tmp_path / "runs" / "ala4" / "report" / "report.md").read_text()
     assert "| ΔF, reweighted |" in report
+
+
+def test_all_twenty_amino_acids_are_built_l_and_load():
+    """Every standard residue: side chains placed by PDBFixer on the built CB come out L (ILE,
+    MET, PRO, THR and VAL came out D when PDBFixer fitted them to N, CA, C and O alone)."""
+    molecule = from_sequence("ACDEFGHIKLMNPQRSTVWY")
+    top = mdtraj.Topology.from_openmm(molecule.topology)
+    assert [r.name for r in top.residues][1:-1] == [
+        "ALA", "CYS", "ASP", "GLU", "PHE", "GLY", "HIS", "ILE", "LYS", "LEU", "MET", "ASN",
+        "PRO", "GLN", "ARG", "SER", "THR", "VAL", "TRP", "TYR"]  # fmt: skip
+    for n, ca, c, cb in chirality_centres(top):
+        assert is_l_chirality(molecule.positions[None], n, ca, c, cb)[0], top.atom(ca).residue
+    assert len(chirality_centres(top)) == 19  # all but glycine

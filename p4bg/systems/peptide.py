@@ -4,8 +4,11 @@ OpenMM's Modeller and PDBFixer complete residues that are there (missing heavy a
 but start no chain from nothing, and the field's other builders (tleap, PeptideBuilder) bring a
 toolchain or leave the caps out; so the backbone of ACE-sequence-NME is laid here, from standard
 peptide geometry (Engh & Huber bond lengths and angles, trans peptide bonds, the
-polyproline II conformation φ = −75°, ψ = 145°), and PDBFixer adds every side chain and
-hydrogen, then OpenMM minimises the result in the chosen force field.
+polyproline II conformation φ = −75°, ψ = 145°) with each residue's CB on the L side, and
+PDBFixer adds the rest of every side chain and the hydrogens, then OpenMM minimises the result
+in the chosen force field. The CB matters: fitted to N, CA, C and O alone, PDBFixer's templates
+came out D for isoleucine, methionine, proline, threonine and valine. Every residue of the
+result is checked to be L.
 
 Everything is in nm and degrees at the edges; the PDB written is the system's atom order.
 """
@@ -44,6 +47,8 @@ FORCEFIELD = ("amber99sbildn.xml", "amber99_obc.xml")  # the default system's fo
 N_CA, CA_C, C_N, C_O, CH3_C = 0.1458, 0.1525, 0.1329, 0.1231, 0.1520
 ANGLE_C_N_CA, ANGLE_N_CA_C, ANGLE_CA_C_N, ANGLE_N_C_O = 121.7, 111.2, 116.2, 122.7
 PHI, PSI, OMEGA = -75.0, 145.0, 180.0
+# CB of an L residue: |CA–CB|, ∠C–CA–CB and the improper torsion N–C–CA–CB
+CA_CB, ANGLE_C_CA_CB, CB_TORSION = 0.1530, 110.1, 122.6
 
 
 class PeptideError(ValueError):
@@ -85,6 +90,8 @@ def backbone_pdb(residues: list[str]) -> str:
         ca = _place(prev_ca, prev_c, n, N_CA, ANGLE_C_N_CA, OMEGA)
         cc = _place(prev_c, n, ca, CA_C, ANGLE_N_CA_C, PHI)
         chain += [("N", name, k, n), ("CA", name, k, ca), ("C", name, k, cc)]
+        if name != "GLY":  # CB fixes the handedness PDBFixer's side chain is fitted to: L
+            chain.append(("CB", name, k, _place(n, cc, ca, CA_CB, ANGLE_C_CA_CB, CB_TORSION)))
         n_next = _place(n, ca, cc, C_N, ANGLE_CA_C_N, PSI)
         prev_ca, prev_c, n = ca, cc, n_next
     last = len(residues) + 2
@@ -162,6 +169,18 @@ def _minimise(topology: Any, positions: Any, forcefield: tuple[str, ...]) -> np.
     return np.asarray(state.getPositions(asNumpy=True).value_in_unit(unit.nanometer))
 
 
+def _d_residues(topology: Any, positions: np.ndarray) -> list[str]:
+    """Residues (like ``"ALA2"``) whose CA is not L-handed in ``positions`` (n_atoms, 3) nm."""
+    import mdtraj
+
+    from analysis.geometry import is_l_chirality
+    from p4bg.zmatrix import chirality_centres
+
+    top = mdtraj.Topology.from_openmm(topology)
+    return [str(top.atom(centre[1]).residue) for centre in chirality_centres(top)
+            if not is_l_chirality(positions[None], *centre)[0]]  # fmt: skip
+
+
 def from_sequence(sequence: str, forcefield: tuple[str, ...] = FORCEFIELD, ph: float = 7.0,
                   seed: int = 0) -> PreparedMolecule:  # fmt: skip
     """ACE-``sequence``-NME (one-letter codes), side chains and hydrogens added, minimised."""
@@ -174,6 +193,9 @@ def from_sequence(sequence: str, forcefield: tuple[str, ...] = FORCEFIELD, ph: f
     _complete(fixer, ph, notes, seed)
     positions = _minimise(fixer.topology, fixer.positions, forcefield)
     notes.append("minimised in " + " + ".join(forcefield))
+    wrong = _d_residues(fixer.topology, positions)
+    if wrong:  # the built CB makes every residue L; a D one here is a bug, not an input
+        raise PeptideError(f"the built structure has D residues {wrong}; please report it")
     return PreparedMolecule(fixer.topology, positions, notes)
 
 
@@ -214,6 +236,9 @@ def from_pdb(path: str | Path, forcefield: tuple[str, ...] = FORCEFIELD, ph: flo
     _complete(fixer, ph, notes, seed)
     positions = _minimise(fixer.topology, fixer.positions, forcefield)
     notes.append("minimised in " + " + ".join(forcefield))
+    wrong = _d_residues(fixer.topology, positions)
+    if wrong:  # kept as given, but said: p4bg's chirality checks count these as violations
+        notes.append(f"D residues in the structure: {', '.join(wrong)}")
     return PreparedMolecule(fixer.topology, positions, notes)
 
 
