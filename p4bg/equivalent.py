@@ -69,8 +69,9 @@ class EquivalentAtomsError(ValueError):
 class EquivalentGroup:
     """Three (or two) interchangeable hydrogens on one atom (0-based atom indices, PDB order).
 
-    center: the atom carrying them (A). neighbor: its one heavy neighbour (X).
-    hydrogens: (H1, H2, H3) in PDB order. reference_sign: ±1, the sign of the orientation ``s``
+    center: the atom carrying them (A). neighbor: its (first) heavy neighbour (X); second: a
+    pair's other heavy neighbour (Y), −1 for a rotor. hydrogens: (H1, H2, H3) or (H1, H2) in PDB
+    order. reference_sign: ±1, the sign of the orientation ``s``
     (module docstring) in the system PDB; frames with the other sign get H2 and H3 exchanged.
     """
 

@@ -46,6 +46,7 @@ __all__ = [
     "LayoutError",
     "backbone_dihedrals",
     "build_layout",
+    "central_dihedrals",
     "central_residue",
     "chirality_centres",
 ]
@@ -115,6 +116,17 @@ def backbone_dihedrals(topology: Any) -> list[tuple[str, tuple[int, ...], tuple[
         psi = (n.index, ca.index, c.index, nxt_n.index)
         out.append((f"{res.name}{res.resSeq}", phi, psi))
     return out
+
+
+def central_dihedrals(topology: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(φ atoms, ψ atoms) of :func:`central_residue`: the system's default φ/ψ."""
+    centre = central_residue(topology)
+    for label, phi, psi in backbone_dihedrals(topology):
+        if label == f"{centre.name}{centre.resSeq}":
+            return phi, psi
+    raise LayoutError(f"the central residue {centre.name}{centre.resSeq} has no neighbour on "
+                      "one side, so no φ or ψ; cap the chain (ACE, NME) or write [dihedrals]"
+                      )  # fmt: skip
 
 
 def chirality_centres(topology: Any) -> list[tuple[int, int, int, int]]:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from p4bg.units import R
-from p4bg.zmatrix import LayoutError, backbone_dihedrals, build_layout, central_residue
+from p4bg.zmatrix import LayoutError, build_layout, central_dihedrals, chirality_centres
 
 # Where a system named by its folder name is looked for, in order: ./systems/ (a user's own, in
 # the working directory), the repository's systems/ (a clone, or an editable install), and the
@@ -122,7 +122,6 @@ class MolecularSystem:
 
         xyz: positions, shape (frames, n_atoms, 3), nm. Non-finite frames are False."""
         from analysis.geometry import is_l_chirality
-        from p4bg.zmatrix import chirality_centres
 
         out = np.ones(len(xyz), dtype=bool)
         for n, ca, c, cb in chirality_centres(self.topology):
@@ -253,16 +252,11 @@ def load_system(name_or_path: str | Path, temperature: float | None = None) -> M
                 coords = {"rigid_atoms": layout.rigid_atoms.tolist(),
                           "z_matrix": layout.z_matrix.tolist()}  # fmt: skip
             if "dihedrals" not in data:
-                centre = central_residue(topology)
-                _, phi_auto, psi_auto = next(
-                    d for d in backbone_dihedrals(topology)
-                    if d[0] == f"{centre.name}{centre.resSeq}"
-                )  # fmt: skip
+                phi_auto, psi_auto = central_dihedrals(topology)
                 data["dihedrals"] = {"phi": list(phi_auto), "psi": list(psi_auto)}
-        except (LayoutError, StopIteration) as err:
+        except LayoutError as err:
             raise _fail(file, "coordinates" if coords is None else "dihedrals",
-                        f"is missing and cannot be made from {pdb_path.name} "
-                        f"({err or 'the central residue has no neighbour on one side'})"
+                        f"is missing and cannot be made from {pdb_path.name} ({err})"
                         ) from err  # fmt: skip
     rigid = _int_list(coords["rigid_atoms"], file, "coordinates.rigid_atoms", n_atoms)
     rows = coords["z_matrix"]

@@ -16,6 +16,7 @@ Everything is in nm and degrees at the edges; the PDB written is the system's at
 from __future__ import annotations
 
 import io
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -252,7 +253,7 @@ def write_system(molecule: PreparedMolecule, folder: str | Path, name: str,
     import openmm.app as app
 
     from p4bg.files import write_atomic
-    from p4bg.zmatrix import backbone_dihedrals, build_layout, central_residue
+    from p4bg.zmatrix import build_layout, central_dihedrals, central_residue
 
     folder = Path(folder)
     if folder.exists():
@@ -260,8 +261,7 @@ def write_system(molecule: PreparedMolecule, folder: str | Path, name: str,
     topology = mdtraj.Topology.from_openmm(molecule.topology)
     layout = build_layout(topology, molecule.positions)
     centre = central_residue(topology)
-    dihedrals = {label: (phi, psi) for label, phi, psi in backbone_dihedrals(topology)}
-    phi, psi = dihedrals[f"{centre.name}{centre.resSeq}"]
+    phi, psi = central_dihedrals(topology)
     folder.mkdir(parents=True)
     pdb = folder / f"{name}.pdb"
     with io.StringIO() as text:
@@ -276,7 +276,7 @@ def write_system(molecule: PreparedMolecule, folder: str | Path, name: str,
         f'name = "{name}"\n'
         f'pdb = "{pdb.name}"\n\n'
         "[forcefield]\n"
-        f"files = [{', '.join(repr(f).replace(chr(39), chr(34)) for f in forcefield)}]\n"
+        f"files = {json.dumps(list(forcefield))}\n"  # a JSON list of strings is TOML too
         'nonbonded_method = "NoCutoff"\n'
         'constraints = "None"\n\n'
         "[simulation]\n"

@@ -37,9 +37,8 @@ def learning_rate(config: TrainConfig, step: int) -> float:
         base, start = config.anneal_lr, config.nll_steps + config.mixed_steps
         length = config.anneal_steps
         if config.anneal_final_decay and not decay:
-            # the last stage starts where anneal_temperature's last stage does
-            offset = -(-(config.anneal_stages - 1) * config.anneal_steps // config.anneal_stages)
-            start, length, decay = start + offset, length - offset, step >= start + offset
+            last = _stage_start(config, config.anneal_stages - 1)
+            start, length, decay = last, start + length - last, step >= last
     lr = base
     if decay and length > 1:
         t = (step - start) / (length - 1)
@@ -74,7 +73,13 @@ def anneal_temperature(config: TrainConfig, temperatures: Temperatures, step: in
 
 def anneal_ladder(config: TrainConfig, temperatures: Temperatures) -> list[float]:
     """The annealing stages' temperatures, K, in order (the last is the target)."""
-    start = config.nll_steps + config.mixed_steps
-    steps = [start + math.ceil(k * config.anneal_steps / config.anneal_stages)
-             for k in range(config.anneal_stages)]  # fmt: skip
+    steps = [_stage_start(config, k) for k in range(config.anneal_stages)]
     return [anneal_temperature(config, temperatures, s) for s in steps]
+
+
+def _stage_start(config: TrainConfig, k: int) -> int:
+    """The first optimizer step of annealing stage ``k`` (0-based): the first step that
+    :func:`anneal_temperature` puts in it."""
+    return (
+        config.nll_steps + config.mixed_steps + -(-k * config.anneal_steps // config.anneal_stages)
+    )
