@@ -7,9 +7,17 @@ scale factors, dielectrics, the surface energy, even Coulomb's constant) is read
 uses the supported forces: ``HarmonicBondForce``, ``HarmonicAngleForce``,
 ``PeriodicTorsionForce``, ``NonbondedForce`` (``NoCutoff``, with exceptions and their 1–4
 scaling), ``GBSAOBCForce`` (``NoCutoff``; OBC-II Born radii, solute and solvent dielectrics, the
-ACE surface-area term) and ``CMMotionRemover`` (no energy). Anything else is refused by name with
+ACE surface-area term), the ``CustomGBForce`` forms of OBC-I and OBC-II that OpenMM's Amber
+tools write (``openmm.app.internal.customgbforces.GBSAOBC1Force`` / ``GBSAOBC2Force``: what
+``AmberPrmtopFile.createSystem(implicitSolvent=OBC1)`` and ``implicit/obc1.xml`` make; no
+cutoff, no salt) and ``CMMotionRemover`` (no energy). Anything else is refused by name with
 :class:`UnsupportedForceError`. The OBC expressions are those of OpenMM's reference platform
-(``ReferenceObc.cpp``), including the case of an atom inside another's scaled sphere.
+(``ReferenceObc.cpp``), including the case of an atom inside another's scaled sphere; the
+custom forms differ from it in three ways, each carried as a parameter: their own α, β, γ (OBC-I:
+0.8, 0, 2.909125), no correction for an atom inside another's scaled sphere, and the surface
+term for every atom (``ReferenceObc`` skips atoms with a negative Born radius). A CustomGBForce
+is recognised by regenerating OpenMM's own expressions for its dielectrics and comparing them
+string for string, so that any other custom GB model is refused rather than misread.
 
 Positions are [batch, 3·n_atoms] nm; energies kJ/mol; gradients kJ/mol/nm.
 """
@@ -33,7 +41,7 @@ __all__ = [
 ]
 
 # OBC-II (Onufriev, Bashford & Case 2004), as OpenMM's GBSAOBCForce uses them
-_OBC_ALPHA, _OBC_BETA, _OBC_GAMMA = 1.0, 0.8, 4.85
+_OBC2 = (1.0, 0.8, 4.85)  # α, β, γ of tanh(α ψ − β ψ² + γ ψ³)
 _DIELECTRIC_OFFSET = 0.009  # nm
 _PROBE_RADIUS = 0.14  # nm
 SUPPORTED_FORCES = (
@@ -42,6 +50,7 @@ SUPPORTED_FORCES = (
     "PeriodicTorsionForce",
     "NonbondedForce",
     "GBSAOBCForce",
+    "CustomGBForce",
     "CMMotionRemover",
 )
 
@@ -138,12 +147,83 @@ def read_system(system: Any) -> dict[str, Any]:
             if force.getNonbondedMethod() != openmm.GBSAOBCForce.NoCutoff:
                 raise _refuse(name, f"uses nonbonded method {force.getNonbondedMethod()}")
             q, radius, scale = _particle_table(force, n).T
-            solute, solvent = force.getSoluteDielectric(), force.getSolventDielectric()
-            p["gb_charge"], p["gb_radius"], p["gb_scale"] = q, radius, scale
-            p["gb_dielectric_factor"] = (
-                (1.0 / solute - 1.0 / solvent) if solute != 0 and solvent != 0 else 0.0
-            )
+            offset = radius - _DIELECTRIC_OFFSET
+            p.update(_gb_common(q, offset, offset * scale, force.getSoluteDielectric(),
+                                force.getSolventDielectric()))  # fmt: skip
             p["gb_surface"] = 4.0 * math.pi * force.getSurfaceAreaEnergy()._value
+            p["gb_obc"] = _OBC2
+            p["gb_coulomb"] = None  # OpenMM's own constant, measured (coulomb_constant)
+            p["gb_reference_form"] = True
+        elif isinstance(force, openmm.CustomGBForce):
+            p.update(_read_custom_obc(force, n))
+    return p
+
+
+def _gb_common(q: Any, offset: Any, scaled: Any, solute: float, solvent: float) -> dict:
+    return {
+        "gb_charge": q,
+        "gb_offset": offset,  # nm: the atom's radius less the dielectric offset
+        "gb_scaled": scaled,  # nm: its offset radius times its screening (HCT scale) factor
+        "gb_dielectric_factor": (1.0 / solute - 1.0 / solvent) if solute and solvent else 0.0,
+    }
+
+
+_CUSTOM_OBC = {"GBSAOBC1Force": (0.8, 0.0, 2.909125), "GBSAOBC2Force": _OBC2}
+
+
+def _custom_gb_terms(force: Any) -> list[tuple[str, str, int]]:
+    """Every expression of a CustomGBForce with its kind, in order, for comparison."""
+    out = []
+    for i in range(force.getNumComputedValues()):
+        value, expr, kind = force.getComputedValueParameters(i)
+        out.append((f"value {value}", expr, int(kind)))
+    for i in range(force.getNumEnergyTerms()):
+        expr, kind = force.getEnergyTermParameters(i)
+        out.append(("energy", expr, int(kind)))
+    return out
+
+
+def _read_custom_obc(force: Any, n: int) -> dict[str, Any]:
+    """The parameters of a CustomGBForce that is one of OpenMM's OBC forms (see the module
+    docstring), or :class:`UnsupportedForceError` saying what differs."""
+    import re
+
+    import openmm
+    from openmm.app.internal import customgbforces
+
+    name = "CustomGBForce"
+    if force.getNonbondedMethod() != openmm.CustomGBForce.NoCutoff:
+        raise _refuse(name, f"uses nonbonded method {force.getNonbondedMethod()}")
+    count = force.getNumPerParticleParameters()
+    names = [force.getPerParticleParameterName(i) for i in range(count)]
+    if (names != ["charge", "or", "sr"] or force.getNumGlobalParameters()
+            or force.getNumTabulatedFunctions() or force.getNumExclusions()):  # fmt: skip
+        raise _refuse(name, f"with per-particle parameters {names} is not one of OpenMM's OBC "
+                      "forms (openmm.app.internal.customgbforces)")  # fmt: skip
+    terms = _custom_gb_terms(force)
+    energies = [expr for what, expr, _ in terms if what == "energy"]
+    found = re.search(r"solventDielectric=([^;]+); soluteDielectric=([^;]+); kappa=([^;]+)",
+                      energies[0] if energies else "")  # fmt: skip
+    if found is None:
+        raise _refuse(name, "has no GB energy term with solvent and solute dielectrics")
+    solvent, solute, kappa = (float(v) for v in found.groups())
+    if kappa != 0.0:
+        raise _refuse(name, f"screens with salt (kappa = {kappa:g}/nm)")
+    surface = "ACE" if len(energies) == 3 else None
+    for model in _CUSTOM_OBC:
+        expected = getattr(customgbforces, model)(solvent, solute, surface, None, 0.0)
+        if _custom_gb_terms(expected) == terms:
+            break
+    else:
+        raise _refuse(name, "is not one of OpenMM's OBC forms (GBSAOBC1Force, GBSAOBC2Force of "
+                      "openmm.app.internal.customgbforces, without cutoff or salt)")  # fmt: skip
+    q, offset, scaled = _particle_table(force, n).T
+    p = _gb_common(q, offset, scaled, solute, solvent)
+    # the constants as the expressions write them: Coulomb's and 4π times the surface energy
+    p["gb_coulomb"] = float(re.match(r"-0\.5\*([0-9.]+)\*", energies[0]).group(1))
+    p["gb_surface"] = float(energies[1].split("*")[0]) if surface else 0.0
+    p["gb_obc"] = _CUSTOM_OBC[model]
+    p["gb_reference_form"] = False
     return p
 
 
@@ -261,14 +341,16 @@ def _obc(
     term = (l_inv - u_inv + 0.25 * r * (u2 - l2) + 0.5 * inv * log_ul
             + 0.25 * scaled2 * inv * (l2 - u2))  # fmt: skip
     # the receiving atom entirely inside the source's scaled sphere (Tinker's correction)
-    inside = offset < scaled - r
+    inside = p["gb_inside_recv"] < scaled - r  # +inf in the custom forms: no correction
     active = offset < r + scaled
     term = torch.where(active, torch.where(inside, term + p["gb_inside"] - 2.0 * l_inv, term), 0.0)
     psi = term @ p["gb_scatter"]  # [batch, atoms]: (offset radius / 2) · Σ_j term
-    tanh = torch.tanh(psi * (_OBC_ALPHA + psi * (_OBC_GAMMA * psi - _OBC_BETA)))
+    alpha, beta, gamma = p["gb_alpha"], p["gb_beta"], p["gb_gamma"]
+    tanh = torch.tanh(psi * (alpha + psi * (gamma * psi - beta)))
     inv_born = p["gb_offset_inv"] - tanh * p["gb_radius_inv"]
-    # ACE non-polar term, for atoms with a positive Born radius (OpenMM skips the others)
-    positive = inv_born > 0
+    # ACE non-polar term: for atoms with a positive Born radius in GBSAOBCForce (OpenMM skips
+    # the others), for every atom in the custom forms (floor −inf)
+    positive = inv_born > p["gb_ace_floor"]
     inv_born2 = inv_born * inv_born
     inv_born4 = inv_born2 * inv_born2
     energy = torch.where(positive, p["gb_surface6"] * inv_born4 * inv_born2, 0.0).sum(1)
@@ -289,7 +371,7 @@ def _obc(
     d_born = (d_born2 * born_second) @ p["gb_first_t"] + (d_born2 * born_first) @ p["gb_second_t"]
     d_inv_born = (torch.where(positive, 6.0 * p["gb_surface6"] * inv_born4 * inv_born, 0.0)
                   + p["gb_self"] - d_born * born * born)  # fmt: skip
-    d_arg = _OBC_ALPHA + psi * (3.0 * _OBC_GAMMA * psi - 2.0 * _OBC_BETA)
+    d_arg = alpha + psi * (3.0 * gamma * psi - 2.0 * beta)
     d_psi = -d_inv_born * p["gb_radius_inv"] * (1.0 - tanh * tanh) * d_arg
     d_term = d_psi @ p["gb_scatter_t"]  # [batch, 2·pairs]
     dl = torch.where(outer, torch.sign(r_minus), 0.0)  # ∂l/∂r
@@ -342,20 +424,23 @@ def build_tables(p: dict[str, Any], coulomb: float) -> tuple[dict[str, np.ndarra
             t["nb_sig2"] = p["nb_sigma"][first, second] ** 2
             t["nb_4eps"] = 4.0 * p["nb_epsilon"][first, second]
         if "gb_charge" in p:
-            radius, q = p["gb_radius"], p["gb_charge"]
-            offset = radius - _DIELECTRIC_OFFSET
-            scaled = offset * p["gb_scale"]
+            q, offset, scaled = p["gb_charge"], p["gb_offset"], p["gb_scaled"]
+            radius = offset + _DIELECTRIC_OFFSET
             receiver = np.concatenate([first, second])
             source = np.concatenate([second, first])
             t["gb_offset_recv"], t["gb_scaled_src"] = offset[receiver], scaled[source]
             t["gb_scaled2_src"], t["gb_inside"] = scaled[source] ** 2, 2.0 / offset[receiver]
+            reference = p["gb_reference_form"]
+            t["gb_inside_recv"] = offset[receiver] if reference else np.full(len(receiver), np.inf)
+            t["gb_ace_floor"] = np.array(0.0 if reference else -np.inf)
+            t["gb_alpha"], t["gb_beta"], t["gb_gamma"] = (np.array(v) for v in p["gb_obc"])
             scatter = np.zeros((len(receiver), n))
             scatter[np.arange(len(receiver)), receiver] = 0.5 * offset[receiver]
             t["gb_scatter"], t["gb_scatter_t"] = scatter, scatter.T
             t["gb_offset_inv"], t["gb_radius_inv"] = 1.0 / offset, 1.0 / radius
             t["gb_first"], t["gb_second"] = np.eye(n)[:, first], np.eye(n)[:, second]
             t["gb_first_t"], t["gb_second_t"] = t["gb_first"].T, t["gb_second"].T
-            pre = -coulomb * p["gb_dielectric_factor"]
+            pre = -(p["gb_coulomb"] or coulomb) * p["gb_dielectric_factor"]
             t["gb_qq"] = pre * q[first] * q[second]
             t["gb_self"] = 0.5 * pre * q**2
             t["gb_surface6"] = p["gb_surface"] * (radius + _PROBE_RADIUS) ** 2 * radius**6

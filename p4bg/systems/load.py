@@ -53,13 +53,16 @@ class SystemConfigError(ValueError):
 _NONBONDED = ("NoCutoff", "CutoffNonPeriodic", "CutoffPeriodic", "Ewald", "PME", "LJPME")
 _CONSTRAINTS = ("None", "HBonds", "AllBonds", "HAngles")
 _INTEGRATORS = ("LangevinMiddle", "Langevin")
+_IMPLICIT = ("None", "HCT", "OBC1", "OBC2", "GBn", "GBn2")
 
 # key -> (type, required); sections are dicts of the same shape.
 _SCHEMA: dict[str, Any] = {
     "name": (str, True),
     "pdb": (str, True),
     "forcefield": {
-        "files": (list, True),
+        "files": (list, False),  # OpenMM force-field XML files; or:
+        "prmtop": (str, False),  # an Amber prmtop in the folder (atom order = the PDB's)
+        "implicit_solvent": (str, False),  # with a prmtop: the GB model
         "nonbonded_method": (str, True),
         "constraints": (str, True),
     },
@@ -97,6 +100,8 @@ class MolecularSystem:
     phi_atoms: tuple[int, int, int, int]
     psi_atoms: tuple[int, int, int, int]
     forcefield_files: list[str] = field(default_factory=list)
+    prmtop: str | None = None  # the Amber prmtop the System comes from, if not from XML files
+    implicit_solvent: str = "None"  # with a prmtop: OpenMM's GB model
     nonbonded_method: str = "NoCutoff"
     constraints: str = "None"
     integrator: str = "LangevinMiddle"
@@ -233,6 +238,19 @@ def load_system(name_or_path: str | Path, temperature: float | None = None) -> M
         raise _fail(file, "forcefield.nonbonded_method", f"must be one of {_NONBONDED}")
     if ff["constraints"] not in _CONSTRAINTS:
         raise _fail(file, "forcefield.constraints", f"must be one of {_CONSTRAINTS}")
+    if ("files" in ff) == ("prmtop" in ff):
+        raise _fail(file, "forcefield", "must name either files (OpenMM XML) or a prmtop")
+    if "implicit_solvent" in ff and "prmtop" not in ff:
+        raise _fail(
+            file,
+            "forcefield.implicit_solvent",
+            "goes with a prmtop; with XML files name an implicit-solvent file instead",
+        )
+    if ff.get("implicit_solvent", "None") not in _IMPLICIT:
+        raise _fail(file, "forcefield.implicit_solvent", f"must be one of {_IMPLICIT}")
+    if "prmtop" in ff and not (folder / ff["prmtop"]).is_file():
+        missing = folder / ff["prmtop"]
+        raise _fail(file, "forcefield.prmtop", f"names {missing}, which does not exist")
     if sim["integrator"] not in _INTEGRATORS:
         raise _fail(file, "simulation.integrator", f"must be one of {_INTEGRATORS}")
     for key in ("temperature", "timestep_fs", "friction_per_ps"):
@@ -243,7 +261,20 @@ def load_system(name_or_path: str | Path, temperature: float | None = None) -> M
 
     pdb = app.PDBFile(str(pdb_path))
     n_atoms = pdb.topology.getNumAtoms()
-    topology = mdtraj.Topology.from_openmm(pdb.topology)
+    constraints = None if ff["constraints"] == "None" else getattr(app, ff["constraints"])
+    if "prmtop" in ff:
+        system, omm_topology = _prmtop_system(
+            folder / ff["prmtop"], pdb.topology, file, ff, constraints
+        )
+    else:
+        omm_topology = pdb.topology
+        forcefield = app.ForceField(*ff["files"])
+        system = forcefield.createSystem(
+            pdb.topology,
+            nonbondedMethod=getattr(app, ff["nonbonded_method"]),
+            constraints=constraints,
+        )
+    topology = mdtraj.Topology.from_openmm(omm_topology)
     positions = np.array(pdb.getPositions(asNumpy=True)._value, dtype=np.float64)  # nm
     if coords is None or "dihedrals" not in data:
         try:
@@ -288,17 +319,11 @@ def load_system(name_or_path: str | Path, temperature: float | None = None) -> M
     phi = tuple(_int_list(dihedrals["phi"], file, "dihedrals.phi", n_atoms, 4))
     psi = tuple(_int_list(dihedrals["psi"], file, "dihedrals.psi", n_atoms, 4))
 
-    forcefield = app.ForceField(*ff["files"])
-    system = forcefield.createSystem(
-        pdb.topology,
-        nonbondedMethod=getattr(app, ff["nonbonded_method"]),
-        constraints=None if ff["constraints"] == "None" else getattr(app, ff["constraints"]),
-    )
     return MolecularSystem(
         name=data["name"],
         path=folder,
         topology=topology,
-        openmm_topology=pdb.topology,
+        openmm_topology=omm_topology,
         openmm_system=system,
         temperature=float(sim["temperature"] if temperature is None else temperature),
         positions=positions,
@@ -306,13 +331,48 @@ def load_system(name_or_path: str | Path, temperature: float | None = None) -> M
         rigid_atoms=np.asarray(rigid, dtype=np.int64),
         phi_atoms=phi,  # type: ignore[arg-type]
         psi_atoms=psi,  # type: ignore[arg-type]
-        forcefield_files=list(ff["files"]),
+        forcefield_files=list(ff.get("files", [])),
+        prmtop=ff.get("prmtop"),
+        implicit_solvent=ff.get("implicit_solvent", "None"),
         nonbonded_method=ff["nonbonded_method"],
         constraints=ff["constraints"],
         integrator=sim["integrator"],
         timestep_fs=float(sim["timestep_fs"]),
         friction_per_ps=float(sim["friction_per_ps"]),
     )
+
+
+def _prmtop_system(
+    path: Path, topology: Any, file: Path, ff: dict, constraints: Any
+) -> tuple[Any, Any]:
+    """The System of an Amber prmtop, built as openmmtools builds its test systems
+    (``AmberPrmtopFile.createSystem``), and the prmtop's topology (its bonds are the force
+    field's), after checking that its atoms are the PDB's in the same order (residue and
+    element: OpenMM's PDB reader renames some hydrogens), since the PDB gives the positions."""
+    import openmm.app as app
+
+    prmtop = app.AmberPrmtopFile(str(path))
+    theirs = [(a.residue.name, a.element.symbol) for a in prmtop.topology.atoms()]
+    ours = [(a.residue.name, a.element.symbol) for a in topology.atoms()]
+    if theirs != ours:
+        first = next(
+            (k for k, (a, b) in enumerate(zip(theirs, ours, strict=False)) if a != b), len(ours)
+        )
+        raise _fail(file, "forcefield.prmtop",
+                    f"has {len(theirs)} atoms, the PDB {len(ours)}; they differ first at atom "
+                    f"{first} ({theirs[first] if first < len(theirs) else '-'} in the prmtop, "
+                    f"{ours[first] if first < len(ours) else '-'} in the PDB): write the PDB from "
+                    "the prmtop's topology")  # fmt: skip
+    implicit = ff.get("implicit_solvent", "None")
+    method = ff["nonbonded_method"]
+    if method != "NoCutoff":
+        raise _fail(file, "forcefield.nonbonded_method", "must be NoCutoff with a prmtop")
+    system = prmtop.createSystem(
+        nonbondedMethod=app.NoCutoff,
+        implicitSolvent=None if implicit == "None" else getattr(app, implicit),
+        constraints=constraints,
+    )
+    return system, prmtop.topology
 
 
 def available_platforms() -> list[str]:
