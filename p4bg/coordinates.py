@@ -28,6 +28,12 @@ Latent layout: ``[bonds (17) | angles (17) | torsions (17) | rigid block (9)]``.
   and the weights ``−u − log q`` and the KL term are off by log J(c); with it (relative to J(0)),
   log q is the density with respect to Cartesian volume on the quotient.
   ``block_volume=False`` is the transform of runs from before it, kept bitwise.
+* Constraints (``constraints = "HBonds"``, :mod:`p4bg.constraints`): a Z-matrix bond that the
+  System constrains is held at its constraint length and leaves the latent space (the bonds
+  block lists only the free bonds), and ``ladj`` gains ``½ log det Z_M(x)``, the volume factor
+  of the constraint manifold in mass-weighted coordinates, so that ``log q`` is a density with
+  respect to the measure that constrained MD samples ``exp(−u)`` in. Without constraints the
+  transform is bitwise what it was.
 
 Densities live on the 60-dim space modulo rigid motion; the energy is invariant to that motion.
 Near-degenerate geometry (collinear reference atoms, angles at 0 or π) and torsion tails beyond
@@ -47,6 +53,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from p4bg.constraints import ConstraintVolume, fixed_bond_rows
 from p4bg.equivalent import canonicalize_equivalent_atoms_torch, equivalent_groups
 from p4bg.geometry import (
     block_log_volume,
@@ -159,7 +166,16 @@ class MixedCoordinateTransform(Bijection):
             self.register_buffer(f"stage_index_{k}", torch.as_tensor(stage), persistent=False)
         self.n_internal = len(self.z_matrix)
         self.n_rigid_latent = 3 * len(self.rigid) - 6
-        self.dim = 3 * self.n_internal + self.n_rigid_latent
+        # constrained bonds: held at their length, out of the latent space (p4bg.constraints)
+        fixed, lengths = fixed_bond_rows(system, self.z_matrix)
+        self.n_fixed = len(fixed)
+        free = np.setdiff1d(np.arange(self.n_internal), fixed)
+        self.register_buffer("free_bonds", torch.as_tensor(free), persistent=False)
+        self.register_buffer("fixed_length", torch.as_tensor(lengths), persistent=False)
+        order = np.argsort(np.concatenate([free, fixed]))  # [free | fixed] -> row order
+        self.register_buffer("bond_order", torch.as_tensor(order), persistent=False)
+        self.constraint_volume = ConstraintVolume.of(system)
+        self.dim = 3 * self.n_internal - self.n_fixed + self.n_rigid_latent
         self.cartesian_dim = 3 * self.n_atoms
 
     @classmethod
@@ -197,7 +213,7 @@ class MixedCoordinateTransform(Bijection):
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, cartesian_dim={self.cartesian_dim}, rigid={self.rigid.tolist()}, "
-            f"block_volume={self.block_volume}"
+            f"block_volume={self.block_volume}, fixed_bonds={self.n_fixed}"
         )
 
     # ------------------------------------------------------------------------- bijection
@@ -214,6 +230,8 @@ class MixedCoordinateTransform(Bijection):
         ladj = ladj + ladj_z
         if self.block_volume:
             ladj = ladj + block_log_volume(rigid_xyz, self.reference)
+        if self.constraint_volume is not None:
+            ladj = ladj + self.constraint_volume(xyz)
         return xyz.reshape(-1, self.cartesian_dim), ladj
 
     def inverse(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -235,22 +253,29 @@ class MixedCoordinateTransform(Bijection):
         ladj = ladj + ladj_z
         if self.block_volume:  # aligned = reference + B c exactly: Kabsch leaves no rigid part
             ladj = ladj - block_log_volume(aligned, self.reference)
+        if self.constraint_volume is not None:
+            ladj = ladj - self.constraint_volume(xyz)
         return z, ladj
 
     def latent_to_internal(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``z`` [batch, 60] -> (internal [batch, 17, 3] (nm, rad, rad), rigid block
         [batch, 5, 3] nm in the reference frame, ladj [batch]): the normalisations and the
         whitening, without the Z-matrix geometry."""
-        k = self.n_internal
-        zb, za, zt, zr = z[:, :k], z[:, k : 2 * k], z[:, 2 * k : 3 * k], z[:, 3 * k :]
-        yb = self.bond_mu + self.bond_s * zb
+        k, kb = self.n_internal, self.n_internal - self.n_fixed
+        zb, za, zt, zr = z[:, :kb], z[:, kb : kb + k], z[:, kb + k : kb + 2 * k], z[:, kb + 2 * k :]
+        if self.n_fixed:
+            free = self.free_bonds
+            yb = self.bond_mu[free] + self.bond_s[free] * zb
+            fixed = self.fixed_length.to(z.dtype).expand(len(z), -1)
+            bonds = torch.cat([torch.exp(yb), fixed], 1)[:, self.bond_order]
+        else:
+            yb = self.bond_mu + self.bond_s * zb
+            bonds = torch.exp(yb)
         ya = self.angle_mu + self.angle_s * za
         yt = self.torsion_mu + self.torsion_s * zt
         rel, clamped = _torsion_from_probit(yt)
         self._count(clamped.sum(1))
-        internal = torch.stack(
-            [torch.exp(yb), math.pi * torch.sigmoid(ya), self.torsion_centre + rel], -1
-        )
+        internal = torch.stack([bonds, math.pi * torch.sigmoid(ya), self.torsion_centre + rel], -1)
         c = self.c_mean + (zr * self.pca_std) @ self.pca_vectors.T
         rigid_xyz = self.reference + (c @ self.basis.T).reshape(-1, len(self.rigid), 3)
         return internal, rigid_xyz, self._normalisation_ladj(yb, ya, yt)
@@ -260,6 +285,9 @@ class MixedCoordinateTransform(Bijection):
         ``reference``. Returns (z [batch, 60], ladj [batch])."""
         bonds, angles, torsions = internal.unbind(-1)
         yb = torch.log(bonds)
+        mu_b, s_b = self.bond_mu, self.bond_s
+        if self.n_fixed:  # the constrained bonds are not coordinates
+            yb, mu_b, s_b = yb[:, self.free_bonds], mu_b[self.free_bonds], s_b[self.free_bonds]
         frac = angles / math.pi  # in (0, 1): cartesian_to_zmatrix clamps θ away from 0 and π
         ya = torch.log(frac) - torch.log1p(-frac)
         yt, clamped = _torsion_probit(_wrap(torsions - self.torsion_centre))
@@ -267,7 +295,7 @@ class MixedCoordinateTransform(Bijection):
         c = (aligned - self.reference).reshape(len(aligned), -1) @ self.basis
         z = torch.cat(
             [
-                (yb - self.bond_mu) / self.bond_s,
+                (yb - mu_b) / s_b,
                 (ya - self.angle_mu) / self.angle_s,
                 (yt - self.torsion_mu) / self.torsion_s,
                 ((c - self.c_mean) @ self.pca_vectors) / self.pca_std,
@@ -278,7 +306,8 @@ class MixedCoordinateTransform(Bijection):
 
     def _normalisation_ladj(self, yb: Tensor, ya: Tensor, yt: Tensor) -> Tensor:
         """log|d(internal)/dz| of the elementwise maps plus the whitening's ½ Σ log λ."""
-        bonds = torch.log(self.bond_s) + yb  # b = exp(y), y = μ + s z
+        s_b = self.bond_s[self.free_bonds] if self.n_fixed else self.bond_s
+        bonds = torch.log(s_b) + yb  # b = exp(y), y = μ + s z (free bonds only)
         angles = (  # θ = π σ(y)
             math.log(math.pi)
             + torch.log(self.angle_s)

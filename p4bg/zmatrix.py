@@ -9,6 +9,9 @@ The rule:
   standard residue N, CA, C, HA and CB; glycine's HA2, HA3 instead of HA, CB). The central
   residue is the middle one of the non-cap residues (the lower middle for an even count), so the
   block sits where the chain's torsions accumulate least.
+  With constraints (``HBonds``), an atom whose distance to the CA is constrained (HA) is left
+  out of the block and placed on the CA like any other atom, its torsion taken within the block:
+  every constrained distance is then a Z-matrix bond, which the transform holds fixed.
 * **Placement order**: breadth first through the bond graph from the block. Around each placed
   atom its unplaced neighbours are placed backbone atoms first (N, CA, C), then other heavy
   atoms, then hydrogens, each group by index.
@@ -33,6 +36,7 @@ loadable.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -145,10 +149,15 @@ def _sin_angle(p: np.ndarray, q: np.ndarray, r: np.ndarray) -> float:
     return float(np.linalg.norm(np.cross(u, v)) / (np.linalg.norm(u) * np.linalg.norm(v)))
 
 
-def build_layout(topology: Any, positions: np.ndarray) -> Layout:
+def build_layout(
+    topology: Any, positions: np.ndarray, constrained: Iterable[tuple[int, int]] = ()
+) -> Layout:
     """The layout of the module docstring for an mdtraj Topology with bonds.
 
-    positions: one structure, shape (n_atoms, 3), nm: only to refuse collinear references."""
+    positions: one structure, shape (n_atoms, 3), nm: only to refuse collinear references.
+    constrained: the atom pairs whose distance the System constrains (``HBonds``): an atom
+    constrained to the central CA stays out of the rigid block, so that every constrained
+    distance is the bond of a Z-matrix row, which the coordinate transform holds fixed."""
     n = topology.n_atoms
     positions = np.asarray(positions, dtype=np.float64).reshape(n, 3)
     if topology.n_bonds == 0:
@@ -167,7 +176,9 @@ def build_layout(topology: Any, positions: np.ndarray) -> Layout:
         return (0 if backbone else 1 if heavy else 2, i)
 
     centre = _atom(central_residue(topology), "CA")
-    block = sorted([centre.index, *neighbours[centre.index]])
+    fixed = {frozenset((int(i), int(j))) for i, j in constrained}
+    block = sorted([centre.index, *(i for i in neighbours[centre.index]
+                                    if frozenset((i, centre.index)) not in fixed)])  # fmt: skip
     if len(block) < 3:
         raise LayoutError(f"atom {centre.index} ({centre}) has {len(block) - 1} bonded atoms; "
                           "the rigid block needs at least 3 atoms")  # fmt: skip
@@ -194,8 +205,14 @@ def build_layout(topology: Any, positions: np.ndarray) -> Layout:
                 siblings = [i for i in placed_on[b] if i != c]
                 chain = sorted((i for i in neighbours[c] if i in parent and i != b), key=rank)
                 others = sorted((i for i in placed_b if i not in (c, *siblings)), key=rank)
-                row = next(([a, b, c, d] for d in siblings + chain + others if ok(a, b, c, d)),
-                           None)  # fmt: skip
+                # on the central CA (an atom kept out of the block): a torsion within the block
+                rigid = (
+                    sorted((i for i in block if i not in (b, c)), key=rank)
+                    if b == centre.index
+                    else []
+                )
+                row = next(([a, b, c, d] for d in siblings + rigid + chain + others
+                            if ok(a, b, c, d)), None)  # fmt: skip
                 if row:
                     break
             if row is None:

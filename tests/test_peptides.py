@@ -139,10 +139,12 @@ def test_chirality_of_every_residue(tripeptide):
 
 
 def test_the_whole_pipeline_runs_on_a_new_tetrapeptide(tmp_path):
-    """ACE-(ALA)3-NME from its sequence through MD, training, sampling and analysis, each as the
-    README runs it (tiny sizes: the numbers mean nothing, the plumbing is what is tested)."""
+    """ACE-(ALA)3-NME with HBonds constraints (the tetrapeptide benchmark's setup) from its
+    sequence through MD, training, sampling and analysis, each as the README runs it (tiny
+    sizes: the numbers mean nothing, the plumbing is what is tested); the samples carry the
+    constraint lengths."""
     steps = [
-        ["p4bg.systems", "new", "ala4", "--sequence", "AAA"],
+        ["p4bg.systems", "new", "ala4", "--sequence", "AAA", "--constraints", "HBonds"],
         ["p4bg.simulate", "--system", "ala4", "--ns", "0.01", "--save-every-ps", "0.1",
          "--replicas", "1", "--workers", "1", "--equilibration-ps", "1", "--out", "data/ala4",
          "--no-progress"],
@@ -160,6 +162,12 @@ def test_the_whole_pipeline_runs_on_a_new_tetrapeptide(tmp_path):
     traj = mdtraj.load(str(tmp_path / "runs" / "ala4" / "samples.dcd"),
                        top=str(tmp_path / "runs" / "ala4" / "samples.pdb"))  # fmt: skip
     assert traj.n_atoms == 42 and traj.n_frames == 300
+    system = load_system(tmp_path / "systems" / "ala4")
+    pairs = np.array(sorted(system.constrained_bonds))
+    lengths = np.array([system.constrained_bonds[tuple(p)] for p in pairs])
+    bonds = np.linalg.norm(traj.xyz[:, pairs[:, 1]] - traj.xyz[:, pairs[:, 0]], axis=-1)
+    finite = np.isfinite(bonds).all(1)
+    assert len(pairs) == 22 and np.abs(bonds[finite] / lengths - 1).max() < 1e-5  # float32 DCD
     report = (tmp_path / "runs" / "ala4" / "report" / "report.md").read_text()
     assert "| ΔF, reweighted |" in report
 

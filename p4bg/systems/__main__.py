@@ -43,6 +43,7 @@ class NewSystemOptions:
     out: str = option("systems", "folder the system's folder goes in")
     forcefield: list[str] = option(list(FORCEFIELD), "OpenMM force field files", metavar="XML")
     temperature: float = option(600.0, "MD temperature default, K (the data's temperature)")
+    constraints: str = option("None", "None, or HBonds (X-H bond lengths fixed, 2 fs MD step)")
     ph: float = option(7.0, "pH at which hydrogens are added")
     seed: int = option(0, "seed of PDBFixer's placement of missing atoms")
 
@@ -54,6 +55,8 @@ def _new(argv: list[str]) -> None:
     if not opts.name.replace("_", "").replace("-", "").isalnum():
         raise ConfigError(f"name {opts.name!r}: use letters, digits, '_' and '-' only")
     forcefield = tuple(opts.forcefield)
+    if opts.constraints not in ("None", "HBonds"):
+        raise ConfigError(f"--constraints {opts.constraints!r}: use None or HBonds")
     if opts.sequence:
         molecule = from_sequence(opts.sequence, forcefield, opts.ph, opts.seed)
         source = f"--sequence {opts.sequence}"
@@ -61,7 +64,8 @@ def _new(argv: list[str]) -> None:
         molecule = from_pdb(opts.pdb, forcefield, opts.ph, opts.seed)
         source = f"--pdb {Path(opts.pdb).name}"
     folder = Path(opts.out) / opts.name
-    toml = write_system(molecule, folder, opts.name, forcefield, opts.temperature, source)
+    toml = write_system(molecule, folder, opts.name, forcefield, opts.temperature, source,
+                        opts.constraints)  # fmt: skip
     system = load_system(folder)  # what every command will read: checked now
     print(f"wrote {folder}: {system.n_atoms} atoms, "
           f"{'-'.join(r.name for r in system.topology.residues)}")  # fmt: skip

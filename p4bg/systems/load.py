@@ -118,6 +118,16 @@ class MolecularSystem:
         return 3 * self.n_atoms
 
     @property
+    def constrained_bonds(self) -> dict[tuple[int, int], float]:
+        """The distances the System constrains (``constraints`` = "HBonds"): ``{(i, j): nm}``
+        with i < j; empty without constraints."""
+        out = {}
+        for k in range(self.openmm_system.getNumConstraints()):
+            i, j, length = self.openmm_system.getConstraintParameters(k)
+            out[(min(i, j), max(i, j))] = float(getattr(length, "_value", length))
+        return out
+
+    @property
     def kT(self) -> float:
         """Thermal energy at ``temperature``, kJ/mol."""
         return R * self.temperature
@@ -279,7 +289,9 @@ def load_system(name_or_path: str | Path, temperature: float | None = None) -> M
     if coords is None or "dihedrals" not in data:
         try:
             if coords is None:
-                layout = build_layout(topology, positions)
+                pairs = [system.getConstraintParameters(k)[:2]
+                         for k in range(system.getNumConstraints())]  # fmt: skip
+                layout = build_layout(topology, positions, pairs)
                 coords = {"rigid_atoms": layout.rigid_atoms.tolist(),
                           "z_matrix": layout.z_matrix.tolist()}  # fmt: skip
             if "dihedrals" not in data:

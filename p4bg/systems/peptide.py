@@ -245,10 +245,13 @@ def from_pdb(path: str | Path, forcefield: tuple[str, ...] = FORCEFIELD, ph: flo
 
 def write_system(molecule: PreparedMolecule, folder: str | Path, name: str,
                  forcefield: tuple[str, ...] = FORCEFIELD, temperature: float = 600.0,
-                 source: str = "") -> Path:  # fmt: skip
+                 source: str = "", constraints: str = "None") -> Path:  # fmt: skip
     """``folder/`` with ``NAME.pdb`` and a ``system.toml`` holding the force field, the MD
     defaults, the generated coordinate layout and the central residue's φ/ψ. Returns the
-    system.toml's path. An existing folder is an error (nothing is overwritten)."""
+    system.toml's path. An existing folder is an error (nothing is overwritten).
+
+    constraints: "None", or "HBonds": every bond to a hydrogen is constrained (OpenMM's rule),
+    the layout keeps those bonds as Z-matrix bonds, and the MD step is 2 fs instead of 1 fs."""
     import mdtraj
     import openmm.app as app
 
@@ -259,7 +262,12 @@ def write_system(molecule: PreparedMolecule, folder: str | Path, name: str,
     if folder.exists():
         raise PeptideError(f"{folder} exists; choose another name or remove it")
     topology = mdtraj.Topology.from_openmm(molecule.topology)
-    layout = build_layout(topology, molecule.positions)
+    if constraints not in ("None", "HBonds"):
+        raise PeptideError(f"constraints {constraints!r}: use None or HBonds")
+    hydrogen = {a.index for a in topology.atoms if a.element.symbol == "H"}
+    pairs = [(a.index, b.index) for a, b in topology.bonds if constraints == "HBonds"
+             and (a.index in hydrogen or b.index in hydrogen)]  # fmt: skip
+    layout = build_layout(topology, molecule.positions, pairs)
     centre = central_residue(topology)
     phi, psi = central_dihedrals(topology)
     folder.mkdir(parents=True)
@@ -278,11 +286,11 @@ def write_system(molecule: PreparedMolecule, folder: str | Path, name: str,
         "[forcefield]\n"
         f"files = {json.dumps(list(forcefield))}\n"  # a JSON list of strings is TOML too
         'nonbonded_method = "NoCutoff"\n'
-        'constraints = "None"\n\n'
+        f'constraints = "{constraints}"\n\n'
         "[simulation]\n"
         f"temperature = {float(temperature)}\n"
         'integrator = "LangevinMiddle"\n'
-        "timestep_fs = 1.0\n"
+        f"timestep_fs = {2.0 if constraints == 'HBonds' else 1.0}\n"
         "friction_per_ps = 1.0\n\n"
         f"{layout.as_toml()}\n"
         "[dihedrals]\n"
