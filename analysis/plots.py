@@ -234,3 +234,45 @@ def plot_training(path: str | Path, runs: dict[str, dict[str, np.ndarray]]) -> P
         ax.legend(fontsize=8)
         ax.set_title("Reverse ESS during training")
     return _save(fig, path)
+
+
+def plot_tica(
+    path: str | Path,
+    panels: list[tuple[str, np.ndarray, np.ndarray | None]],
+    edges: list[np.ndarray],
+    columns: int | None = None,
+) -> Path:
+    """Free energy ``−ln p`` (kT, minimum 0) on the first two TICA components, one panel per
+    ensemble: (label, points (n, 2), log-weights or None). ``edges``: the grid (the MD
+    reference's range), shared by every panel so that the maps compare cell by cell."""
+    plt = _pyplot()
+    n = len(panels)
+    cols = columns or min(n, 4)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.2 * rows), squeeze=False)
+    image = None
+    for ax, (label, points, log_w) in zip(axes.flat, panels, strict=False):
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("TIC 1")
+        ok = np.isfinite(points).all(1)
+        try:
+            weights = None if log_w is None else normalised_weights(log_w)[ok]
+            hist, _, _ = np.histogram2d(points[ok, 0], points[ok, 1], bins=edges, weights=weights)
+            if not hist.sum() > 0:
+                raise ValueError
+        except ValueError:
+            ax.text(0.5, 0.5, "no samples\nwith weight", ha="center", va="center",
+                    transform=ax.transAxes)  # fmt: skip
+            continue
+        with np.errstate(divide="ignore"):
+            free = -np.log(hist / hist.sum())
+        free -= free[np.isfinite(free)].min()
+        image = ax.pcolormesh(edges[0], edges[1], np.ma.masked_invalid(free).T, cmap="viridis",
+                              vmin=0, vmax=10)  # fmt: skip
+    for ax in axes[:, 0]:
+        ax.set_ylabel("TIC 2")
+    for ax in list(axes.flat)[n:]:
+        ax.set_visible(False)
+    if image is not None:
+        fig.colorbar(image, ax=axes, label="−ln p (kT)", shrink=0.8)
+    return _save(fig, path)

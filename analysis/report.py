@@ -170,9 +170,11 @@ def report_md_text(
     models: dict[str, dict[str, Any]],
     info: dict[str, Any],
     figures: list[str],
+    sections: list[str] | None = None,
 ) -> str:
     """report.md's text: what was compared, the metrics table, the figures, and how to read them.
-    figures: paths of the PNGs relative to the report."""
+    figures: paths of the PNGs relative to the report; sections: more lines (the per-residue
+    ones, :func:`residue_report_lines`) placed before the figures."""
     lines = [
         "# p4bg analysis report",
         "",
@@ -217,5 +219,50 @@ def report_md_text(
         "Failed samples count in N with weight 0.",
         "",
     ]
+    lines += sections or []
     lines += [f"![{Path(f).stem}]({f})" for f in figures]
     return "\n".join(lines) + "\n"
+
+
+def _value(m: dict[str, Any], key: str, note_key: str | None = None) -> str:
+    if note_key and m.get(note_key):
+        return "n/m"
+    value, err = m.get(key), m.get(f"{key}_err")
+    if not isinstance(value, int | float) or not math.isfinite(value):
+        return "–"
+    return f"{value:.2f} ± {err:.2f}" if isinstance(err, int | float) else f"{value:.3f}"
+
+
+def residue_report_lines(residues: dict[str, Any], tica: dict[str, Any] | None) -> list[str]:
+    """The per-residue section of report.md: a table of every residue's Ramachandran KL (raw,
+    reweighted, floor) and ΔF(φ>0 vs φ<0) (MD, each model reweighted), and the joint view's
+    KL on the TICA plane; 'n/m' marks a ΔF that is not measurable (too few transitions or
+    effective samples; metrics.json says which)."""
+    if not residues:
+        return []
+    names = list(next(iter(residues.values()))["models"])
+    header = ["residue", "KL floor", "ΔF MD (kT)"]
+    for name in names:
+        header += [f"{name} KL raw", f"{name} KL rew.", f"{name} ΔF rew. (kT)"]
+    lines = ["## Per residue", "", "| " + " | ".join(header) + " |",
+             "|" + "---|" * len(header)]  # fmt: skip
+    for label, entry in residues.items():
+        ref = entry["reference"]
+        row = [label, f"{ref['kl_rama_floor']:.3f}", _value(ref, "delta_f", "delta_f_note")]
+        for name in names:
+            m = entry["models"][name]
+            row += [f"{m['kl_rama']:.3f}", f"{m['kl_rama_reweighted']:.3f}",
+                    _value(m, "delta_f_reweighted", "delta_f_reweighted_note")]  # fmt: skip
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "KL and ΔF as in the metrics table, for each residue's own φ and ψ; the floor "
+              "compares the halves of the reference frames."]  # fmt: skip
+    if tica:
+        lines += ["", "## Joint view: TICA", "",
+                  f"The first two time-lagged independent components of (cos, sin) of every φ "
+                  f"and ψ, fitted on the reference's time series at a lag of {tica['lag_frames']} "
+                  f"frames (autocorrelations {', '.join(f'{v:.3f}' for v in tica['eigenvalues'])})"
+                  f"; KL on a {tica['bins']} × {tica['bins']} grid over the reference's range: "
+                  f"floor {tica['kl_floor']:.3f}."]  # fmt: skip
+        for name, m in tica["models"].items():
+            lines.append(f"- `{name}`: KL {m['kl']:.3f} raw, {m['kl_reweighted']:.3f} reweighted")
+    return [*lines, ""]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -151,7 +152,7 @@ def test_the_whole_pipeline_runs_on_a_new_tetrapeptide(tmp_path):
         ["p4bg.train", "--preset", "smoke", "--system", "ala4", "--data", "data/ala4", "--out",
          "runs/ala4", "--no-progress"],
         ["p4bg.sample", "runs/ala4", "--n-samples", "300", "--no-progress"],
-        ["p4bg.analyze", "runs/ala4", "--reference", "data/ala4"],
+        ["p4bg.analyze", "runs/ala4", "--reference", "data/ala4", "--tica-lag-ps", "0.1"],
     ]  # fmt: skip
     for argv in steps:
         result = subprocess.run([sys.executable, "-m", *argv], cwd=tmp_path, capture_output=True,
@@ -170,6 +171,12 @@ def test_the_whole_pipeline_runs_on_a_new_tetrapeptide(tmp_path):
     assert len(pairs) == 22 and np.abs(bonds[finite] / lengths - 1).max() < 1e-5  # float32 DCD
     report = (tmp_path / "runs" / "ala4" / "report" / "report.md").read_text()
     assert "| ΔF, reweighted |" in report
+    assert "## Per residue" in report and "| ALA4 |" in report and "## Joint view: TICA" in report
+    metrics = json.loads((tmp_path / "runs" / "ala4" / "report" / "metrics.json").read_text())
+    assert list(metrics["residues"]) == ["ALA2", "ALA3", "ALA4"]
+    assert metrics["tica"]["lag_frames"] == 1 and len(metrics["tica"]["eigenvalues"]) == 2
+    for figure in ("residues.png", "tica.png"):
+        assert (tmp_path / "runs" / "ala4" / "report" / figure).stat().st_size > 10_000
 
 
 def test_all_twenty_amino_acids_are_built_l_and_load():
