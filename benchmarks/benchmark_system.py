@@ -1,0 +1,168 @@
+"""One benchmark system from nothing to its report: 300 K reference, 600 K data, the generator,
+100,000 samples, and analyze against the reference (docs/results.md, "Benchmark systems").
+
+    python benchmarks/benchmark_system.py alanine_tetrapeptide
+    python benchmarks/benchmark_system.py alanine_tetrapeptide          # again: continues
+    python benchmarks/benchmark_system.py alanine_dipeptide_ff96 --only reference data
+    python benchmarks/benchmark_system.py alanine_hexapeptide --workers 1
+
+Steps, each skipped once done (a marker in OUT/done/) and each resumable when killed, since
+every command it runs is (`--resume`):
+
+  reference  replica exchange at 300-600 K (p4bg.remd) into data/SYSTEM_300K_remd: the 300 K
+             frames are the reference, its MBAR the ΔF of the central residue
+  data       600 K MD (p4bg.simulate) into data/SYSTEM_600K: the training data
+  600K       a spline + P4Inv flow learns the frames (the demo's recipe, preset demo600)
+  300K       annealed to 300 K on its own reweighted samples (preset demo300)
+  samples    100,000 conformations at 300 K with energies and weights (p4bg.sample)
+  analyze    p4bg.analyze against the reference (--split all): per-residue KLs and ΔF, TICA
+
+OUT (default runs/bench/SYSTEM) gets log.txt (every command and its output), bench.json (wall
+and CPU seconds of each step) and, from analyze, report/. The energy evaluations each step
+spent are added to report/metrics.json under "energy_evaluations".
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# replica exchange per system: temperatures in the 300-600 K ladder, ns per temperature per chain
+REFERENCE = {
+    "alanine_dipeptide_ff96": {"n_temperatures": 6, "ns": 3.0},
+    "alanine_tetrapeptide": {"n_temperatures": 6, "ns": 5.0},
+    "alanine_hexapeptide": {"n_temperatures": 8, "ns": 5.0},
+}
+STEPS = ("reference", "data", "600K", "300K", "samples", "analyze")
+
+
+def _python(*args: str) -> list[str]:
+    return [sys.executable, "-m", *args]
+
+
+def commands(system: str, out: Path, seed: int, workers: int, samples: int) -> dict[str, list]:
+    ref = REFERENCE.get(system, {"n_temperatures": 6, "ns": 5.0})
+    reference, data = ROOT / "data" / f"{system}_300K_remd", ROOT / "data" / f"{system}_600K"
+    bg600, bg300 = out / "bg600", out / "bg300"
+
+    def train(preset: str, run: Path, *extra: str) -> list[str]:
+        if (run / "checkpoint.pt").is_file():
+            return _python("p4bg.train", "--resume", str(run), "--no-progress")
+        return _python("p4bg.train", "--preset", preset, f"--system={system}", f"--seed={seed}",
+                       f"--data={data}", "--out", str(run), "--no-progress", *extra)  # fmt: skip
+
+    return {
+        "reference": _python(
+            "p4bg.remd", "--system", system, "--ns", str(ref["ns"]), "--chains", "2",
+            "--n-temperatures", str(ref["n_temperatures"]), "--exchange-every-ps", "0.25",
+            "--seed", "0", "--workers", str(workers), "--out", str(reference), "--resume",
+            "--no-progress"),
+        "data": _python(
+            "p4bg.simulate", "--system", system, "--ns", "4", "--save-every-ps", "0.04",
+            "--replicas", "2", "--workers", str(workers), "--seed", str(seed), "--out",
+            str(data), "--resume", "--no-progress", "--equilibration-ps", "100"),
+        "600K": train("demo600", bg600),
+        "300K": train("demo300", bg300, f"--init={bg600}"),
+        "samples": _python("p4bg.sample", str(bg300), "--n-samples", str(samples), "--seed",
+                           str(seed), "--overwrite", "--no-progress"),
+        "analyze": _python("p4bg.analyze", str(bg300), "--reference", str(reference), "--split",
+                           "all", "--out", str(out / "report")),
+    }  # fmt: skip
+
+
+def md_evaluations(folder: Path) -> int:
+    """Force evaluations of a dataset (plain MD or replica exchange, every temperature):
+    production steps of its complete chunks and each replica's equilibration."""
+    import numpy as np
+
+    from p4bg.data import complete_chunks
+
+    meta = json.loads((folder / "metadata.json").read_text())
+    k = len(meta.get("temperatures_K", [0]))
+    frames = 0
+    for r in meta["replicas"]:
+        replica = folder / r["folder"]
+        frames += sum(len(np.load(replica / f"chunk_{i:05d}.npz")["energies"])
+                      for i in range(complete_chunks(replica)))  # fmt: skip
+    equilibration = round(float(meta["equilibration_ps"]) * 1000.0 / float(meta["timestep_fs"]))
+    return (frames * int(meta["steps_per_frame"]) + equilibration * len(meta["replicas"])) * k
+
+
+def generator_evaluations(system: str, out: Path, n_samples: int) -> dict[str, int]:
+    """What the generator spent in target-energy evaluations, by part (docs/design.md §5)."""
+    from p4bg.runs import read_config
+
+    counts = {"600 K MD (training data)": md_evaluations(ROOT / "data" / f"{system}_600K")}
+    validation = annealing = 0
+    for run in (out / "bg600", out / "bg300"):
+        config, _ = read_config(run)
+        with (run / "metrics.csv").open() as f:
+            rows = list(csv.DictReader(f))
+        validation += sum(1 for r in rows if r.get("val_nll")) * config.val_samples
+        annealing += config.anneal_steps * config.anneal_samples
+    counts.update(annealing=annealing, validation=validation, sampling=n_samples)
+    counts["generator, all"] = sum(counts.values())
+    counts["300 K reference (replica exchange, all temperatures)"] = md_evaluations(
+        ROOT / "data" / f"{system}_300K_remd")  # fmt: skip
+    return counts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("system")
+    parser.add_argument("--out", type=Path, default=None, help="default runs/bench/SYSTEM")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=2, help="MD processes (default 2)")
+    parser.add_argument("--samples", type=int, default=100_000)
+    parser.add_argument("--only", nargs="+", choices=STEPS, default=list(STEPS))
+    args = parser.parse_args()
+    out = args.out or ROOT / "runs" / "bench" / args.system
+    (out / "done").mkdir(parents=True, exist_ok=True)
+    record_path = out / "bench.json"
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {"steps": {}}
+    for name in STEPS:
+        if name not in args.only:
+            continue
+        marker = out / "done" / name
+        if marker.exists():
+            print(f"{name}: done before", flush=True)
+            continue
+        command = commands(args.system, out, args.seed, args.workers, args.samples)[name]
+        print(f"{name}: {' '.join(command)}", flush=True)
+        start = time.perf_counter()
+        with (out / "log.txt").open("a") as log:
+            log.write(f"\n$ {' '.join(command)}\n")
+            log.flush()
+            proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+            _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = code = os.waitstatus_to_exitcode(status)
+        seconds = {"wall_s": time.perf_counter() - start,
+                   "cpu_s": usage.ru_utime + usage.ru_stime}  # fmt: skip
+        previous = record["steps"].get(name, {"wall_s": 0.0, "cpu_s": 0.0})
+        record["steps"][name] = {k: previous.get(k, 0.0) + v for k, v in seconds.items()}
+        record_path.write_text(json.dumps(record, indent=1) + "\n")
+        if code != 0:
+            raise SystemExit(f"{name} failed (exit {code}); see {out / 'log.txt'}; rerun to "
+                             "continue")  # fmt: skip
+        marker.touch()
+        print(f"{name}: {seconds['wall_s']:.0f} s", flush=True)
+    metrics = out / "report" / "metrics.json"
+    if "analyze" in args.only and metrics.is_file():
+        result = json.loads(metrics.read_text())
+        n = next(iter(result["models"].values()))["n_samples"]
+        result["energy_evaluations"] = generator_evaluations(args.system, out, n)
+        result["bench_seconds"] = record["steps"]
+        metrics.write_text(json.dumps(result, indent=1) + "\n")
+        print(json.dumps(result["energy_evaluations"], indent=1))
+
+
+if __name__ == "__main__":
+    main()
