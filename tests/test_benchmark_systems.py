@@ -143,3 +143,46 @@ def test_obc2_custom_form_matches_and_other_custom_gb_models_are_refused():
     with pytest.raises(UnsupportedForceError, match="salt"):
         TorchEnergy(salty.createSystem(implicitSolvent=app.OBC1, implicitSolventSaltConc=0.15),
                     temperature=300.0)  # fmt: skip
+
+
+BENCHMARKS = ("alanine_dipeptide_ff96", "alanine_tetrapeptide", "alanine_hexapeptide")
+
+
+@pytest.fixture(scope="module", params=BENCHMARKS)
+def benchmark(request, tmp_path_factory):
+    system = load_system(request.param)
+    md = run_md(tmp_path_factory, frames=60, seed=2, steps_per_frame=50,
+                system_path=SYSTEMS_DIR / request.param)  # fmt: skip
+    return system, md
+
+
+def test_benchmark_layout_round_trips_md_frames(benchmark):
+    """The generated layout of each benchmark system: MD frames -> latent -> frames to 1e-5 nm
+    (the constraint tolerance of MD; rigid motion aside), latent -> frames -> latent exactly,
+    forward and inverse ladj cancelling, constrained lengths held."""
+    from p4bg.coordinates import MixedCoordinateTransform
+    from p4bg.geometry import kabsch_align
+
+    system, md = benchmark
+    transform = MixedCoordinateTransform(system, md[:50])
+    assert transform.dim == 3 * system.n_atoms - 6 - len(system.constrained_bonds)
+    x = torch.from_numpy(md[50:])
+    z, _ = transform.inverse(x)
+    back, ladj_f = transform(z)
+    target = x.reshape(len(x), -1, 3)
+    centred = target - target.mean(1, keepdim=True)
+    aligned = torch.cat([kabsch_align(back.reshape(len(x), -1, 3)[k : k + 1], centred[k])
+                         for k in range(len(x))])  # fmt: skip
+    assert (aligned - centred).abs().max() < 1e-5
+    z2, ladj_i2 = transform.inverse(back)
+    torch.testing.assert_close(z2, z, atol=1e-9, rtol=0)
+    torch.testing.assert_close(ladj_f + ladj_i2, torch.zeros_like(ladj_f), atol=1e-9, rtol=0)
+
+
+def test_torch_energy_evaluates_every_benchmark_system(benchmark):
+    """TorchEnergy on the benchmark Systems (OBC1 custom form; HBonds Systems, whose constrained
+    bonds have no energy term) against OpenMM on their MD frames."""
+    system, md = benchmark
+    energy = TorchEnergy(system)
+    rel, force = check(energy, system.openmm_system, md[:10])
+    assert rel < 1e-10 and force < 1e-6, (system.name, rel, force)

@@ -79,6 +79,10 @@ def run_jobs(
     ps_per_frame: MD time per frame, for the bar's ns/day.
     """
     ctx = mp.get_context("spawn")  # a fresh interpreter: no inherited OpenMM or thread state
+    # OpenMM's CPU platform takes every core in each process unless told: share them out
+    # among the processes that run at once (a setting of the user's own is kept)
+    at_once = max(1, min(workers, len(jobs)))
+    os.environ.setdefault("OPENMM_CPU_THREADS", str(max(1, (os.cpu_count() or 1) // at_once)))
     queue: Any = ctx.Queue()
     pending = list(jobs)
     kinds = {job.index: job.kind for job in jobs}
