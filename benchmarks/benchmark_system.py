@@ -25,7 +25,6 @@ spent are added to report/metrics.json under "energy_evaluations".
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import subprocess
@@ -78,39 +77,14 @@ def commands(system: str, out: Path, seed: int, workers: int, samples: int) -> d
     }  # fmt: skip
 
 
-def md_evaluations(folder: Path) -> int:
-    """Force evaluations of a dataset (plain MD or replica exchange, every temperature):
-    production steps of its complete chunks and each replica's equilibration."""
-    import numpy as np
+def evaluations(system: str, out: Path, n_samples: int) -> dict[str, int]:
+    """What the generator spent in target-energy evaluations, by part (docs/design.md §5), and
+    what its reference cost."""
+    from p4bg.demo_report import generator_evaluations, md_evaluations
 
-    from p4bg.data import complete_chunks
-
-    meta = json.loads((folder / "metadata.json").read_text())
-    k = len(meta.get("temperatures_K", [0]))
-    frames = 0
-    for r in meta["replicas"]:
-        replica = folder / r["folder"]
-        frames += sum(len(np.load(replica / f"chunk_{i:05d}.npz")["energies"])
-                      for i in range(complete_chunks(replica)))  # fmt: skip
-    equilibration = round(float(meta["equilibration_ps"]) * 1000.0 / float(meta["timestep_fs"]))
-    return (frames * int(meta["steps_per_frame"]) + equilibration * len(meta["replicas"])) * k
-
-
-def generator_evaluations(system: str, out: Path, n_samples: int) -> dict[str, int]:
-    """What the generator spent in target-energy evaluations, by part (docs/design.md §5)."""
-    from p4bg.runs import read_config
-
-    counts = {"600 K MD (training data)": md_evaluations(ROOT / "data" / f"{system}_600K")}
-    validation = annealing = 0
-    for run in (out / "bg600", out / "bg300"):
-        config, _ = read_config(run)
-        with (run / "metrics.csv").open() as f:
-            rows = list(csv.DictReader(f))
-        validation += sum(1 for r in rows if r.get("val_nll")) * config.val_samples
-        annealing += config.anneal_steps * config.anneal_samples
-    counts.update(annealing=annealing, validation=validation, sampling=n_samples)
-    counts["generator, all"] = sum(counts.values())
-    counts["300 K reference (replica exchange, all temperatures)"] = md_evaluations(
+    data = ROOT / "data" / f"{system}_600K"
+    counts = generator_evaluations(data, [out / "bg600", out / "bg300"], n_samples)
+    counts["300 K reference (replica exchange, every temperature)"] = md_evaluations(
         ROOT / "data" / f"{system}_300K_remd")  # fmt: skip
     return counts
 
@@ -158,7 +132,7 @@ def main() -> None:
     if "analyze" in args.only and metrics.is_file():
         result = json.loads(metrics.read_text())
         n = next(iter(result["models"].values()))["n_samples"]
-        result["energy_evaluations"] = generator_evaluations(args.system, out, n)
+        result["energy_evaluations"] = evaluations(args.system, out, n)
         result["bench_seconds"] = record["steps"]
         metrics.write_text(json.dumps(result, indent=1) + "\n")
         print(json.dumps(result["energy_evaluations"], indent=1))

@@ -35,7 +35,9 @@ from p4bg.units import kT
 
 __all__ = [
     "energy_evaluations",
+    "generator_evaluations",
     "load_reference",
+    "md_evaluations",
     "read_md",
     "read_training_curve",
     "write_demo_report",
@@ -121,9 +123,10 @@ def _conformations(run: Path, log_w: np.ndarray, out: Path, n: int = 10) -> Path
     return write_atomic(out, lambda tmp: frames.save_pdb(str(tmp)))
 
 
-def _md_evaluations(folder: Path) -> int:
+def md_evaluations(folder: Path) -> int:
     """Force evaluations of an MD dataset: its saved frames' steps and every replica's
-    equilibration (one evaluation per step)."""
+    equilibration (one evaluation per step), times the temperatures of a replica-exchange
+    ladder (p4bg.remd: every temperature integrates)."""
     meta = json.loads((folder / "metadata.json").read_text())
     frames = 0
     for r in meta["replicas"]:
@@ -131,15 +134,17 @@ def _md_evaluations(folder: Path) -> int:
         frames += sum(len(np.load(replica / f"chunk_{i:05d}.npz")["energies"])
                       for i in range(complete_chunks(replica)))  # fmt: skip
     equilibration = round(float(meta["equilibration_ps"]) * 1000.0 / float(meta["timestep_fs"]))
-    return frames * int(meta["steps_per_frame"]) + equilibration * len(meta["replicas"])
+    ladder = len(meta.get("temperatures_K", [0]))
+    return (frames * int(meta["steps_per_frame"]) + equilibration * len(meta["replicas"])) * ladder
 
 
-def energy_evaluations(out: Path, n_samples: int) -> dict[str, int]:
-    """What each part of the demo spent in target-energy evaluations (docs/design.md §5,
-    "Cost"): MD steps, annealing draws, validation samples, the final samples."""
-    counts = {"600 K MD": _md_evaluations(out / "data_600K")}
+def generator_evaluations(data: Path, runs: list[Path], n_samples: int) -> dict[str, int]:
+    """What a generator spent in target-energy evaluations (docs/design.md §5, "Cost"): the MD
+    of its training data ``data``, the annealing draws and validation samples of its training
+    ``runs``, and its ``n_samples`` final samples."""
+    counts = {"600 K MD": md_evaluations(data)}
     validation = annealing = 0
-    for run in (out / "bg600", out / "bg300"):
+    for run in runs:
         config, _ = read_config(run)
         with (run / "metrics.csv").open() as f:
             rows = list(csv.DictReader(f))
@@ -147,7 +152,13 @@ def energy_evaluations(out: Path, n_samples: int) -> dict[str, int]:
         annealing += config.anneal_steps * config.anneal_samples
     counts.update(annealing=annealing, validation=validation, sampling=n_samples)
     counts["generator, all"] = sum(counts.values())
-    counts["300 K MD, same CPU seconds"] = _md_evaluations(out / "md300")
+    return counts
+
+
+def energy_evaluations(out: Path, n_samples: int) -> dict[str, int]:
+    """What each part of the demo spent in target-energy evaluations, and the same-cost MD's."""
+    counts = generator_evaluations(out / "data_600K", [out / "bg600", out / "bg300"], n_samples)
+    counts["300 K MD, same CPU seconds"] = md_evaluations(out / "md300")
     return counts
 
 
