@@ -47,29 +47,39 @@ def _python(*args: str) -> list[str]:
     return [sys.executable, "-m", *args]
 
 
-def commands(system: str, out: Path, seed: int, workers: int, samples: int) -> dict[str, list]:
-    ref = REFERENCE.get(system, {"n_temperatures": 6, "ns": 5.0})
-    reference, data = ROOT / "data" / f"{system}_300K_remd", ROOT / "data" / f"{system}_600K"
-    bg600, bg300 = out / "bg600", out / "bg300"
+def commands(
+    system: str, out: Path, seed: int, workers: int, samples: int, data_root: Path, smoke: bool
+) -> dict[str, list]:
+    """The command of every step (``smoke``: every size tiny, for the tests)."""
+    from p4bg.demo import SMOKE
 
-    def train(preset: str, run: Path, *extra: str) -> list[str]:
+    ref = REFERENCE.get(system, {"n_temperatures": 6, "ns": 5.0})
+    reference, data = data_root / f"{system}_300K_remd", data_root / f"{system}_600K"
+    bg600, bg300 = out / "bg600", out / "bg300"
+    md_ns, equilibration = ("0.02", "1") if smoke else ("4", "100")
+    if smoke:
+        ref = {"n_temperatures": 3, "ns": 0.01}
+
+    def train(preset: str, run: Path, stage: str, *extra: str) -> list[str]:
         if (run / "checkpoint.pt").is_file():
             return _python("p4bg.train", "--resume", str(run), "--no-progress")
+        tiny = SMOKE[stage] if smoke else ()
         return _python("p4bg.train", "--preset", preset, f"--system={system}", f"--seed={seed}",
-                       f"--data={data}", "--out", str(run), "--no-progress", *extra)  # fmt: skip
+                       f"--data={data}", "--out", str(run), "--no-progress", *tiny,
+                       *extra)  # fmt: skip
 
     return {
         "reference": _python(
             "p4bg.remd", "--system", system, "--ns", str(ref["ns"]), "--chains", "2",
             "--n-temperatures", str(ref["n_temperatures"]), "--exchange-every-ps", "0.25",
             "--seed", "0", "--workers", str(workers), "--out", str(reference), "--resume",
-            "--no-progress"),
+            "--no-progress", "--equilibration-ps", equilibration),
         "data": _python(
-            "p4bg.simulate", "--system", system, "--ns", "4", "--save-every-ps", "0.04",
+            "p4bg.simulate", "--system", system, "--ns", md_ns, "--save-every-ps", "0.04",
             "--replicas", "2", "--workers", str(workers), "--seed", str(seed), "--out",
-            str(data), "--resume", "--no-progress", "--equilibration-ps", "100"),
-        "600K": train("demo600", bg600),
-        "300K": train("demo300", bg300, f"--init={bg600}"),
+            str(data), "--resume", "--no-progress", "--equilibration-ps", equilibration),
+        "600K": train("demo600", bg600, "600 K"),
+        "300K": train("demo300", bg300, "300 K", f"--init={bg600}"),
         "samples": _python("p4bg.sample", str(bg300), "--n-samples", str(samples), "--seed",
                            str(seed), "--overwrite", "--no-progress"),
         "analyze": _python("p4bg.analyze", str(bg300), "--reference", str(reference), "--split",
@@ -77,15 +87,15 @@ def commands(system: str, out: Path, seed: int, workers: int, samples: int) -> d
     }  # fmt: skip
 
 
-def evaluations(system: str, out: Path, n_samples: int) -> dict[str, int]:
+def evaluations(system: str, out: Path, n_samples: int, data_root: Path) -> dict[str, int]:
     """What the generator spent in target-energy evaluations, by part (docs/design.md §5), and
     what its reference cost."""
     from p4bg.demo_report import generator_evaluations, md_evaluations
 
-    data = ROOT / "data" / f"{system}_600K"
+    data = data_root / f"{system}_600K"
     counts = generator_evaluations(data, [out / "bg600", out / "bg300"], n_samples)
     counts["300 K reference (replica exchange, every temperature)"] = md_evaluations(
-        ROOT / "data" / f"{system}_300K_remd")  # fmt: skip
+        data_root / f"{system}_300K_remd")  # fmt: skip
     return counts
 
 
@@ -97,6 +107,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="MD processes (default 2)")
     parser.add_argument("--samples", type=int, default=100_000)
     parser.add_argument("--only", nargs="+", choices=STEPS, default=list(STEPS))
+    parser.add_argument("--data-root", type=Path, default=ROOT / "data",
+                        help="where the datasets go (default data/)")  # fmt: skip
+    parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     out = args.out or ROOT / "runs" / "bench" / args.system
     (out / "done").mkdir(parents=True, exist_ok=True)
@@ -109,7 +122,8 @@ def main() -> None:
         if marker.exists():
             print(f"{name}: done before", flush=True)
             continue
-        command = commands(args.system, out, args.seed, args.workers, args.samples)[name]
+        command = commands(args.system, out, args.seed, args.workers, args.samples,
+                           args.data_root, args.smoke)[name]  # fmt: skip
         print(f"{name}: {' '.join(command)}", flush=True)
         start = time.perf_counter()
         with (out / "log.txt").open("a") as log:
@@ -132,7 +146,7 @@ def main() -> None:
     if "analyze" in args.only and metrics.is_file():
         result = json.loads(metrics.read_text())
         n = next(iter(result["models"].values()))["n_samples"]
-        result["energy_evaluations"] = evaluations(args.system, out, n)
+        result["energy_evaluations"] = evaluations(args.system, out, n, args.data_root)
         result["bench_seconds"] = record["steps"]
         metrics.write_text(json.dumps(result, indent=1) + "\n")
         print(json.dumps(result["energy_evaluations"], indent=1))

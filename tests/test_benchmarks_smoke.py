@@ -235,3 +235,24 @@ def test_every_benchmark_is_in_the_index():
     assert scripts
     missing = [p.name for p in scripts if f"`{p.name}" not in index]
     assert not missing, f"not in docs/benchmarks.md: {missing}"
+
+
+def test_benchmark_system_smoke(tmp_path):
+    """benchmarks/benchmark_system.py end to end on the tetrapeptide at tiny sizes: every step,
+    the report, the energy evaluations; a rerun finds every step done."""
+    import json
+
+    args = ("benchmarks/benchmark_system.py", "alanine_tetrapeptide", "--smoke", "--samples",
+            "200", "--workers", "1", "--out", str(tmp_path / "out"), "--data-root",
+            str(tmp_path / "data"))  # fmt: skip
+    out = run(*args)
+    assert "analyze:" in out
+    metrics = json.loads((tmp_path / "out" / "report" / "metrics.json").read_text())
+    assert list(metrics["residues"]) == ["ALA2", "ALA3", "ALA4"]
+    counts = metrics["energy_evaluations"]
+    assert counts["sampling"] == 200 and counts["generator, all"] > counts["600 K MD"] > 0
+    assert counts["300 K reference (replica exchange, every temperature)"] > 0
+    assert set(metrics["bench_seconds"]) == {"reference", "data", "600K", "300K", "samples",
+                                             "analyze"}  # fmt: skip
+    again = run(*args)
+    assert again.count("done before") == 6
