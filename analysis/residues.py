@@ -7,7 +7,10 @@ residue's (docs/design.md §5). The joint view is a TICA projection (time-lagged
 components of cos φ, sin φ, cos ψ, sin ψ of every residue, fitted on the MD reference's time
 series): the slowest collective motions of the backbone, where a model that gets every residue
 right on its own but misses their correlation shows up; its 2-D KL against MD is reported with
-its floor like the Ramachandran KL.
+its floor like the Ramachandran KL. For a replica-exchange reference the series is the lowest
+temperature's, whose configuration changes by exchanges as well as by dynamics: the components
+are then the slowest modes of that series, not of the dynamics, while the KL stays a fixed
+two-dimensional comparison of the ensembles.
 
 TICA is written here (a generalised symmetric eigenproblem, fifteen lines of numpy) rather than
 taken from deeptime or PyEMMA, whose fitting and projection would be the only thing used, to

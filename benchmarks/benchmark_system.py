@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # replica exchange per system: temperatures in the 300-600 K ladder, ns per temperature per chain
 REFERENCE = {
-    "alanine_dipeptide_ff96": {"n_temperatures": 6, "ns": 3.0},
+    "alanine_dipeptide_ff96": {"n_temperatures": 5, "ns": 2.0},
     "alanine_tetrapeptide": {"n_temperatures": 6, "ns": 5.0},
     "alanine_hexapeptide": {"n_temperatures": 8, "ns": 5.0},
 }
@@ -111,7 +111,8 @@ def main() -> None:
                         help="where the datasets go (default data/)")  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    out = args.out or ROOT / "runs" / "bench" / args.system
+    out = (args.out or ROOT / "runs" / "bench" / args.system).resolve()
+    args.data_root = args.data_root.resolve()  # the steps run from the repository root
     (out / "done").mkdir(parents=True, exist_ok=True)
     record_path = out / "bench.json"
     record = json.loads(record_path.read_text()) if record_path.is_file() else {"steps": {}}

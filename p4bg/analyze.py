@@ -223,6 +223,8 @@ def per_residue(
     if len(chain) < 2:
         return {}, None, []
     labels = [label for label, _, _ in chain]
+    if len(set(labels)) < len(labels):  # several chains: residue numbers repeat
+        labels = [f"{label}#{k}" for k, label in enumerate(labels)]
     ref_phi, ref_psi = residue_angles(ref.xyz, chain)
     angles = {}
     for run in runs:

@@ -266,7 +266,7 @@ class MixedCoordinateTransform(Bijection):
         if self.n_fixed:
             free = self.free_bonds
             yb = self.bond_mu[free] + self.bond_s[free] * zb
-            fixed = self.fixed_length.to(z.dtype).expand(len(z), -1)
+            fixed = self.fixed_length.to(yb.dtype).expand(len(z), -1)
             bonds = torch.cat([torch.exp(yb), fixed], 1)[:, self.bond_order]
         else:
             yb = self.bond_mu + self.bond_s * zb

@@ -61,6 +61,21 @@ def _work(run: Callable[[Any, Progress], dict], job: Any, queue: Any) -> None:
         queue.put(("error", job.index, traceback.format_exc()))
 
 
+def _start_with(proc: Any, env: dict[str, str]) -> None:
+    """Start a spawned process with ``env`` added to the environment it inherits, leaving this
+    process's own environment as it was."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        proc.start()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def run_jobs(
     jobs: Sequence[Any],
     run: Callable[[Any, Progress], dict],
@@ -80,9 +95,10 @@ def run_jobs(
     """
     ctx = mp.get_context("spawn")  # a fresh interpreter: no inherited OpenMM or thread state
     # OpenMM's CPU platform takes every core in each process unless told: share them out
-    # among the processes that run at once (a setting of the user's own is kept)
+    # among the processes that run at once (a setting of the user's own is kept); set in the
+    # children's environment only
     at_once = max(1, min(workers, len(jobs)))
-    os.environ.setdefault("OPENMM_CPU_THREADS", str(max(1, (os.cpu_count() or 1) // at_once)))
+    threads = os.environ.get("OPENMM_CPU_THREADS") or str(max(1, (os.cpu_count() or 1) // at_once))
     queue: Any = ctx.Queue()
     pending = list(jobs)
     kinds = {job.index: job.kind for job in jobs}
@@ -97,7 +113,7 @@ def run_jobs(
             while pending and len(running) < workers:
                 job = pending.pop(0)
                 proc = ctx.Process(target=_work, args=(run, job, queue), daemon=True)
-                proc.start()
+                _start_with(proc, {"OPENMM_CPU_THREADS": threads})
                 running[job.index] = proc
             try:
                 kind, index, payload = queue.get(timeout=1.0)

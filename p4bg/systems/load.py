@@ -51,7 +51,9 @@ class SystemConfigError(ValueError):
 
 
 _NONBONDED = ("NoCutoff", "CutoffNonPeriodic", "CutoffPeriodic", "Ewald", "PME", "LJPME")
-_CONSTRAINTS = ("None", "HBonds", "AllBonds", "HAngles")
+# AllBonds and HAngles would constrain distances that are not Z-matrix bonds (ring closures,
+# H-X-H), which the coordinate transform cannot hold fixed (p4bg.constraints)
+_CONSTRAINTS = ("None", "HBonds")
 _INTEGRATORS = ("LangevinMiddle", "Langevin")
 _IMPLICIT = ("None", "HCT", "OBC1", "OBC2", "GBn", "GBn2")
 
