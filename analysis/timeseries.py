@@ -8,6 +8,7 @@ series given as index arrays ("segments") into one array of all frames.
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any, NamedTuple
 
@@ -26,6 +27,7 @@ __all__ = [
     "integrated_autocorrelation_time",
     "md_delta_f",
     "md_efficiency",
+    "replica_segments",
 ]
 
 
@@ -260,3 +262,16 @@ def md_efficiency(
         "md_seconds": md_seconds,
         "independent_samples_per_second": independent / md_seconds if md_seconds > 0 else math.nan,
     }
+
+
+def replica_segments(frames_per_replica: list[int], idx: np.ndarray) -> list[np.ndarray]:
+    """Positions in ``idx`` (global frame indices, in order) of each contiguous time series:
+    the frames of one replica, cut where the indices are not consecutive."""
+    offsets = np.cumsum([0, *frames_per_replica])
+    segments = []
+    for a, b in itertools.pairwise(offsets):
+        pos = np.nonzero((idx >= a) & (idx < b))[0]
+        if pos.size:
+            cuts = np.nonzero(np.diff(idx[pos]) != 1)[0] + 1
+            segments += [part for part in np.split(pos, cuts) if part.size]
+    return segments

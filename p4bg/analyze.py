@@ -19,7 +19,6 @@ energies.png, ramachandran.png, free_energy_phi.png and training.png. Definition
 
 from __future__ import annotations
 
-import itertools
 import math
 import sys
 from dataclasses import dataclass
@@ -36,27 +35,19 @@ from analysis.plots import (
     plot_energies,
     plot_free_energy_phi,
     plot_ramachandran,
-    plot_tica,
     plot_training,
 )
 from analysis.report import metrics_json_text, report_md_text, residue_report_lines
-from analysis.residues import (
-    TICA_BINS,
-    fit_tica,
-    histogram_kl_2d,
-    residue_metrics,
-    tica_features,
-)
-from analysis.weights import normalised_weights
+from analysis.timeseries import replica_segments
 from p4bg.cli import Parser, option, parse
 from p4bg.cli import build_parser as build_cli_parser
 from p4bg.config import ENERGIES, ConfigError
 from p4bg.data import DatasetError, load_dataset, load_metadata, training_frames
 from p4bg.energy import UnsupportedForceError, make_energy
 from p4bg.files import write_atomic
+from p4bg.residue_report import per_residue
 from p4bg.runs import CONFIG, load_run, read_config, read_samples, read_training_metrics
 from p4bg.systems import SystemConfigError, load_system
-from p4bg.zmatrix import backbone_dihedrals
 
 __all__ = [
     "AnalyzeOptions",
@@ -73,19 +64,6 @@ __all__ = [
 ROOT = Path(__file__).resolve().parents[1]
 SPLITS = ("train", "val", "test", "all")
 PROG = "python -m p4bg.analyze"
-
-
-def replica_segments(frames_per_replica: list[int], idx: np.ndarray) -> list[np.ndarray]:
-    """Positions in ``idx`` (global frame indices, in order) of each contiguous time series:
-    the frames of one replica, cut where the indices are not consecutive."""
-    offsets = np.cumsum([0, *frames_per_replica])
-    segments = []
-    for a, b in itertools.pairwise(offsets):
-        pos = np.nonzero((idx >= a) & (idx < b))[0]
-        if pos.size:
-            cuts = np.nonzero(np.diff(idx[pos]) != 1)[0] + 1
-            segments += [part for part in np.split(pos, cuts) if part.size]
-    return segments
 
 
 class Reference:
@@ -189,95 +167,6 @@ def training_threshold(run: Path, ref: Reference, cache: dict[Any, float]) -> di
 
 def load_reference(path: str | Path, split: str = "test", system: str | None = None) -> Reference:
     return Reference(path, split, system)
-
-
-def residue_angles(xyz: np.ndarray, chain: list[tuple[str, tuple, tuple]]) -> tuple:
-    """φ and ψ (radians) of every residue of ``chain`` (:func:`p4bg.zmatrix.backbone_dihedrals`)
-    for xyz (frames, atoms, 3) nm: two arrays of shape (frames, residues)."""
-    phi = np.stack([dihedral(xyz, atoms) for _, atoms, _ in chain], 1)
-    psi = np.stack([dihedral(xyz, atoms) for _, _, atoms in chain], 1)
-    return phi, psi
-
-
-def sample_positions(run: Path, n: int) -> np.ndarray:
-    """The positions of a run's samples (samples.dcd on samples.pdb), nm, (n, atoms, 3)."""
-    import mdtraj
-
-    traj = mdtraj.load(str(run / "samples.dcd"), top=str(run / "samples.pdb"))
-    if traj.n_frames != n:
-        raise ConfigError(f"{run}: samples.dcd holds {traj.n_frames} frames, samples.npz {n}; "
-                          f"resample with `python -m p4bg.sample {run} --overwrite`")  # fmt: skip
-    return traj.xyz
-
-
-def per_residue(
-    ref: Reference,
-    runs: list[Path],
-    samples: dict[str, dict[str, np.ndarray]],
-    out: Path,
-    tica_lag_ps: float,
-) -> tuple[dict[str, Any], dict[str, Any] | None, list[str]]:
-    """Per-residue metrics, the TICA joint view and their figures (analysis.residues), for a
-    peptide with more than one residue; empty for one."""
-    chain = backbone_dihedrals(ref.system.topology)
-    if len(chain) < 2:
-        return {}, None, []
-    labels = [label for label, _, _ in chain]
-    if len(set(labels)) < len(labels):  # several chains: residue numbers repeat
-        labels = [f"{label}#{k}" for k, label in enumerate(labels)]
-    ref_phi, ref_psi = residue_angles(ref.xyz, chain)
-    angles = {}
-    for run in runs:
-        s = samples[run.name]
-        phi, psi = residue_angles(sample_positions(run, len(s["u"])), chain)
-        angles[run.name] = (phi, psi, s["log_w"])
-    residues = residue_metrics(labels, ref_phi, ref_psi, ref.segments, angles)
-    panels: list[AngleSet | None] = []
-    for r, label in enumerate(labels):
-        panels.append(AngleSet(f"{label}: MD", ref_phi[:, r], ref_psi[:, r]))
-        for name, (phi, psi, log_w) in angles.items():
-            panels.append(AngleSet(f"{label}: {name} (raw)", phi[:, r], psi[:, r]))
-            panels.append(AngleSet(f"{label}: {name} (reweighted)", phi[:, r], psi[:, r], log_w))
-    columns = 1 + 2 * len(angles)
-    figures = [write_atomic(out / "residues.png", lambda tmp: plot_ramachandran(
-        tmp, panels, columns=columns)).name]  # fmt: skip
-    lag = max(1, round(tica_lag_ps / ref.ps_per_frame)) if ref.ps_per_frame else 1
-    try:
-        model = fit_tica(tica_features(ref_phi, ref_psi), ref.segments, lag)
-    except ValueError as err:
-        print(f"p4bg.analyze: note: no TICA view ({err})", file=sys.stderr)
-        return residues, None, figures
-    ref_points = model.project(tica_features(ref_phi, ref_psi))
-    lo, hi = ref_points.min(0), ref_points.max(0)
-    pad = 0.05 * (hi - lo)
-    edges = [np.linspace(lo[k] - pad[k], hi[k] + pad[k], TICA_BINS + 1) for k in range(2)]
-    a, b = len(ref_points) // 2, len(ref_points)
-    tica: dict[str, Any] = {
-        "lag_frames": lag, "lag_ps": lag * ref.ps_per_frame if ref.ps_per_frame else None,
-        "eigenvalues": model.eigenvalues.tolist(), "bins": TICA_BINS,
-        "kl_floor": histogram_kl_2d(ref_points[:a], ref_points[a:b], edges=edges), "models": {},
-    }  # fmt: skip
-    tica_panels: list[tuple[str, np.ndarray, np.ndarray | None]] = [("MD", ref_points, None)]
-    for name, (phi, psi, log_w) in angles.items():
-        points = model.project(tica_features(phi, psi))
-        try:
-            w = normalised_weights(log_w)
-        except ValueError:
-            w = None
-        kl = _kl_or_nan(ref_points, points, None, edges)
-        kl_w = math.nan if w is None else _kl_or_nan(ref_points, points, w, edges)
-        tica["models"][name] = {"kl": kl, "kl_reweighted": kl_w}
-        tica_panels += [(f"{name} (raw)", points, None), (f"{name} (reweighted)", points, log_w)]
-    figures.append(write_atomic(out / "tica.png", lambda tmp: plot_tica(
-        tmp, tica_panels, edges, columns=1 + 2 * len(angles))).name)  # fmt: skip
-    return residues, tica, figures
-
-
-def _kl_or_nan(ref: np.ndarray, points: np.ndarray, w: np.ndarray | None, edges: list) -> float:
-    try:
-        return histogram_kl_2d(ref, points, w, edges=edges)
-    except ValueError:
-        return math.nan
 
 
 def perturbed_energies(
