@@ -34,6 +34,7 @@ __all__ = [
     "TICA_BINS",
     "Tica",
     "fit_tica",
+    "grid_edges",
     "histogram_kl_2d",
     "residue_metrics",
     "tica_features",
@@ -159,7 +160,8 @@ def fit_tica(
     return Tica(mean, whiten @ rot[:, order], lam[order], lag)
 
 
-def _edges(reference: np.ndarray, bins: int) -> list[np.ndarray]:
+def grid_edges(reference: np.ndarray, bins: int = TICA_BINS) -> list[np.ndarray]:
+    """Bin edges of the 2-D grid over the reference points' range (n, 2), padded by 5 %."""
     lo, hi = reference.min(0), reference.max(0)
     pad = 0.05 * (hi - lo)
     return [np.linspace(lo[k] - pad[k], hi[k] + pad[k], bins + 1) for k in range(2)]
@@ -176,7 +178,7 @@ def histogram_kl_2d(
     reference's range (padded by 5 %), with the ε of the Ramachandran KL. The points' density is
     normalised by their whole weight, so weight outside the grid counts as missing from it.
     reference, points: shape (n, 2); weights: the points' (default equal)."""
-    edges = edges or _edges(reference, bins)
+    edges = edges or grid_edges(reference, bins)
     ok = np.isfinite(points).all(1)
     w = None if weights is None else np.asarray(weights, dtype=np.float64)[ok]
     p, _, _ = np.histogram2d(reference[:, 0], reference[:, 1], bins=edges)

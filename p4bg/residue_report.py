@@ -13,7 +13,14 @@ import numpy as np
 
 from analysis.geometry import dihedral
 from analysis.plots import AngleSet, plot_ramachandran, plot_tica
-from analysis.residues import TICA_BINS, fit_tica, histogram_kl_2d, residue_metrics, tica_features
+from analysis.residues import (
+    TICA_BINS,
+    fit_tica,
+    grid_edges,
+    histogram_kl_2d,
+    residue_metrics,
+    tica_features,
+)
 from analysis.weights import normalised_weights
 from p4bg.config import ConfigError
 from p4bg.files import write_atomic
@@ -82,9 +89,7 @@ def per_residue(
         print(f"p4bg.analyze: note: no TICA view ({err})", file=sys.stderr)
         return residues, None, figures
     ref_points = model.project(tica_features(ref_phi, ref_psi))
-    lo, hi = ref_points.min(0), ref_points.max(0)
-    pad = 0.05 * (hi - lo)
-    edges = [np.linspace(lo[k] - pad[k], hi[k] + pad[k], TICA_BINS + 1) for k in range(2)]
+    edges = grid_edges(ref_points)
     a, b = len(ref_points) // 2, len(ref_points)
     tica: dict[str, Any] = {
         "lag_frames": lag, "lag_ps": lag * ref.ps_per_frame if ref.ps_per_frame else None,
