@@ -241,7 +241,7 @@ def residue_report_lines(residues: dict[str, Any], tica: dict[str, Any] | None) 
     if not residues:
         return []
     names = list(next(iter(residues.values()))["models"])
-    header = ["residue", "KL floor", "ΔF MD (kT)"]
+    header = ["residue", "KL floor", "ΔF reference (kT)"]
     for name in names:
         header += [f"{name} KL raw", f"{name} KL rew.", f"{name} ΔF rew. (kT)"]
     lines = ["## Per residue", "", "| " + " | ".join(header) + " |",
@@ -255,7 +255,13 @@ def residue_report_lines(residues: dict[str, Any], tica: dict[str, Any] | None) 
                     _value(m, "delta_f_reweighted", "delta_f_reweighted_note")]  # fmt: skip
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "KL and ΔF as in the metrics table, for each residue's own φ and ψ; the floor "
-              "compares the halves of the reference frames."]  # fmt: skip
+              "compares the halves of the reference frames. The reference ΔF is the frames' own "
+              "unless a source is named here:"]  # fmt: skip
+    sources = [f"- {label}: {entry['reference']['delta_f_source']} (the frames' own: "
+               f"{_value(entry['reference'], 'delta_f_frames', 'delta_f_frames_note')} kT)"
+               for label, entry in residues.items()
+               if entry["reference"].get("delta_f_source")]  # fmt: skip
+    lines += sources or ["- none"]
     if tica:
         lines += ["", "## Joint view: TICA", "",
                   f"The first two time-lagged independent components of (cos, sin) of every φ "

@@ -357,7 +357,9 @@ def analyze(
             out / "free_energy_phi.png", lambda tmp: plot_free_energy_phi(tmp, curves)
         ).name,
     ]
-    residues, tica, residue_figures = per_residue(ref, runs, samples, out, tica_lag_ps)
+    residues, tica, residue_figures = per_residue(
+        ref, runs, samples, out, tica_lag_ps, recorded=split == "all"
+    )
     figures += residue_figures
     training = {run.name: read_training_metrics(run) for run in runs}
     training = {k: v for k, v in training.items() if v is not None}

@@ -29,7 +29,7 @@ from p4bg.zmatrix import backbone_dihedrals
 if TYPE_CHECKING:
     from p4bg.analyze import Reference
 
-__all__ = ["per_residue", "residue_angles", "sample_positions"]
+__all__ = ["per_residue", "recorded_free_energies", "residue_angles", "sample_positions"]
 
 
 def residue_angles(xyz: np.ndarray, chain: list[tuple[str, tuple, tuple]]) -> tuple:
@@ -57,9 +57,12 @@ def per_residue(
     samples: dict[str, dict[str, np.ndarray]],
     out: Path,
     tica_lag_ps: float,
+    recorded: bool = False,
 ) -> tuple[dict[str, Any], dict[str, Any] | None, list[str]]:
     """Per-residue metrics, the TICA joint view and their figures (analysis.residues), for a
-    peptide with more than one residue; empty for one."""
+    peptide with more than one residue; empty for one. ``recorded``: the reference is all of
+    its dataset, so the free energies its metadata.json records (:func:`recorded_free_energies`)
+    replace those of its frames."""
     chain = backbone_dihedrals(ref.system.topology)
     if len(chain) < 2:
         return {}, None, []
@@ -73,6 +76,13 @@ def per_residue(
         phi, psi = residue_angles(sample_positions(run, len(s["u"])), chain)
         angles[run.name] = (phi, psi, s["log_w"])
     residues = residue_metrics(labels, ref_phi, ref_psi, ref.segments, angles)
+    if recorded:
+        own = (tuple(ref.system.phi_atoms), tuple(ref.system.psi_atoms))
+        central = next((labels[k] for k, (_, phi, psi) in enumerate(chain)
+                        if (tuple(phi), tuple(psi)) == own), None)  # fmt: skip
+        for label, estimate in recorded_free_energies(ref.meta, central).items():
+            if label in residues:
+                _use_estimate(residues[label]["reference"], estimate)
     panels: list[AngleSet | None] = []
     for r, label in enumerate(labels):
         panels.append(AngleSet(f"{label}: MD", ref_phi[:, r], ref_psi[:, r]))
@@ -110,6 +120,41 @@ def per_residue(
     figures.append(write_atomic(out / "tica.png", lambda tmp: plot_tica(
         tmp, tica_panels, edges, columns=1 + 2 * len(angles))).name)  # fmt: skip
     return residues, tica, figures
+
+
+def recorded_free_energies(
+    meta: dict[str, Any], central: str | None
+) -> dict[str, tuple[float, float, str]]:
+    """Per residue label, ΔF(φ>0 vs φ<0) with its uncertainty (kT) and its source, as a
+    dataset's metadata.json records them: the system's own φ (the ``central`` residue's) from
+    umbrella sampling or MBAR over a replica-exchange ladder
+    (:func:`p4bg.analyze.reference_free_energy`), any other residue's from umbrella sampling
+    (``p4bg.umbrella --residue``)."""
+    from p4bg.analyze import reference_free_energy
+
+    out = {}
+    own = reference_free_energy(meta)
+    if central is not None and own is not None:
+        out[central] = own
+    for label, record in (meta.get("umbrella_residues") or {}).items():
+        if isinstance(record, dict) and record.get("status") == "complete":
+            plan = record["plan"]
+            grid = (f"{plan['windows']} x {plan['psi_windows']} (φ, ψ)" if plan.get("psi_windows")
+                    else f"{plan['windows']} φ")  # fmt: skip
+            out[label] = (float(record["delta_f"]), float(record["delta_f_err"]),
+                          f"umbrella sampling, {grid} windows, MBAR (p4bg.umbrella "
+                          f"--residue {label})")  # fmt: skip
+    return out
+
+
+def _use_estimate(reference: dict[str, Any], estimate: tuple[float, float, str]) -> None:
+    """Put a recorded free energy in place of the one from the frames (kept as
+    ``delta_f_frames``), as the metrics table does for the system's own φ."""
+    reference["delta_f_frames"] = reference["delta_f"]
+    reference["delta_f_frames_err"] = reference["delta_f_err"]
+    reference["delta_f_frames_note"] = reference.get("delta_f_note")
+    reference["delta_f"], reference["delta_f_err"], reference["delta_f_source"] = estimate
+    reference["delta_f_note"] = None
 
 
 def _kl_or_nan(ref: np.ndarray, points: np.ndarray, w: np.ndarray | None, edges: list) -> float:

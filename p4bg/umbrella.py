@@ -5,6 +5,7 @@ Examples:
     python -m p4bg.umbrella data/alanine_dipeptide_300K_remd        # 36 windows x 0.5 ns
     python -m p4bg.umbrella data/alanine_dipeptide_300K_remd --windows 24 --psi-windows 12
     python -m p4bg.umbrella data/alanine_dipeptide_600K --ns 1 --workers 8
+    python -m p4bg.umbrella data/alanine_tetrapeptide_300K_remd --residue ALA2   # any residue
 
 The phi > 0 population of alanine dipeptide is set by rare barrier crossings, which plain MD
 and even replica exchange see only a few hundred times. Umbrella sampling runs one short MD per
@@ -14,10 +15,15 @@ unrestrained free energy at the dataset's temperature. With --psi-windows the wi
 grid over phi and psi. The dataset's frames (or those of --start-frames) start the windows and
 remain its reference Ramachandran map.
 
+The angles are the system's own phi and psi (its central residue) unless --residue names
+another residue of the chain; p4bg.analyze lists the labels in its per-residue table.
+
 Writes into the dataset folder: umbrella/window_NNN.npz (each window's phi and psi series) and,
 in metadata.json, "umbrella": dF in kT with its uncertainty, the estimates from the first and
 second halves of every window (a check of equilibration), and the options used, which
-p4bg.analyze reports as the reference free energy. Run the same command again after a kill:
+p4bg.analyze reports as the reference free energy. Another residue's windows go to
+umbrella_LABEL/ and its record to "umbrella_residues" -> LABEL, which p4bg.analyze reports as
+that residue's reference free energy. Run the same command again after a kill:
 finished windows are kept, unfinished ones continue from their last saved chunk.
 """
 
@@ -48,6 +54,8 @@ class UmbrellaOptions:
     psi_windows: int = option(0, "restraint centres along ψ too: a grid of windows x "
                               "psi-windows (0: φ alone)")  # fmt: skip
     k_psi: float = option(100.0, "on ψ, kJ/mol/rad²")
+    residue: str | None = option(None, "whose φ and ψ, a label like ALA3 (default: the "
+                                 "system's own, its central residue)")  # fmt: skip
     start_frames: str | None = option(None, "dataset whose frames start the windows (default: "
                                       "DATASET)")  # fmt: skip
     ns: float = option(0.5, "production per window")
@@ -67,6 +75,7 @@ def umbrella(args: UmbrellaOptions) -> dict:
         ns=args.ns, save_every_ps=args.save_every_ps, equilibration_ps=args.equilibration_ps,
         seed=args.seed, platform=args.platform, workers=args.workers,
         progress_bar=not args.no_progress, command=command_line("p4bg.umbrella"),
+        residue=args.residue,
     )  # fmt: skip
 
 
@@ -89,10 +98,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"p4bg.umbrella: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
-        print(f"\ninterrupted: finished windows are kept in {args.dataset}/umbrella; continue "
+        print(f"\ninterrupted: finished windows are kept in {args.dataset}/umbrella*; continue "
               "with the same command", file=sys.stderr)  # fmt: skip
         raise SystemExit(130) from None
-    print(f"ΔF({result['temperature_K']:g} K) = {result['delta_f']:.3f} ± "
+    which = f"{args.residue}, " if args.residue else ""
+    print(f"ΔF({which}{result['temperature_K']:g} K) = {result['delta_f']:.3f} ± "
           f"{result['delta_f_err']:.3f} kT (umbrella, MBAR; halves "
           f"{', '.join(f'{d:.2f}' for d in result['delta_f_halves'])}); "
           f"{result['wall_seconds']:.0f} s wall")  # fmt: skip

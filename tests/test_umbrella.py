@@ -141,3 +141,52 @@ def test_umbrella_run_records_its_estimate_in_the_dataset(data, tmp_path):
     assert (dataset / "umbrella" / "window_003.npz").is_file()
     with pytest.raises(SystemExit, match="same options"):
         main([str(dataset), *args, "--k", "50"])
+
+
+def test_umbrella_on_another_residue_restrains_its_phi_and_records_it_apart(tmp_path):
+    """--residue ALA2 on the tetrapeptide: the windows hold ALA2's φ (not the central ALA3's),
+    live in umbrella_ALA2/, and their record sits under umbrella_residues, where analyze's
+    per-residue table finds it; the central residue's record is untouched. An unknown label is
+    refused with the labels there are."""
+    from p4bg.config import ConfigError
+    from p4bg.md.umbrella import residue_torsions
+    from p4bg.residue_report import recorded_free_energies
+    from p4bg.simulate import main as simulate_main
+    from p4bg.zmatrix import backbone_dihedrals
+
+    system = load_system("alanine_tetrapeptide", 600.0)
+    chain = {label: (phi, psi) for label, phi, psi in backbone_dihedrals(system.topology)}
+    assert list(chain) == ["ALA2", "ALA3", "ALA4"]
+    assert residue_torsions(system, None) == (None, *chain["ALA3"])
+    assert residue_torsions(system, "ALA3")[0] is None  # the system's own φ/ψ
+    assert residue_torsions(system, "ALA2") == ("ALA2", *chain["ALA2"])
+    with pytest.raises(ConfigError, match="ALA2, ALA3, ALA4"):
+        residue_torsions(system, "GLY7")
+    omm = restrained_system(system, (1.0, 0.0), (300.0, 0.0), chain["ALA2"])
+    force = omm.getForce(omm.getNumForces() - 1)
+    assert tuple(force.getTorsionParameters(0)[:4]) == chain["ALA2"][0]
+
+    dataset = tmp_path / "ds"
+    simulate_main(["--system", "alanine_tetrapeptide", "--ns", "0.002", "--replicas", "1",
+                   "--save-every-ps", "0.1", "--equilibration-ps", "0.2", "--platform",
+                   "Reference", "--no-progress", "--out", str(dataset)])  # fmt: skip
+    args = ["--residue", "ALA2", "--windows", "4", "--ns", "0.002", "--save-every-ps", "0.1",
+            "--equilibration-ps", "1", "--platform", "Reference",
+            "--no-progress"]  # fmt: skip
+    main([str(dataset), *args])
+    meta = json.loads((dataset / "metadata.json").read_text())
+    assert "umbrella" not in meta
+    u = meta["umbrella_residues"]["ALA2"]
+    assert u["status"] == "complete" and u["plan"]["residue"] == "ALA2"
+    assert math.isfinite(u["delta_f"]) and not (dataset / "umbrella").exists()
+    # each window's recorded φ is ALA2's and sits near its centre
+    for i, center in enumerate(-np.pi + 2 * np.pi * np.arange(4) / 4):
+        with np.load(dataset / "umbrella_ALA2" / f"window_{i:03d}.npz") as w:
+            d = np.angle(np.exp(1j * (w["phi"] - center)))
+            assert np.abs(d).max() < 0.8, (i, np.abs(d).max())
+    estimates = recorded_free_energies(meta, "ALA3")
+    assert set(estimates) == {"ALA2"} and estimates["ALA2"][0] == u["delta_f"]
+    assert "--residue ALA2" in estimates["ALA2"][2]
+    with pytest.raises(SystemExit) as err:
+        main([str(dataset), "--residue", "SER9", "--platform", "Reference", "--no-progress"])
+    assert err.value.code == 2

@@ -1,6 +1,11 @@
 """Umbrella sampling along φ (and ψ): MD windows held near evenly spaced centres by harmonic
 restraints, joined by MBAR (:func:`p4bg.md.estimators.umbrella_delta_f`) into ΔF(φ > 0 vs φ < 0).
 
+The angles are those of one residue: the system's own φ/ψ (its central residue) by default, or
+any residue of the chain (:func:`p4bg.zmatrix.backbone_dihedrals`, labels like "ALA3"). The
+central residue's windows live in ``umbrella/`` and its record in ``metadata.json`` under
+``umbrella``; another residue's in ``umbrella_ALA3/`` and under ``umbrella_residues``→``ALA3``.
+
 Each window is one job of the chunk loop in ``umbrella/window_NNN/``; when it is complete its φ
 and ψ series are written to ``umbrella/window_NNN.npz`` (with its centre, force constants, seed
 and production seconds) and its chunks are removed. A killed run keeps finished windows and
@@ -20,6 +25,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from analysis.geometry import dihedral
+from p4bg.config import ConfigError
 from p4bg.data import chunk_paths, complete_chunks, load_dataset, load_metadata
 from p4bg.files import write_atomic, write_json
 from p4bg.md.chunks import ChunkJob, Frame, run_chunks
@@ -28,8 +34,10 @@ from p4bg.md.plain import MDSampler, seeds, whole_steps
 from p4bg.md.platform import choose_platform
 from p4bg.md.pool import Progress, run_jobs
 from p4bg.systems import MolecularSystem, load_system
+from p4bg.zmatrix import backbone_dihedrals
 
-__all__ = ["WindowJob", "restrained_system", "restraint", "run", "run_window", "window_grid"]
+__all__ = ["WindowJob", "residue_torsions", "restrained_system", "restraint", "run",
+           "run_window", "window_grid"]  # fmt: skip
 
 CHUNK_FRAMES = 1000  # frames per chunk of a window
 
@@ -49,15 +57,38 @@ def restraint(atoms: tuple[int, ...], center: float, k: float, name: str) -> Any
     return force
 
 
+def residue_torsions(
+    system: MolecularSystem, residue: str | None
+) -> tuple[str | None, tuple[int, ...], tuple[int, ...]]:
+    """(label, φ atoms, ψ atoms) of ``residue`` (a label of
+    :func:`p4bg.zmatrix.backbone_dihedrals`, e.g. "ALA3"); the label is None for the system's
+    own φ/ψ (``residue`` None, or the label of the residue they belong to)."""
+    own = (None, tuple(system.phi_atoms), tuple(system.psi_atoms))
+    if residue is None:
+        return own
+    chain = backbone_dihedrals(system.topology)
+    for label, phi, psi in chain:
+        if label == residue:
+            return own if (tuple(phi), tuple(psi)) == own[1:] else (label, phi, psi)
+    labels = ", ".join(label for label, _, _ in chain) or "none"
+    raise ConfigError(f"--residue {residue}: {system.name} has no such residue with both φ and "
+                      f"ψ; its residues: {labels}")  # fmt: skip
+
+
 def restrained_system(
-    system: MolecularSystem, center: tuple[float, float], k: tuple[float, float]
+    system: MolecularSystem,
+    center: tuple[float, float],
+    k: tuple[float, float],
+    atoms: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
 ) -> Any:
     """A copy of the system's ``openmm.System`` with a window's restraints: on φ, and on ψ when
-    k_ψ > 0. center: (φ0, ψ0) rad; k: (k_φ, k_ψ) kJ/mol/rad²."""
+    k_ψ > 0. center: (φ0, ψ0) rad; k: (k_φ, k_ψ) kJ/mol/rad²; atoms: (φ atoms, ψ atoms) of the
+    restrained residue (default: the system's own φ and ψ)."""
+    phi_atoms, psi_atoms = atoms or (system.phi_atoms, system.psi_atoms)
     omm = copy.deepcopy(system.openmm_system)
-    omm.addForce(restraint(system.phi_atoms, center[0], k[0], "phi"))
+    omm.addForce(restraint(phi_atoms, center[0], k[0], "phi"))
     if k[1] > 0:
-        omm.addForce(restraint(system.psi_atoms, center[1], k[1], "psi"))
+        omm.addForce(restraint(psi_atoms, center[1], k[1], "psi"))
     return omm
 
 
@@ -82,6 +113,8 @@ class WindowJob(ChunkJob):
     seed: int
     center: tuple[float, float]  # rad, (φ0, ψ0)
     k: tuple[float, float]  # kJ/mol/rad², (k_φ, k_ψ); k_ψ = 0: φ alone
+    # (φ atoms, ψ atoms) of the restrained residue; None: the system's own φ and ψ
+    atoms: tuple[tuple[int, ...], tuple[int, ...]] | None = None
     start: np.ndarray  # nm, [atoms, 3]
     equilibration_steps: int
 
@@ -96,12 +129,12 @@ class _WindowSampler(MDSampler):
     production seconds of every chunk."""
 
     def __init__(self, job: WindowJob, system: MolecularSystem) -> None:
-        super().__init__(restrained_system(system, job.center, job.k), job.start,
+        super().__init__(restrained_system(system, job.center, job.k, job.atoms), job.start,
                          system.make_integrator(seed=job.seed), job.platform,
                          temperature=job.temperature, seed=job.seed,
                          steps_per_frame=job.steps_per_frame,
                          equilibration_steps=job.equilibration_steps, minimize=False)  # fmt: skip
-        self.atoms = system.phi_atoms, system.psi_atoms
+        self.atoms = job.atoms or (system.phi_atoms, system.psi_atoms)
         self.clock = time.perf_counter()
 
     def start(self) -> None:
@@ -158,14 +191,16 @@ def run(
     workers: int,
     progress_bar: bool,
     command: str,
+    residue: str | None = None,
 ) -> dict[str, Any]:
     """Run the windows that are not finished yet and record the estimate in the dataset's
     ``metadata.json`` (``umbrella``); returns that record.
 
     dataset: its temperature is the windows'; its frames (or those of ``start_frames``) start
     each window from the frame nearest the window's centre. k, k_psi: kJ/mol/rad²; ns: production
-    per window; a frame every ``save_every_ps``. A dataset whose windows were made with other
-    options is refused; a complete record with all its windows is returned as it is.
+    per window; a frame every ``save_every_ps``; residue: whose φ/ψ (:func:`residue_torsions`).
+    A dataset whose windows were made with other options is refused; a complete record with all
+    its windows is returned as it is.
     """
     meta = load_metadata(dataset)
     temperature = float(meta["temperature_K"])
@@ -173,8 +208,9 @@ def run(
     starts = start_frames or dataset
     data = load_dataset(starts)
     xyz = data.xyz.reshape(len(data.xyz), -1, 3).astype(np.float64)
-    angles_data = np.stack([dihedral(xyz, system.phi_atoms), dihedral(xyz, system.psi_atoms)], 1)
-    folder = dataset / "umbrella"
+    label, phi_atoms, psi_atoms = residue_torsions(system, residue)
+    angles_data = np.stack([dihedral(xyz, phi_atoms), dihedral(xyz, psi_atoms)], 1)
+    folder = dataset / ("umbrella" if label is None else f"umbrella_{label}")
     folder.mkdir(exist_ok=True)
     centers = window_grid(windows, psi_windows)
     force = np.array([k, k_psi if psi_windows else 0.0])
@@ -185,7 +221,9 @@ def run(
             "ns_per_window": ns, "save_every_ps": save_every_ps,
             "equilibration_ps": equilibration_ps, "seed": seed,
             "temperature_K": temperature}  # fmt: skip
-    previous = dict(meta.get("umbrella", {}))
+    if label is not None:
+        plan["residue"] = label
+    previous = dict(_record(meta, label))
     old = previous.get("plan")
     if old is not None and old != plan:
         raise SystemExit(f"{dataset}: its umbrella/ windows were made with {old}; use the same "
@@ -194,7 +232,7 @@ def run(
     done = [p.with_suffix(".npz").is_file() for p in paths]
     if previous.get("status") == "complete" and old == plan and all(done):
         return previous  # nothing to simulate or estimate again
-    meta["umbrella"] = {**previous, "plan": plan, "status": "running"}
+    _store(meta, label, {**previous, "plan": plan, "status": "running"})
     write_json(dataset / "metadata.json", meta)
     platform, _ = choose_platform(platform, system)
     window_seeds = seeds(seed, len(centers))
@@ -211,6 +249,7 @@ def run(
                               platform=platform, seed=window_seeds[i],
                               center=(float(c[0]), float(c[1])),
                               k=(float(force[0]), float(force[1])),
+                              atoms=(tuple(phi_atoms), tuple(psi_atoms)),
                               start=xyz[int(np.argmin((d**2).sum(1)))], frames=frames,
                               steps_per_frame=steps_per_frame,
                               equilibration_steps=equilibration_steps,
@@ -228,11 +267,26 @@ def run(
             seconds += float(w["seconds"])
     result = umbrella_delta_f(angles, centers, force, temperature)
     meta = load_metadata(dataset)  # re-read: keep whatever else was written meanwhile
-    meta["umbrella"] = {
+    record = {
         **result, "plan": plan, "status": "complete", "platform": platform,
         # the windows' wall time, over the runs that made them (a resumed run adds its own)
         "wall_seconds": previous.get("wall_seconds", 0.0) + wall,
         "production_seconds_total": seconds, "command": command,
     }  # fmt: skip
+    _store(meta, label, record)
     write_json(dataset / "metadata.json", meta)
-    return meta["umbrella"]
+    return record
+
+
+def _record(meta: dict[str, Any], label: str | None) -> dict[str, Any]:
+    """The umbrella record of a residue in a dataset's metadata (empty if there is none)."""
+    if label is None:
+        return meta.get("umbrella", {})
+    return meta.get("umbrella_residues", {}).get(label, {})
+
+
+def _store(meta: dict[str, Any], label: str | None, record: dict[str, Any]) -> None:
+    if label is None:
+        meta["umbrella"] = record
+    else:
+        meta.setdefault("umbrella_residues", {})[label] = record
