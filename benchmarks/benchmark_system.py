@@ -5,21 +5,31 @@
     python benchmarks/benchmark_system.py alanine_tetrapeptide          # again: continues
     python benchmarks/benchmark_system.py alanine_dipeptide_ff96 --only reference data
     python benchmarks/benchmark_system.py alanine_hexapeptide --workers 1
+    python benchmarks/benchmark_system.py alanine_tetrapeptide --recipe best     # §7-8's recipe
 
 Steps, each skipped once done (a marker in OUT/done/) and each resumable when killed, since
 every command it runs is (`--resume`):
 
   reference  replica exchange at 300-600 K (p4bg.remd) into data/SYSTEM_300K_remd: the 300 K
              frames are the reference, its MBAR the ΔF of the central residue
-  data       600 K MD (p4bg.simulate) into data/SYSTEM_600K: the training data
-  600K       a spline + P4Inv flow learns the frames (the demo's recipe, preset demo600)
-  300K       annealed to 300 K on its own reweighted samples (preset demo300)
+  data       600 K MD (p4bg.simulate): the training data
+  600K       a spline + P4Inv flow learns the frames by maximum likelihood
+  300K       annealed to 300 K on its own reweighted samples
   samples    100,000 conformations at 300 K with energies and weights (p4bg.sample)
   analyze    p4bg.analyze against the reference (--split all): per-residue KLs and ΔF, TICA
 
-OUT (default runs/bench/SYSTEM) gets log.txt (every command and its output), bench.json (wall
-and CPU seconds of each step) and, from analyze, report/. The energy evaluations each step
-spent are added to report/metrics.json under "energy_evaluations".
+Two recipes, the same steps (--recipe):
+
+  demo  the demo's (docs/results.md §10): 4 ns of 600 K MD into data/SYSTEM_600K, presets
+        demo600 and demo300; about 15 minutes of generator on one core for alanine dipeptide
+  best  the project's best (docs/results.md §7-8): 100 ns of 600 K MD into
+        data/SYSTEM_600K_100ns, presets spline (16,000 likelihood steps, 6 blocks of hidden 128)
+        and spline300; hours per system on one core, resumable across sessions
+
+Both share the reference. OUT (default runs/bench/SYSTEM, runs/bench/SYSTEM-best) gets
+log.txt (every command and its output), bench.json (wall and CPU seconds of each step) and, from
+analyze, report/. The energy evaluations each step spent are added to report/metrics.json under
+"energy_evaluations".
 """
 
 from __future__ import annotations
@@ -41,22 +51,41 @@ REFERENCE = {
     "alanine_hexapeptide": {"n_temperatures": 8, "ns": 5.0},
 }
 STEPS = ("reference", "data", "600K", "300K", "samples", "analyze")
+# per recipe: the 600 K data (name suffix, ns per replica), the two training presets
+RECIPES = {
+    "demo": {"data": "_600K", "ns": "4", "chunk_frames": "2500", "presets": ("demo600", "demo300")},
+    "best": {"data": "_600K_100ns", "ns": "100", "chunk_frames": "12500",
+             "presets": ("spline", "spline300")},
+}  # fmt: skip
 
 
 def _python(*args: str) -> list[str]:
     return [sys.executable, "-m", *args]
 
 
+def training_data(system: str, recipe: str, data_root: Path) -> Path:
+    """The 600 K dataset a recipe trains on."""
+    return data_root / f"{system}{RECIPES[recipe]['data']}"
+
+
 def commands(
-    system: str, out: Path, seed: int, workers: int, samples: int, data_root: Path, smoke: bool
+    system: str,
+    out: Path,
+    seed: int,
+    workers: int,
+    samples: int,
+    data_root: Path,
+    smoke: bool,
+    recipe: str = "demo",
 ) -> dict[str, list]:
     """The command of every step (``smoke``: every size tiny, for the tests)."""
     from p4bg.demo import SMOKE
 
     ref = REFERENCE.get(system, {"n_temperatures": 6, "ns": 5.0})
-    reference, data = data_root / f"{system}_300K_remd", data_root / f"{system}_600K"
+    reference, data = data_root / f"{system}_300K_remd", training_data(system, recipe, data_root)
     bg600, bg300 = out / "bg600", out / "bg300"
-    md_ns, equilibration = ("0.02", "1") if smoke else ("4", "100")
+    preset600, preset300 = RECIPES[recipe]["presets"]
+    md_ns, equilibration = ("0.02", "1") if smoke else (RECIPES[recipe]["ns"], "100")
     if smoke:
         ref = {"n_temperatures": 3, "ns": 0.01}
 
@@ -77,9 +106,10 @@ def commands(
         "data": _python(
             "p4bg.simulate", "--system", system, "--ns", md_ns, "--save-every-ps", "0.04",
             "--replicas", "2", "--workers", str(workers), "--seed", str(seed), "--out",
-            str(data), "--resume", "--no-progress", "--equilibration-ps", equilibration),
-        "600K": train("demo600", bg600, "600 K"),
-        "300K": train("demo300", bg300, "300 K", f"--init={bg600}"),
+            str(data), "--resume", "--no-progress", "--equilibration-ps", equilibration,
+            "--chunk-frames", RECIPES[recipe]["chunk_frames"]),
+        "600K": train(preset600, bg600, "600 K"),
+        "300K": train(preset300, bg300, "300 K", f"--init={bg600}"),
         "samples": _python("p4bg.sample", str(bg300), "--n-samples", str(samples), "--seed",
                            str(seed), "--overwrite", "--no-progress"),
         "analyze": _python("p4bg.analyze", str(bg300), "--reference", str(reference), "--split",
@@ -87,12 +117,14 @@ def commands(
     }  # fmt: skip
 
 
-def evaluations(system: str, out: Path, n_samples: int, data_root: Path) -> dict[str, int]:
+def evaluations(
+    system: str, out: Path, n_samples: int, data_root: Path, recipe: str = "demo"
+) -> dict[str, int]:
     """What the generator spent in target-energy evaluations, by part (docs/design.md §5), and
     what its reference cost."""
     from p4bg.demo_report import generator_evaluations, md_evaluations
 
-    data = data_root / f"{system}_600K"
+    data = training_data(system, recipe, data_root)
     counts = generator_evaluations(data, [out / "bg600", out / "bg300"], n_samples)
     counts["300 K reference (replica exchange, every temperature)"] = md_evaluations(
         data_root / f"{system}_300K_remd")  # fmt: skip
@@ -102,7 +134,10 @@ def evaluations(system: str, out: Path, n_samples: int, data_root: Path) -> dict
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("system")
-    parser.add_argument("--out", type=Path, default=None, help="default runs/bench/SYSTEM")
+    parser.add_argument("--recipe", choices=sorted(RECIPES), default="demo",
+                        help="demo (default) or best; the docstring says what each is")  # fmt: skip
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default runs/bench/SYSTEM (--recipe best: SYSTEM-best)")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2, help="MD processes (default 2)")
     parser.add_argument("--samples", type=int, default=100_000)
@@ -111,7 +146,8 @@ def main() -> None:
                         help="where the datasets go (default data/)")  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    out = (args.out or ROOT / "runs" / "bench" / args.system).resolve()
+    default = args.system + ("" if args.recipe == "demo" else f"-{args.recipe}")
+    out = (args.out or ROOT / "runs" / "bench" / default).resolve()
     args.data_root = args.data_root.resolve()  # the steps run from the repository root
     (out / "done").mkdir(parents=True, exist_ok=True)
     record_path = out / "bench.json"
@@ -124,7 +160,7 @@ def main() -> None:
             print(f"{name}: done before", flush=True)
             continue
         command = commands(args.system, out, args.seed, args.workers, args.samples,
-                           args.data_root, args.smoke)[name]  # fmt: skip
+                           args.data_root, args.smoke, args.recipe)[name]  # fmt: skip
         print(f"{name}: {' '.join(command)}", flush=True)
         start = time.perf_counter()
         with (out / "log.txt").open("a") as log:
@@ -147,7 +183,9 @@ def main() -> None:
     if "analyze" in args.only and metrics.is_file():
         result = json.loads(metrics.read_text())
         n = next(iter(result["models"].values()))["n_samples"]
-        result["energy_evaluations"] = evaluations(args.system, out, n, args.data_root)
+        result["energy_evaluations"] = evaluations(args.system, out, n, args.data_root,
+                                                   args.recipe)  # fmt: skip
+        result["recipe"] = args.recipe
         result["bench_seconds"] = record["steps"]
         metrics.write_text(json.dumps(result, indent=1) + "\n")
         print(json.dumps(result["energy_evaluations"], indent=1))

@@ -256,3 +256,29 @@ def test_benchmark_system_smoke(tmp_path):
                                              "analyze"}  # fmt: skip
     again = run(*args)
     assert again.count("done before") == 6
+
+
+def test_benchmark_system_best_recipe_is_the_spline_route_on_100_ns(tmp_path):
+    """--recipe best: 100 ns of 600 K MD into its own dataset, presets spline then spline300
+    from that run, the same reference as the demo recipe's."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import benchmark_system
+    finally:
+        sys.path.pop(0)
+    best = benchmark_system.commands("alanine_tetrapeptide", tmp_path / "o", 0, 1, 100,
+                                     tmp_path, False, "best")  # fmt: skip
+    demo = benchmark_system.commands("alanine_tetrapeptide", tmp_path / "o", 0, 1, 100,
+                                     tmp_path, False)  # fmt: skip
+    assert best["reference"] == demo["reference"]
+    data = best["data"]
+    assert data[data.index("--ns") + 1] == "100" and data[data.index("--out") + 1] == str(
+        tmp_path / "alanine_tetrapeptide_600K_100ns"
+    )
+    assert demo["data"][demo["data"].index("--ns") + 1] == "4"
+    assert (
+        "spline" in best["600K"]
+        and f"--data={tmp_path}/alanine_tetrapeptide_600K_100ns" in (best["600K"])
+    )
+    assert "spline300" in best["300K"] and f"--init={tmp_path / 'o' / 'bg600'}" in best["300K"]
+    assert "demo600" in demo["600K"] and "demo300" in demo["300K"]
