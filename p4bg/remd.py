@@ -18,9 +18,10 @@ production of each chain at each temperature.
 
 Writes into --out a dataset at the lowest temperature that p4bg.train and p4bg.analyze
 --reference read as they read plain MD (replica_NN = chain NN), whose chunks also keep every
-temperature's energies, phi and psi. metadata.json records the free energy
-dF(phi > 0 vs phi < 0) at --t-min in kT, from MBAR over every temperature (pymbar), with its
-uncertainty, each chain's own estimate, the exchange acceptance and the walkers' round trips;
+temperature's energies, phi and psi (of a peptide's every residue, phi). metadata.json records
+the free energy dF(phi > 0 vs phi < 0) at --t-min in kT, from MBAR over every temperature
+(pymbar), with its uncertainty, each chain's own estimate, the exchange acceptance and the
+walkers' round trips, and for a peptide each residue's own estimate ("residues");
 --reestimate recomputes it from the saved chunks without running MD. --resume continues a
 killed run from the last complete chunk, with the same frames as an uninterrupted run.
 """

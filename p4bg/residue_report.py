@@ -129,10 +129,16 @@ def recorded_free_energies(
     dataset's metadata.json records them: the system's own φ (the ``central`` residue's) from
     umbrella sampling or MBAR over a replica-exchange ladder
     (:func:`p4bg.analyze.reference_free_energy`), any other residue's from umbrella sampling
-    (``p4bg.umbrella --residue``)."""
+    (``p4bg.umbrella --residue``) or else from that ladder's MBAR of its φ."""
     from p4bg.analyze import reference_free_energy
 
     out = {}
+    mbar = meta.get("mbar") if isinstance(meta.get("mbar"), dict) else {}
+    for label, record in (mbar.get("residues") or {}).items():
+        if math.isfinite(record.get("delta_f", math.nan)):
+            out[label] = (float(record["delta_f"]), float(record["delta_f_err"]),
+                          f"MBAR over {len(meta['temperatures_K'])} temperatures of this "
+                          f"residue's φ (p4bg.remd)")  # fmt: skip
     own = reference_free_energy(meta)
     if central is not None and own is not None:
         out[central] = own

@@ -206,3 +206,36 @@ def test_remd_cli_errors(tmp_path, capsys):
     assert "--t-min < --t-max" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="exchange-every-ps"):
         main(["--ns", "1", "--exchange-every-ps", "0.0005", "--out", str(tmp_path / "y")])
+
+
+def test_remd_of_a_peptide_records_every_residues_phi_and_its_mbar_estimate(tmp_path):
+    """On the tetrapeptide every cycle keeps φ of each residue at every temperature; the
+    central residue's column is the φ the chain already records, and the per-residue MBAR
+    record of that residue is the run's own estimate. analyze's per-residue table takes each
+    residue's record, an umbrella record on a residue in preference to MBAR."""
+    from p4bg.residue_report import recorded_free_energies
+
+    main(["--system", "alanine_tetrapeptide", "--ns", "0.004", "--chains", "1",
+          "--n-temperatures", "3", "--t-max", "500", "--exchange-every-ps", "0.05",
+          "--equilibration-ps", "0.2", "--platform", "Reference", "--no-progress", "--out",
+          str(tmp_path / "t")])  # fmt: skip
+    chain = read_chain_arrays(tmp_path / "t" / "replica_00")
+    assert chain["phi_residues_all"].shape == (80, 3, 3)
+    np.testing.assert_array_equal(chain["phi_residues_all"][:, :, 1], chain["phi_all"])
+    meta = json.loads((tmp_path / "t" / "metadata.json").read_text())
+    residues = meta["mbar"]["residues"]
+    assert list(residues) == ["ALA2", "ALA3", "ALA4"]
+    assert residues["ALA3"]["delta_f"] == pytest.approx(meta["mbar"]["delta_f"], nan_ok=True)
+
+    fake = {"temperatures_K": [300.0, 400.0, 500.0],
+            "mbar": {"delta_f": 4.0, "delta_f_err": 0.2,
+                     "residues": {"ALA2": {"delta_f": 3.5, "delta_f_err": 0.3},
+                                  "ALA3": {"delta_f": 4.0, "delta_f_err": 0.2},
+                                  "ALA4": {"delta_f": float("inf"), "delta_f_err": float("nan")}}},
+            "umbrella_residues": {"ALA2": {"status": "complete", "delta_f": 3.6,
+                                           "delta_f_err": 0.05,
+                                           "plan": {"windows": 36, "psi_windows": 0}}}}  # fmt: skip
+    got = recorded_free_energies(fake, "ALA3")
+    assert set(got) == {"ALA2", "ALA3"}  # ALA4's infinite MBAR value is no estimate
+    assert got["ALA2"][:2] == (3.6, 0.05) and "umbrella" in got["ALA2"][2]
+    assert got["ALA3"][:2] == (4.0, 0.2) and "MBAR over 3 temperatures" in got["ALA3"][2]

@@ -181,17 +181,31 @@ def round_trips(walker: np.ndarray) -> int:
     return trips
 
 
-def remd_estimates(chains: list[dict[str, np.ndarray]], temperatures: list[float]) -> dict:
+def remd_estimates(
+    chains: list[dict[str, np.ndarray]],
+    temperatures: list[float],
+    residue_labels: list[str] | None = None,
+) -> dict:
     """The record of a replica-exchange run: MBAR over all chains (and each chain alone),
-    exchange acceptance per neighbour pair, walker round trips, P(φ > 0) per temperature.
+    exchange acceptance per neighbour pair, walker round trips, P(φ > 0) per temperature; with
+    ``residue_labels`` and every chain's phi_residues_all, also ``residues``: label → the MBAR
+    ΔF(φ > 0 vs φ < 0) of that residue's φ, with its uncertainty.
 
     chains: each chain's arrays (``p4bg.md.exchange.read_chain_arrays``): energies_all,
-    phi_all, walker [cycles, K], attempts and accepts [K − 1]."""
+    phi_all, walker [cycles, K], attempts and accepts [K − 1], optionally phi_residues_all
+    [cycles, K, residues]."""
     pooled = mbar_delta_f([c["energies_all"] for c in chains], [c["phi_all"] for c in chains],
                           temperatures)  # fmt: skip
     per_chain = [mbar_delta_f([c["energies_all"]], [c["phi_all"]], temperatures) for c in chains]
     attempts = sum(c["attempts"] for c in chains)
     accepts = sum(c["accepts"] for c in chains)
+    residues = {}
+    if residue_labels and all("phi_residues_all" in c for c in chains):
+        for r, label in enumerate(residue_labels):
+            phi = [c["phi_residues_all"][:, :, r] for c in chains]
+            m = mbar_delta_f([c["energies_all"] for c in chains], phi, temperatures)
+            keep = ("delta_f", "delta_f_err", "phi_positive_fraction", "statistical_inefficiency")
+            residues[label] = {k: m[k] for k in keep}
     return {
         **pooled,
         "delta_f_chains": [c["delta_f"] for c in per_chain],
@@ -202,6 +216,7 @@ def remd_estimates(chains: list[dict[str, np.ndarray]], temperatures: list[float
             float(np.mean(np.concatenate([c["phi_all"][:, k] for c in chains]) > 0))
             for k in range(len(temperatures))
         ],
+        **({"residues": residues} if residues else {}),
     }
 
 

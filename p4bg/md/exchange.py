@@ -34,6 +34,7 @@ from p4bg.md.platform import choose_platform
 from p4bg.md.pool import Progress
 from p4bg.systems import MolecularSystem, load_system
 from p4bg.units import R
+from p4bg.zmatrix import backbone_dihedrals
 
 __all__ = [
     "PLAN_KEYS",
@@ -213,10 +214,13 @@ class ChainJob(ChunkJob):
 
 class _ChainSampler(Sampler):
     """A chain as the chunk loop sees it: the lowest temperature's frame, and every
-    temperature's energy, φ, ψ and walker as per-frame extras."""
+    temperature's energy, φ, ψ and walker as per-frame extras; for a peptide of several
+    residues also every temperature's φ of every residue (for their MBAR estimates)."""
 
     def __init__(self, job: ChainJob) -> None:
         self.system = load_system(job.system_path, job.temperatures[0])
+        chain = backbone_dihedrals(self.system.topology)
+        self.residue_phi = [phi for _, phi, _ in chain] if len(chain) > 1 else []
         self.equilibration_cycles = job.equilibration_steps // job.steps_per_frame
         self.engine = ReplicaExchange(
             self.system.openmm_system, self.system.positions, job.temperatures,
@@ -240,6 +244,9 @@ class _ChainSampler(Sampler):
         extra = {"energies_all": cycle.energy, "walker": walker,
                  "phi_all": dihedral(cycle.xyz, self.system.phi_atoms),
                  "psi_all": dihedral(cycle.xyz, self.system.psi_atoms)}  # fmt: skip
+        if self.residue_phi:
+            extra["phi_residues_all"] = np.stack([dihedral(cycle.xyz, atoms)
+                                                  for atoms in self.residue_phi], 1)  # fmt: skip
         return Frame(cycle.xyz[0], cycle.energy[0], extra)
 
     def chunk_extra(self) -> dict[str, np.ndarray]:
@@ -256,12 +263,15 @@ def run_chain(job: ChainJob, progress: Progress | None = None) -> dict:
 
 def read_chain_arrays(folder: Path) -> dict[str, np.ndarray]:
     """All chunks' per-temperature arrays of one chain: energies_all (kJ/mol), phi_all,
-    psi_all (radians), walker, each [frames, K]; attempts and accepts (cumulative, [K−1])."""
+    psi_all (radians), walker, each [frames, K]; attempts and accepts (cumulative, [K−1]);
+    phi_residues_all [frames, K, residues] (radians) when every chunk has it (runs made before
+    it was recorded have not)."""
     n = complete_chunks(folder)
     if n == 0:
         raise DatasetError(f"{folder}: no complete chunk")
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("energies_all", "phi_all", "psi_all",
                                                           "walker")}  # fmt: skip
+    residues: list[np.ndarray] = []
     for i in range(n):
         with np.load(folder / f"chunk_{i:05d}.npz") as data:
             missing = [k for k in (*parts, "accepts") if k not in data]
@@ -271,15 +281,21 @@ def read_chain_arrays(folder: Path) -> dict[str, np.ndarray]:
             for k in parts:
                 parts[k].append(data[k])
             attempts, accepts = data["attempts"], data["accepts"]
+            if "phi_residues_all" in data:
+                residues.append(data["phi_residues_all"])
     out = {k: np.concatenate(v) for k, v in parts.items()}
     out["attempts"], out["accepts"] = attempts, accepts
+    if len(residues) == n:
+        out["phi_residues_all"] = np.concatenate(residues)
     return out
 
 
 def estimates(out: Path, meta: dict) -> dict[str, Any]:
     """The MBAR record of a complete run in ``out`` (``metadata.json`` → ``mbar``)."""
     chains = [read_chain_arrays(out / r["folder"]) for r in meta["replicas"]]
-    return remd_estimates(chains, meta["temperatures_K"])
+    system = load_system(meta.get("system_path", meta["system"]), meta["temperatures_K"][0])
+    labels = [label for label, _, _ in backbone_dihedrals(system.topology)]
+    return remd_estimates(chains, meta["temperatures_K"], labels)
 
 
 def make_plan(
