@@ -1,0 +1,471 @@
+"""Many independent 2-D flows trained as one: the engine of the paper's Fig. 6/8 schedule
+(benchmarks/densities_2d.py, issue "The paper's Fig. 6 and 8 at the paper's own schedule").
+
+The App. G models are tiny (1,200 parameters) and deep (400 layers of 2 × 2), so a training
+step of one model costs ~60 ms here in per-operation overhead, not arithmetic: the paper's
+8 × 20,000 steps for 3 models × 8 densities × 3 seeds would take days. Here every model of one
+kind (all densities, all seeds) is a slice of stacked tensors, so each operation serves them all:
+
+* :class:`P4InvStack`: M stacks of App. G's blocks (P4Inv, Bent, P4Inv, inverse Bent), with the
+  P4Inv state of every layer of every model in one tensor: W = A + u vᵀ and its Sherman–Morrison
+  inverse are formed for all 200 layers of all models in one operation per step, and each
+  layer's log-determinant ln|1 + vᵀA⁻¹u| + ln|det A| (the same for every sample) is summed
+  outside the loop over layers. Merges, forced merges, inverse corrections and the LU fallback
+  follow :class:`p4bg.nn.P4Inv` and :class:`p4bg.nn.P4Merger` decision for decision, per model
+  and per layer (tests/test_density_stack.py checks them against those classes in float64).
+* :class:`RNVPStack`: M copies of ``p4bg.flows.build_rnvp_2d``, run through ``torch.func``
+  (``functional_call`` under ``vmap``) on stacked parameters: the same module code.
+* :class:`StackedAdam`: Adam with a step count per parameter element, so that one layer of
+  one model can forget its optimizer state at a merge (as P4Merger's reset does) and one model
+  can skip a step with a non-finite loss while the others take it. torch.optim.Adam has one
+  step count per tensor, which is why it does not fit here.
+
+No library does this (zuko and nflows have no rank-one linear layers, torch.func cannot vmap
+P4Inv's autograd nodes and caches), hence this module. Everything here is float64-exact
+against the one-model classes up to rounding; the models' dtype is the caller's.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from p4bg.flows import build_bent_flow, build_rnvp_2d
+from p4bg.nn import P4Inv
+from p4bg.nn.p4inv import _HYPERPOWER
+
+__all__ = ["P4InvStack", "RNVPStack", "StackStats", "StackedAdam", "standard_normal_log_prob"]
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+def standard_normal_log_prob(z: Tensor) -> Tensor:
+    """log N(z; 0, I) of 2-D points: z [..., 2] -> [...]."""
+    return -0.5 * z.square().sum(-1) - LOG_2PI
+
+
+# --------------------------------------------------------------------------------- optimizer
+class StackedAdam:
+    """Adam (torch.optim.Adam's update, no weight decay, no amsgrad) with a step count per
+    element of every parameter.
+
+    ``step(active)``: ``active`` [M] bool says which models take the step (the others keep
+    parameters and state); a parameter's first dimension is the model. ``reset(param, mask)``
+    returns the elements under ``mask`` to a fresh optimizer's state (step 0).
+    """
+
+    def __init__(self, params: list[Tensor], lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
+        self.params = list(params)
+        self.lr, self.betas, self.eps = float(lr), betas, eps
+        self.exp_avg = [torch.zeros_like(p) for p in self.params]
+        self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
+        self.steps = [torch.zeros_like(p) for p in self.params]
+
+    @torch.no_grad()
+    def step(self, active: Tensor) -> None:
+        beta1, beta2 = self.betas
+        for p, m, v, t in zip(self.params, self.exp_avg, self.exp_avg_sq, self.steps, strict=True):
+            if p.grad is None:
+                continue
+            on = active.reshape(-1, *([1] * (p.dim() - 1))).expand_as(p)
+            g = torch.where(on, p.grad, torch.zeros_like(p.grad))
+            t.add_(on.to(t.dtype))
+            m.copy_(torch.where(on, m.lerp(g, 1 - beta1), m))
+            v.copy_(torch.where(on, v * beta2 + (1 - beta2) * g * g, v))
+            step = t.clamp(min=1)
+            bias1 = 1 - beta1**step
+            bias2_sqrt = torch.sqrt(1 - beta2**step)
+            denom = v.sqrt() / bias2_sqrt + self.eps
+            update = m / denom * (self.lr / bias1)
+            p.sub_(torch.where(on, update, torch.zeros_like(update)))
+
+    @torch.no_grad()
+    def reset(self, param: Tensor, mask: Tensor) -> None:
+        """Forget the state of ``param``'s elements under ``mask`` (broadcast to its shape)."""
+        i = next(k for k, p in enumerate(self.params) if p is param)
+        mask = mask.expand_as(param) if mask.shape != param.shape else mask
+        for state in (self.exp_avg[i], self.exp_avg_sq[i], self.steps[i]):
+            state.masked_fill_(mask, 0)
+
+    def state_dict(self) -> dict:
+        return {"lr": self.lr, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq,
+                "steps": self.steps}  # fmt: skip
+
+    def load_state_dict(self, state: dict) -> None:
+        self.lr = float(state["lr"])
+        for mine, theirs in ((self.exp_avg, state["exp_avg"]),
+                             (self.exp_avg_sq, state["exp_avg_sq"]),
+                             (self.steps, state["steps"])):  # fmt: skip
+            for a, b in zip(mine, theirs, strict=True):
+                a.copy_(b)
+
+
+# ------------------------------------------------------------------------------- P4Inv stack
+def _bent(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Bent identity B(x) = (√(x² + 1) − 1)/2 + x and its ladj per point (p4bg.nn.BentIdentity)."""
+    root = torch.sqrt(x * x + 1.0)
+    return 0.5 * (root - 1.0) + x, torch.log1p(0.5 * x / root).sum(-1)
+
+
+def _bent_inverse(y: Tensor) -> tuple[Tensor, Tensor]:
+    c = 2.0 * y + 1.0
+    x = (2.0 * c - torch.sqrt(c * c + 3.0)) / 3.0
+    root = torch.sqrt(x * x + 1.0)
+    return x, -torch.log1p(0.5 * x / root).sum(-1)
+
+
+@dataclass
+class StackStats:
+    """Merge counts of every model of a stack over a run (each field [M]), as
+    :class:`p4bg.nn.MergeStats` counts them for one model."""
+
+    attempts: Tensor
+    accepted: Tensor
+    forced: Tensor
+    skipped: Tensor
+    refused: Tensor
+    nonfinite_resets: Tensor
+    corrections: Tensor
+    fallbacks: Tensor
+    max_residual: Tensor = field(default=None)  # type: ignore[assignment]
+
+    @classmethod
+    def zeros(cls, m: int) -> StackStats:
+        z = [torch.zeros(m, dtype=torch.int64) for _ in range(8)]
+        return cls(*z, max_residual=torch.full((m,), math.nan, dtype=torch.float64))
+
+    def as_lists(self) -> dict[str, list]:
+        return {k: v.tolist() for k, v in self.__dict__.items()}
+
+    @classmethod
+    def from_lists(cls, d: dict[str, list]) -> StackStats:
+        out = {k: torch.tensor(v) for k, v in d.items()}
+        out["max_residual"] = out["max_residual"].double()
+        return cls(**out)
+
+
+class P4InvStack(nn.Module):
+    """M independent App. G stacks of ``n_blocks`` blocks (P4Inv, Bent, P4Inv, inverse Bent) on
+    2-D points, as tensors with the model first.
+
+    Parameters (model dtype): u, v, bias [M, 2·n_blocks, 2]. Float64 buffers: A, Ainv
+    [M, L, 2, 2], log_abs_det_A, sign_A [M, L]; n_merges [M, L] int64. ``via_inverse`` False is
+    densities_2d's "P4Inv" (``Inverse(stack)``: data -> latent applies each layer's W x + b),
+    True its "P4Inv via inv" (data -> latent applies W⁻¹(x − b)). Either way :meth:`log_prob`
+    is the density of data and :meth:`sample` maps latent points to data.
+    """
+
+    c_min, c_max = -2.0, 15.0
+
+    def __init__(self, m: int, n_blocks: int = 100, via_inverse: bool = False,
+                 dtype: torch.dtype | None = None) -> None:  # fmt: skip
+        super().__init__()
+        dtype = dtype or torch.get_default_dtype()
+        n = 2 * n_blocks
+        self.m, self.n_blocks, self.n_layers, self.via_inverse = m, n_blocks, n, via_inverse
+        eye = torch.eye(2, dtype=torch.float64).expand(m, n, 2, 2)
+        self.register_buffer("A", eye.clone())
+        self.register_buffer("Ainv", eye.clone())
+        self.register_buffer("log_abs_det_A", torch.zeros(m, n, dtype=torch.float64))
+        self.register_buffer("sign_A", torch.ones(m, n, dtype=torch.float64))
+        self.register_buffer("n_merges", torch.zeros(m, n, dtype=torch.int64))
+        self.u = nn.Parameter(torch.zeros(m, n, 2, dtype=dtype))
+        self.v = nn.Parameter(torch.randn(m, n, 2, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(m, n, 2, dtype=dtype))
+
+    @classmethod
+    def from_models(cls, models: list[nn.Module], via_inverse: bool) -> P4InvStack:
+        """A stack holding the P4Inv state of ``build_bent_flow`` models (for tests)."""
+        layers = [[x for x in model.modules() if isinstance(x, P4Inv)] for model in models]
+        stack = cls(len(models), len(layers[0]) // 2, via_inverse, layers[0][0].u.dtype)
+        with torch.no_grad():
+            for name in ("u", "v", "bias", "A", "Ainv", "log_abs_det_A", "sign_A", "n_merges"):
+                value = torch.stack([torch.stack([getattr(x, name) for x in ls]) for ls in layers])
+                getattr(stack, name).copy_(value)
+        return stack
+
+    def load_into(self, k: int, model: nn.Module) -> None:
+        """Copy model ``k``'s state into a ``build_bent_flow`` model (for tests and figures)."""
+        layers = [x for x in model.modules() if isinstance(x, P4Inv)]
+        with torch.no_grad():
+            for i, layer in enumerate(layers):
+                for name in ("u", "v", "bias", "A", "Ainv", "log_abs_det_A", "sign_A",
+                             "n_merges"):  # fmt: skip
+                    getattr(layer, name).copy_(getattr(self, name)[k, i])
+
+    def to_model(self, k: int) -> nn.Module:
+        model = build_bent_flow(2, self.n_blocks).to(self.u.dtype)
+        self.load_into(k, model)
+        return model
+
+    # ---------------------------------------------------------------------------- passes
+    def _weights(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(W [M, L, 2, 2], W⁻¹, ln|det W| [M, L]) in the model dtype, differentiable in u, v."""
+        dtype = self.u.dtype
+        A, Ainv = self.A.to(dtype), self.Ainv.to(dtype)
+        Ainv_u = torch.einsum("mlij,mlj->mli", Ainv, self.u)
+        G = 1.0 + (self.v * Ainv_u).sum(-1)
+        ladj = torch.log(torch.abs(G)) + self.log_abs_det_A.to(dtype)
+        W = A + self.u.unsqueeze(-1) * self.v.unsqueeze(-2)
+        vT_Ainv = torch.einsum("mlj,mlji->mli", self.v, Ainv)
+        W_inv = Ainv - Ainv_u.unsqueeze(-1) * vT_Ainv.unsqueeze(-2) / G[..., None, None]
+        return W, W_inv, ladj
+
+    def _stack_forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The stack's forward (layers in order, P4Inv as W x + b): x [M, B, 2]."""
+        W, _, ladj = self._weights()
+        Wt = W.transpose(-1, -2)
+        total = ladj.sum(1)[:, None].expand(x.shape[:2])
+        for k in range(self.n_blocks):
+            i, j = 2 * k, 2 * k + 1
+            x = torch.baddbmm(self.bias[:, i, None, :], x, Wt[:, i])
+            x, a = _bent(x)
+            x = torch.baddbmm(self.bias[:, j, None, :], x, Wt[:, j])
+            x, b = _bent_inverse(x)
+            total = total + a + b
+        return x, total
+
+    def _stack_inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        """The stack's inverse (layers backwards, P4Inv as W⁻¹(y − b))."""
+        _, W_inv, ladj = self._weights()
+        W_inv_t = W_inv.transpose(-1, -2)
+        # W⁻¹(y − b) = y W⁻ᵀ − W⁻¹ b: the bias costs one product for all layers
+        shift = -torch.einsum("mlij,mlj->mli", W_inv, self.bias)
+        total = -ladj.sum(1)[:, None].expand(y.shape[:2])
+        for k in reversed(range(self.n_blocks)):
+            i, j = 2 * k, 2 * k + 1
+            y, b = _bent(y)
+            y = torch.baddbmm(shift[:, j, None, :], y, W_inv_t[:, j])
+            y, a = _bent_inverse(y)
+            y = torch.baddbmm(shift[:, i, None, :], y, W_inv_t[:, i])
+            total = total + a + b
+        return y, total
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """log q(x) of data points x [M, B, 2] under each model: [M, B]."""
+        z, ladj = self._stack_inverse(x) if self.via_inverse else self._stack_forward(x)
+        return standard_normal_log_prob(z) + ladj
+
+    @torch.no_grad()
+    def sample(self, z: Tensor) -> Tensor:
+        """Latent points z [M, B, 2] -> data points."""
+        return (self._stack_forward(z) if self.via_inverse else self._stack_inverse(z))[0]
+
+    # ---------------------------------------------------------------------------- merges
+    @torch.no_grad()
+    def merge(
+        self,
+        event: Tensor,
+        force: Tensor,
+        optimizer: StackedAdam | None,
+        stats: StackStats,
+        generators: list[torch.Generator] | None = None,
+        correct_every: int = 50,
+        threshold: float = 1e-6,
+    ) -> Tensor:
+        """One merge event for the models under ``event`` [M] bool, forced where ``force``
+        [M]: every layer of those models decides as :meth:`P4Inv.merge_decision` does, merged
+        layers fold u vᵀ into A (and its inverse and determinant), take u = 0 and a fresh v
+        (from ``generators[m]``, one draw of [L, 2] per model per event) and forget their
+        optimizer state; every ``correct_every``-th merge of a layer corrects its inverse.
+        Updates ``stats``; returns the layers that took a fresh v, [M, L] bool."""
+        u, v = self.u.double(), self.v.double()
+        finite = torch.isfinite(u).all(-1) & torch.isfinite(v).all(-1)
+        Ainv_u = torch.einsum("mlij,mlj->mli", self.Ainv, u)
+        G = 1.0 + (v * Ainv_u).sum(-1)
+        ok_G = torch.isfinite(G) & (G != 0)
+        log_g = torch.log(torch.abs(torch.where(ok_G, G, torch.ones_like(G))))
+        log_det = self.log_abs_det_A + log_g
+        sane = (log_g >= self.c_min - 4.0) & (log_det >= self.c_min - 0.5) & (
+            log_det <= self.c_max + 0.5)  # fmt: skip
+        on = event[:, None].expand_as(G)
+        nonfinite = on & ~finite
+        refused = on & finite & ~ok_G
+        accepted = on & finite & ok_G & sane
+        forced = on & finite & ok_G & ~sane & force[:, None]
+        skipped = on & finite & ok_G & ~sane & ~force[:, None]
+        merged = accepted | forced
+        # fold u vᵀ into A where merged (the others' updates are multiplied by 0)
+        # (torch.where, not a product with 0: a non-finite u must not reach A)
+        w = merged[..., None, None]
+        vT_Ainv = torch.einsum("mlj,mlji->mli", v, self.Ainv)
+        safe_G = torch.where(merged, G, torch.ones_like(G))[..., None, None]
+        outer = Ainv_u.unsqueeze(-1) * vT_Ainv.unsqueeze(-2)
+        self.A.copy_(torch.where(w, self.A + u.unsqueeze(-1) * v.unsqueeze(-2), self.A))
+        self.Ainv.copy_(torch.where(w, self.Ainv - outer / safe_G, self.Ainv))
+        self.log_abs_det_A.copy_(torch.where(merged, log_det, self.log_abs_det_A))
+        self.sign_A.mul_(torch.where(merged, torch.sign(G), torch.ones_like(G)))
+        self.n_merges.add_(merged.long())
+        fresh = merged | nonfinite
+        if fresh.any():
+            self.u.masked_fill_(fresh[..., None].expand_as(self.u), 0.0)
+            for k in torch.nonzero(fresh.any(1)).flatten().tolist():
+                g = None if generators is None else generators[k]
+                draw = torch.randn(self.n_layers, 2, generator=g, dtype=self.v.dtype)
+                self.v[k] = torch.where(fresh[k, :, None], draw, self.v[k])
+            if optimizer is not None:
+                mask = fresh[..., None].expand_as(self.u)
+                optimizer.reset(self.u, mask)
+                optimizer.reset(self.v, mask)
+        if correct_every:
+            due = merged & (self.n_merges % correct_every == 0)
+            if due.any():
+                fell = self._correct(due, threshold)
+                stats.corrections += due.sum(1)
+                stats.fallbacks += fell.sum(1)
+        for name, mask in (("accepted", accepted), ("forced", forced), ("skipped", skipped),
+                           ("refused", refused), ("nonfinite_resets", nonfinite)):  # fmt: skip
+            getattr(stats, name).add_(mask.sum(1))
+        stats.attempts.add_(on.sum(1))
+        residual = self.inverse_residuals().amax(1)
+        stats.max_residual.copy_(torch.where(
+            event, torch.fmax(stats.max_residual, residual), stats.max_residual))  # fmt: skip
+        return fresh
+
+    @torch.no_grad()
+    def inverse_residuals(self) -> Tensor:
+        """max |I − A·Ainv| of every layer: [M, L] float64."""
+        eye = torch.eye(2, dtype=torch.float64)
+        return (eye - self.A @ self.Ainv).abs().amax((-1, -2))
+
+    @torch.no_grad()
+    def _correct(self, due: Tensor, threshold: float) -> Tensor:
+        """:meth:`P4Inv.correct_inverse` on the layers under ``due`` [M, L]: one hyperpower
+        step kept where it shrank the residual below ``threshold``, float64 LU otherwise.
+        Returns where it fell back to LU, [M, L] bool."""
+        idx = torch.nonzero(due, as_tuple=True)
+        A, V = self.A[idx], self.Ainv[idx]
+        eye = torch.eye(2, dtype=torch.float64).expand_as(A)
+        X = A @ V
+        before = (eye - X).abs().amax((-1, -2))
+        P = _HYPERPOWER[-1] * X + _HYPERPOWER[-2] * eye
+        for c in reversed(_HYPERPOWER[:-2]):
+            P = torch.baddbmm(eye, X, P, beta=c)
+        V_new = V @ P / 16.0
+        after = (eye - A @ V_new).abs().amax((-1, -2))
+        rounding = 100.0 * 2 * torch.finfo(torch.float64).eps
+        shrank = after <= torch.clamp(before, min=rounding)
+        keep = torch.isfinite(after) & (after <= threshold) & shrank
+        fell = ~keep
+        new_inv = V_new.clone()
+        if fell.any():
+            inv, info = torch.linalg.inv_ex(A[fell])
+            sign, logabsdet = torch.linalg.slogdet(A[fell])
+            good = info == 0  # a singular A has nothing exact to fall back to: left as it was
+            sub = new_inv[fell]
+            sub[good] = inv[good]
+            sub[~good] = V[fell][~good]
+            new_inv[fell] = sub
+            fidx = tuple(i[fell] for i in idx)
+            self.log_abs_det_A[fidx] = torch.where(good, logabsdet, self.log_abs_det_A[fidx])
+            self.sign_A[fidx] = torch.where(good, sign, self.sign_A[fidx])
+        self.Ainv[idx] = new_inv
+        out = torch.zeros_like(due)
+        out[idx] = fell
+        return out
+
+
+# -------------------------------------------------------------------------------- RNVP stack
+class _InverseOf(nn.Module):
+    """``forward`` is the wrapped bijection's ``inverse`` (for torch.func.functional_call)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.inner.inverse(x)
+
+
+class RNVPStack(nn.Module):
+    """M independent ``build_rnvp_2d`` models (App. G's RealNVP baseline), their parameters
+    stacked with the model first and run through ``torch.func.functional_call`` under
+    ``torch.func.vmap``: the module code of the one-model benchmark, batched."""
+
+    def __init__(self, m: int, models: list[nn.Module] | None = None) -> None:
+        super().__init__()
+        models = models or [build_rnvp_2d() for _ in range(m)]
+        if len(models) != m:
+            raise ValueError(f"RNVPStack: {len(models)} models for m = {m}")
+        self.m = m
+        self.names = [name for name, _ in models[0].named_parameters()]
+        self.flat = nn.ParameterList([
+            nn.Parameter(torch.stack([dict(x.named_parameters())[n].detach() for x in models]))
+            for n in self.names])  # fmt: skip
+        # parameterless copies on the meta device: the code, not the numbers
+        self._forward = build_rnvp_2d().to("meta")
+        self._inverse = _InverseOf(build_rnvp_2d().to("meta"))
+
+    def _call(self, module: nn.Module, prefix: str, x: Tensor) -> tuple[Tensor, Tensor]:
+        from torch.func import functional_call, vmap
+
+        params = {prefix + n: p for n, p in zip(self.names, self.flat, strict=True)}
+        return vmap(lambda ps, pts: functional_call(module, ps, (pts,)))(params, x)
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """log q(x) of data points x [M, B, 2] under each model: [M, B]."""
+        z, ladj = self._call(self._inverse, "inner.", x)
+        return standard_normal_log_prob(z) + ladj
+
+    @torch.no_grad()
+    def sample(self, z: Tensor) -> Tensor:
+        """Latent points z [M, B, 2] -> data points."""
+        return self._call(self._forward, "", z)[0]
+
+    def to_model(self, k: int) -> nn.Module:
+        model = build_rnvp_2d().to(self.flat[0].dtype)
+        with torch.no_grad():
+            for name, p in zip(self.names, self.flat, strict=True):
+                dict(model.named_parameters())[name].copy_(p[k])
+        return model
+
+
+# ------------------------------------------------------------------------------ training step
+class StackTrainer:
+    """App. G's training step for every model of a stack at once: the loss of each model is
+    its own mean NLL on its own batch; a model whose loss is not finite skips the step (its
+    parameters, optimizer state and merge schedule stand still, as densities_2d's loop skips
+    it); P4Inv stacks merge every ``every`` of a model's steps, every ``force_every``-th event
+    forced, with inverse corrections every ``correct_every`` merges of a layer.
+
+    ``generators``: one CPU torch.Generator per model for the fresh v of merged layers.
+    """
+
+    def __init__(self, stack: nn.Module, lr: float, every: int = 10, force_every: int = 10,
+                 correct_every: int = 50,
+                 generators: list[torch.Generator] | None = None) -> None:  # fmt: skip
+        self.stack = stack
+        self.optimizer = StackedAdam(list(stack.parameters()), lr)
+        self.every, self.force_every, self.correct_every = every, force_every, correct_every
+        self.generators = generators
+        m = stack.m
+        self.steps = torch.zeros(m, dtype=torch.int64)  # steps taken (finite losses)
+        self.events = torch.zeros(m, dtype=torch.int64)
+        self.skipped = torch.zeros(m, dtype=torch.int64)
+        self.stats = StackStats.zeros(m)
+        self.last_fresh: Tensor | None = None  # the layers that took a fresh v at the last step
+
+    def step(self, x: Tensor) -> Tensor:
+        """One step on batches x [M, B, 2]; returns each model's loss [M] (detached)."""
+        losses = -self.stack.log_prob(x).mean(1)
+        active = torch.isfinite(losses)
+        for p in self.stack.parameters():
+            p.grad = None
+        # a model's loss reaches only its own parameters, so the others' gradients stay finite
+        torch.where(active, losses, torch.zeros_like(losses)).sum().backward()
+        self.optimizer.step(active)
+        self.skipped += (~active).long()
+        self.steps += active.long()
+        self.last_fresh = None
+        if isinstance(self.stack, P4InvStack):
+            event = active & (self.steps % self.every == 0)
+            if event.any():
+                self.events += event.long()
+                force = event & (self.events % self.force_every == 0) if self.force_every else (
+                    torch.zeros_like(event))  # fmt: skip
+                self.last_fresh = self.stack.merge(event, force, self.optimizer, self.stats,
+                                                   self.generators, self.correct_every)  # fmt: skip
+        return losses.detach()
