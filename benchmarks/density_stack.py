@@ -395,9 +395,9 @@ class RNVPStack(nn.Module):
         self.flat = nn.ParameterList([
             nn.Parameter(torch.stack([dict(x.named_parameters())[n].detach() for x in models]))
             for n in self.names])  # fmt: skip
-        # parameterless copies on the meta device: the code, not the numbers
-        self._forward = build_rnvp_2d().to("meta")
-        self._inverse = _InverseOf(build_rnvp_2d().to("meta"))
+        # copies on the meta device, the code without the numbers; in a tuple, so that they
+        # are no submodules (their parameters are not the stack's)
+        self._templates = (build_rnvp_2d().to("meta"), _InverseOf(build_rnvp_2d().to("meta")))
 
     def _call(self, module: nn.Module, prefix: str, x: Tensor) -> tuple[Tensor, Tensor]:
         from torch.func import functional_call, vmap
@@ -407,13 +407,13 @@ class RNVPStack(nn.Module):
 
     def log_prob(self, x: Tensor) -> Tensor:
         """log q(x) of data points x [M, B, 2] under each model: [M, B]."""
-        z, ladj = self._call(self._inverse, "inner.", x)
+        z, ladj = self._call(self._templates[1], "inner.", x)
         return standard_normal_log_prob(z) + ladj
 
     @torch.no_grad()
     def sample(self, z: Tensor) -> Tensor:
         """Latent points z [M, B, 2] -> data points."""
-        return self._call(self._forward, "", z)[0]
+        return self._call(self._templates[0], "", z)[0]
 
     def to_model(self, k: int) -> nn.Module:
         model = build_rnvp_2d().to(self.flat[0].dtype)

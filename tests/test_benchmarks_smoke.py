@@ -282,3 +282,19 @@ def test_benchmark_system_best_recipe_is_the_spline_route_on_100_ns(tmp_path):
     )
     assert "spline300" in best["300K"] and f"--init={tmp_path / 'o' / 'bg600'}" in best["300K"]
     assert "demo600" in demo["600K"] and "demo300" in demo["300K"]
+
+
+def test_densities_2d_schedule_smoke(tmp_path):
+    """The batched full-schedule runner at 16 steps: two kinds, a rerun that finds the work
+    done, the report's table and figure."""
+    common = ("--datasets", "moons", "rings", "--seeds", "0", "1", "--steps", "16",
+              "--checkpoint-every", "8", "--out", str(tmp_path))  # fmt: skip
+    out = run("benchmarks/densities_2d_schedule.py", "--models", "RNVP", "P4Inv", *common)
+    assert "RNVP: done" in out and "P4Inv: done" in out
+    result = __import__("json").loads((tmp_path / "P4Inv" / "result.json").read_text())
+    assert set(result["models"]) == {"moons/0", "moons/1", "rings/0", "rings/1"}
+    assert result["models"]["moons/0"]["merges"]["attempts"] == 200  # one event, 200 layers
+    again = run("benchmarks/densities_2d_schedule.py", "--models", "RNVP", *common, "--report")
+    assert "continuing at step 16 of 16" in again and "| moons |" in again
+    assert "lowest mean test NLL" in again and "merges" in again
+    assert (tmp_path / "densities_2d_schedule.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

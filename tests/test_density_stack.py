@@ -167,3 +167,55 @@ def test_stack_training_is_the_one_model_loop_merges_included(via_inverse):
             torch.testing.assert_close(getattr(stack, name)[k], getattr(mirror, name)[0],
                                        rtol=1e-9, atol=1e-10)  # fmt: skip
         assert torch.equal(stack.n_merges[k], mirror.n_merges[0])
+
+
+def _schedule():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import densities_2d_schedule
+    finally:
+        sys.path.pop(0)
+    return densities_2d_schedule
+
+
+@pytest.mark.parametrize("kind", ["P4Inv via inv", "RNVP"])
+def test_schedule_run_continues_from_its_checkpoint_as_if_never_stopped(kind):
+    """25 steps at once, or 12 then a checkpoint, a fresh process's worth of objects and 13
+    more: the same parameters, P4Inv state, optimizer state and data stream, bit for bit
+    (merges and a learning-rate halving included)."""
+    schedule = _schedule()
+    straight = schedule.Run(kind, ["moons", "rings"], [0, 1], steps=24)
+    straight.advance(25)
+    first = schedule.Run(kind, ["moons", "rings"], [0, 1], steps=24)
+    first.advance(12)
+    state = first.state()
+    resumed = schedule.Run(kind, ["moons", "rings"], [0, 1], steps=24)
+    resumed.load(state)
+    resumed.advance(13)
+    a, b = straight.stack.state_dict(), resumed.stack.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    torch.testing.assert_close(straight.recent, resumed.recent, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(straight.batch(), resumed.batch())
+    if kind != "RNVP":
+        assert int(straight.trainer.stats.attempts.sum()) > 0
+        assert straight.trainer.stats.as_lists() == resumed.trainer.stats.as_lists()
+    with pytest.raises(SystemExit, match="another run"):
+        schedule.Run(kind, ["moons"], [0, 1], steps=24).load(state)
+
+
+def test_schedule_stack_starts_where_the_one_model_loop_starts():
+    """Model (density, seed) of a stack holds the parameters densities_2d.py's loop builds
+    for that seed."""
+    schedule = _schedule()
+    from densities_2d import build_model
+
+    for kind in ("P4Inv", "RNVP"):
+        stack = schedule.build_stack(kind, ["moons", "rings"], [3, 5])
+        for k, seed in enumerate([3, 5, 3, 5]):
+            torch.manual_seed(seed)
+            theirs = build_model(kind)
+            ours = stack.to_model(k)
+            for (n, p), q in zip(ours.named_parameters(), theirs.parameters(), strict=True):
+                assert torch.equal(p, q), (kind, k, n)
