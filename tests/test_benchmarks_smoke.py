@@ -298,3 +298,9 @@ def test_densities_2d_schedule_smoke(tmp_path):
     assert "continuing at step 16 of 16" in again and "| moons |" in again
     assert "lowest mean test NLL" in again and "merges" in again
     assert (tmp_path / "densities_2d_schedule.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_densities_2d_speed_smoke():
+    out = run("benchmarks/densities_2d_speed.py", "--models", "RNVP", "--seeds", "1",
+              "--steps", "2")  # fmt: skip
+    assert "| RNVP |" in out and "speed-up" in out and "all kinds, one core" in out
