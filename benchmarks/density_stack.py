@@ -104,17 +104,29 @@ class StackedAdam:
 
 
 # ------------------------------------------------------------------------------- P4Inv stack
-def _bent(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Bent identity B(x) = (√(x² + 1) − 1)/2 + x and its ladj per point (p4bg.nn.BentIdentity)."""
-    root = torch.sqrt(x * x + 1.0)
-    return 0.5 * (root - 1.0) + x, torch.log1p(0.5 * x / root).sum(-1)
+_ONE = 1.0
+_SQRT3 = math.sqrt(3.0)
 
 
-def _bent_inverse(y: Tensor) -> tuple[Tensor, Tensor]:
+def _bent_value(x: Tensor) -> Tensor:
+    """B(x) = x + (√(x² + 1) − 1)/2 (p4bg.nn.BentIdentity)."""
+    return torch.add(x, torch.hypot(x, x.new_tensor(_ONE)), alpha=0.5) - 0.5
+
+
+def _bent_inverse_value(y: Tensor) -> Tensor:
+    """B⁻¹(y) = (2c − √(c² + 3))/3 with c = 2y + 1."""
     c = 2.0 * y + 1.0
-    x = (2.0 * c - torch.sqrt(c * c + 3.0)) / 3.0
-    root = torch.sqrt(x * x + 1.0)
-    return x, -torch.log1p(0.5 * x / root).sum(-1)
+    return torch.sub(c, torch.hypot(c, c.new_tensor(_SQRT3)), alpha=0.5) * (2.0 / 3.0)
+
+
+def _bent_ladj(into_bent: list[Tensor], out_of_inverse: list[Tensor]) -> Tensor:
+    """Σ ln B'(x) over the Bent layers' inputs minus the same over the inverse Bent layers'
+    outputs, per point: [M, B]. ln B'(x) = ln(1 + x / (2√(x² + 1)))."""
+
+    def log_slope(x: Tensor) -> Tensor:
+        return torch.log1p(0.5 * x / torch.hypot(x, x.new_tensor(_ONE))).sum((0, -1))
+
+    return log_slope(torch.stack(into_bent)) - log_slope(torch.stack(out_of_inverse))
 
 
 @dataclass
@@ -214,19 +226,22 @@ class P4InvStack(nn.Module):
         W_inv = Ainv - Ainv_u.unsqueeze(-1) * vT_Ainv.unsqueeze(-2) / G[..., None, None]
         return W, W_inv, ladj
 
+    # The Bent layers' values take three and five operations, and their log-slopes are taken
+    # afterwards for all layers at once: a step is bound by the number of operations.
     def _stack_forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """The stack's forward (layers in order, P4Inv as W x + b): x [M, B, 2]."""
         W, _, ladj = self._weights()
         Wt = W.transpose(-1, -2)
-        total = ladj.sum(1)[:, None].expand(x.shape[:2])
+        into_bent, out_of_inverse = [], []
         for k in range(self.n_blocks):
             i, j = 2 * k, 2 * k + 1
             x = torch.baddbmm(self.bias[:, i, None, :], x, Wt[:, i])
-            x, a = _bent(x)
+            into_bent.append(x)
+            x = _bent_value(x)
             x = torch.baddbmm(self.bias[:, j, None, :], x, Wt[:, j])
-            x, b = _bent_inverse(x)
-            total = total + a + b
-        return x, total
+            x = _bent_inverse_value(x)
+            out_of_inverse.append(x)
+        return x, ladj.sum(1)[:, None] + _bent_ladj(into_bent, out_of_inverse)
 
     def _stack_inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
         """The stack's inverse (layers backwards, P4Inv as W⁻¹(y − b))."""
@@ -234,15 +249,16 @@ class P4InvStack(nn.Module):
         W_inv_t = W_inv.transpose(-1, -2)
         # W⁻¹(y − b) = y W⁻ᵀ − W⁻¹ b: the bias costs one product for all layers
         shift = -torch.einsum("mlij,mlj->mli", W_inv, self.bias)
-        total = -ladj.sum(1)[:, None].expand(y.shape[:2])
+        into_bent, out_of_inverse = [], []
         for k in reversed(range(self.n_blocks)):
             i, j = 2 * k, 2 * k + 1
-            y, b = _bent(y)
+            into_bent.append(y)
+            y = _bent_value(y)
             y = torch.baddbmm(shift[:, j, None, :], y, W_inv_t[:, j])
-            y, a = _bent_inverse(y)
+            y = _bent_inverse_value(y)
+            out_of_inverse.append(y)
             y = torch.baddbmm(shift[:, i, None, :], y, W_inv_t[:, i])
-            total = total + a + b
-        return y, total
+        return y, -ladj.sum(1)[:, None] + _bent_ladj(into_bent, out_of_inverse)
 
     def log_prob(self, x: Tensor) -> Tensor:
         """log q(x) of data points x [M, B, 2] under each model: [M, B]."""
