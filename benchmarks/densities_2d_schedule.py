@@ -22,6 +22,7 @@ same command continue after a kill with the run it would have had.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import sys
@@ -74,6 +75,7 @@ class Run:
         self.rngs = [np.random.default_rng(s) for _, s in self.pairs]
         self.step = 0
         self.seconds = 0.0
+        # each model's last 200 finite losses (densities_2d.py's train_nll), oldest first
         self.recent = torch.full((len(self.pairs), 200), math.nan, dtype=torch.float64)
 
     def lr(self, step: int) -> float:
@@ -87,15 +89,16 @@ class Run:
     def advance(self, n: int) -> None:
         for _ in range(n):
             self.trainer.optimizer.lr = self.lr(self.step)
-            losses = self.trainer.step(self.batch())
-            self.recent = torch.roll(self.recent, -1, 1)
-            self.recent[:, -1] = torch.where(torch.isfinite(losses), losses.double(),
-                                             self.recent[:, -2])  # fmt: skip
+            losses = self.trainer.step(self.batch()).double()
+            finite = torch.isfinite(losses)
+            shifted = torch.cat([self.recent[:, 1:], losses[:, None]], 1)
+            self.recent = torch.where(finite[:, None], shifted, self.recent)
             self.step += 1
 
     def state(self) -> dict:
+        """Everything a continuation needs, copied (the run goes on changing its own)."""
         t = self.trainer
-        return {
+        state = {
             "kind": self.kind, "datasets": self.datasets, "seeds": self.seeds,
             "steps": self.steps, "step": self.step, "seconds": self.seconds,
             "stack": self.stack.state_dict(), "optimizer": t.optimizer.state_dict(),
@@ -105,6 +108,7 @@ class Run:
             "rngs": [r.bit_generator.state for r in self.rngs],
             "recent": self.recent,
         }  # fmt: skip
+        return copy.deepcopy(state)
 
     def load(self, state: dict) -> None:
         plan = {k: state[k] for k in ("kind", "datasets", "seeds", "steps")}
@@ -175,7 +179,8 @@ def train_kind(kind: str, args: argparse.Namespace) -> dict:
         models[f"{density}/{seed}"] = entry
         if seed == args.seeds[0]:
             samples[density] = xy
-    result = {"kind": kind, "steps": run.steps, "batch": BATCH, "seconds": run.seconds,
+    result = {"kind": kind, "steps": run.steps, "seeds": run.seeds, "batch": BATCH,
+              "seconds": run.seconds,
               "ms_per_step": run.seconds / max(run.step, 1) * 1e3, "models": models,
               "threads": torch.get_num_threads()}  # fmt: skip
     write_atomic(result_path, json.dumps(result, indent=1) + "\n")
@@ -217,16 +222,27 @@ def report(args: argparse.Namespace) -> None:
         line = (f"{kind}: {r['steps']:,} steps, {r['seconds'] / 3600:.2f} h, "
                 f"{r['ms_per_step']:.1f} ms a step")  # fmt: skip
         if merges:
-            total = {k: sum(m[k] for m in merges) for k in ("attempts", "accepted", "forced",
-                                                             "skipped", "refused", "corrections",
-                                                             "fallbacks")}  # fmt: skip
+            keys = (
+                "attempts",
+                "accepted",
+                "forced",
+                "skipped",
+                "refused",
+                "nonfinite_resets",
+                "corrections",
+                "fallbacks",
+            )
+            total = {k: sum(m[k] for m in merges) for k in keys}
             worst = max(m["max_residual"] for m in merges)
             line += (f"; merges {total['accepted']:,} accepted, {total['forced']:,} forced, "
-                     f"{total['skipped']:,} skipped, {total['refused']} refused of "
+                     f"{total['skipped']:,} skipped, {total['refused']} refused, "
+                     f"{total['nonfinite_resets']} reset for non-finite u or v, of "
                      f"{total['attempts']:,}; {total['corrections']:,} corrections "
                      f"({total['fallbacks']} by LU); max inverse residual {worst:.1e}")  # fmt: skip
         print(line)
-    data = {d: DATASETS[d](np.random.default_rng(20_000), 20_000) for d in densities}
+    # the data panels as densities_2d.py draws them, for the seed whose samples are shown
+    first = results[kinds[0]]["seeds"][0]
+    data = {d: DATASETS[d](np.random.default_rng(20_000 + first), 20_000) for d in densities}
     samples = {}
     for kind in kinds:
         with np.load(args.out / slug(kind) / "samples_seed_first.npz") as f:

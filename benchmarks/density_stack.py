@@ -62,7 +62,8 @@ class StackedAdam:
         self.lr, self.betas, self.eps = float(lr), betas, eps
         self.exp_avg = [torch.zeros_like(p) for p in self.params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
-        self.steps = [torch.zeros_like(p) for p in self.params]
+        # float64 step counts: 1 − β₂ᵗ in float32 loses 5e-5 of itself to cancellation
+        self.steps = [torch.zeros_like(p, dtype=torch.float64) for p in self.params]
 
     @torch.no_grad()
     def step(self, active: Tensor) -> None:
@@ -76,10 +77,10 @@ class StackedAdam:
             m.copy_(torch.where(on, m.lerp(g, 1 - beta1), m))
             v.copy_(torch.where(on, v * beta2 + (1 - beta2) * g * g, v))
             step = t.clamp(min=1)
-            bias1 = 1 - beta1**step
-            bias2_sqrt = torch.sqrt(1 - beta2**step)
+            step_size = (self.lr / (1 - beta1**step)).to(p.dtype)
+            bias2_sqrt = torch.sqrt(1 - beta2**step).to(p.dtype)
             denom = v.sqrt() / bias2_sqrt + self.eps
-            update = m / denom * (self.lr / bias1)
+            update = m / denom * step_size
             p.sub_(torch.where(on, update, torch.zeros_like(update)))
 
     @torch.no_grad()

@@ -93,6 +93,64 @@ def test_stacked_adam_is_torch_adam_per_model_with_resets_and_skips():
         torch.testing.assert_close(p.detach()[k], copies[k].detach(), rtol=1e-13, atol=1e-14)
 
 
+def test_stacked_adam_in_float32_is_torch_adam():
+    """float32 parameters: the bias corrections in float64 as torch.optim.Adam has them, so
+    the first steps after a reset (where u and v of merged layers always are) agree."""
+    torch.manual_seed(1)
+    p = torch.randn(2, 5, dtype=torch.float32, requires_grad=True)
+    copy = p.detach().clone().requires_grad_(True)
+    ours, theirs = StackedAdam([p], lr=5e-3), torch.optim.Adam([copy], lr=5e-3)
+    for _ in range(3):
+        g = torch.randn(2, 5, dtype=torch.float32)
+        p.grad, copy.grad = g.clone(), g.clone()
+        ours.step(torch.tensor([True, True]))
+        theirs.step()
+    torch.testing.assert_close(p.detach(), copy.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_a_merge_event_with_every_kind_of_trouble_is_p4mergers():
+    """One forced merge event on layers with a non-finite u, with G = 0 exactly, with a stored
+    inverse wrecked just before its correction (LU fallback) and ordinary ones: the same
+    decisions, counts and buffers as P4Merger.merge_all(force=True) on the one-model stack."""
+    flows = _perturbed_bent_flows(2, 3, seed=7)
+    layers = [x for x in flows[0].modules() if isinstance(x, P4Inv)]
+    with torch.no_grad():
+        layers[0].u[0] = float("nan")
+        # G = 1 + vᵀ Ainv u = 0 exactly: A = Ainv = I, v = (1, 0), u = (−1, 0)
+        eye = torch.eye(2, dtype=torch.float64)
+        layers[1].A.copy_(eye)
+        layers[1].Ainv.copy_(eye)
+        layers[1].log_abs_det_A.zero_()
+        layers[1].sign_A.fill_(1.0)
+        layers[1].v.copy_(torch.tensor([1.0, 0.0], dtype=torch.float64))
+        layers[1].u.copy_(torch.tensor([-1.0, 0.0], dtype=torch.float64))
+        layers[2].n_merges.fill_(49)  # its next merge is corrected, from a wrecked inverse
+        layers[2].Ainv.mul_(3.0)  # E = I − A·Ainv = −2I: the hyperpower step diverges
+    stack = P4InvStack.from_models(flows, via_inverse=True)
+    trainer = StackTrainer(stack, 1e-3, every=1, force_every=1, correct_every=50,
+                           generators=[torch.Generator().manual_seed(k) for k in range(2)])  # fmt: skip
+    event = torch.tensor([True, True])
+    fresh = stack.merge(event, event, trainer.optimizer, trainer.stats, trainer.generators, 50)
+    for k, flow in enumerate(flows):
+        merger = P4Merger(flow, None, every=1, force_every=1, correct_every=50)
+        merger.merge_all(force=True)
+        ls = [x for x in flow.modules() if isinstance(x, P4Inv)]
+        with torch.no_grad():
+            for i in torch.nonzero(fresh[k]).flatten().tolist():
+                ls[i].v.copy_(stack.v[k, i])
+        totals = merger.totals
+        for name in ("attempts", "accepted", "forced", "skipped", "refused", "nonfinite_resets",
+                     "corrections", "fallbacks"):  # fmt: skip
+            assert int(getattr(trainer.stats, name)[k]) == getattr(totals, name), (k, name)
+        mirror = P4InvStack.from_models([flow], via_inverse=True)
+        for name in ("A", "Ainv", "log_abs_det_A", "sign_A", "u", "v", "bias", "n_merges"):
+            torch.testing.assert_close(getattr(stack, name)[k], getattr(mirror, name)[0],
+                                       rtol=1e-12, atol=1e-12, equal_nan=True)  # fmt: skip
+    stats = trainer.stats
+    assert int(stats.nonfinite_resets[0]) == 1 and int(stats.refused[0]) == 1
+    assert int(stats.fallbacks[0]) == 1 and int(stats.nonfinite_resets[1]) == 0
+
+
 def test_rnvp_stack_is_the_rnvp_models():
     torch.manual_seed(3)
     models = [build_rnvp_2d().double() for _ in range(3)]
@@ -158,8 +216,8 @@ def test_stack_training_is_the_one_model_loop_merges_included(via_inverse):
     for k in range(m):
         totals = mergers[k].totals
         assert totals.attempts > 0 and totals.accepted + totals.forced > 0
-        for name in ("attempts", "accepted", "forced", "skipped", "refused", "corrections",
-                     "fallbacks"):  # fmt: skip
+        for name in ("attempts", "accepted", "forced", "skipped", "refused", "nonfinite_resets",
+                     "corrections", "fallbacks"):  # fmt: skip
             assert int(getattr(stats, name)[k]) == getattr(totals, name), name
         assert float(stats.max_residual[k]) < 1e-12
         mirror = P4InvStack.from_models([flows[k]], via_inverse)
@@ -178,31 +236,68 @@ def _schedule():
     return densities_2d_schedule
 
 
-@pytest.mark.parametrize("kind", ["P4Inv via inv", "RNVP"])
+@pytest.mark.parametrize("kind", ["P4Inv", "P4Inv via inv", "RNVP"])
 def test_schedule_run_continues_from_its_checkpoint_as_if_never_stopped(kind):
-    """25 steps at once, or 12 then a checkpoint, a fresh process's worth of objects and 13
-    more: the same parameters, P4Inv state, optimizer state and data stream, bit for bit
-    (merges and a learning-rate halving included)."""
+    """105 steps at once, or 52, a checkpoint through torch.save and torch.load, a fresh
+    run's worth of objects and 53 more: the same parameters, P4Inv state, optimizer state,
+    losses and data stream, bit for bit, across ten merge events (the 10th forced), inverse
+    corrections and learning-rate halvings. The run that wrote the checkpoint goes on
+    unchanged by having written it."""
+    import io
+
     schedule = _schedule()
-    straight = schedule.Run(kind, ["moons", "rings"], [0, 1], steps=24)
-    straight.advance(25)
-    first = schedule.Run(kind, ["moons", "rings"], [0, 1], steps=24)
-    first.advance(12)
-    state = first.state()
-    resumed = schedule.Run(kind, ["moons", "rings"], [0, 1], steps=24)
-    resumed.load(state)
-    resumed.advance(13)
-    a, b = straight.stack.state_dict(), resumed.stack.state_dict()
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-    torch.testing.assert_close(straight.recent, resumed.recent, rtol=0, atol=0, equal_nan=True)
-    assert torch.equal(straight.batch(), resumed.batch())
+    args = (kind, ["moons", "rings"], [0, 1])
+    straight = schedule.Run(*args, steps=112)
+    straight.advance(105)
+    first = schedule.Run(*args, steps=112)
+    first.advance(52)
+    buffer = io.BytesIO()
+    torch.save(first.state(), buffer)
+    first.advance(53)
+    buffer.seek(0)
+    resumed = schedule.Run(*args, steps=112)
+    resumed.load(torch.load(buffer, weights_only=False))
+    resumed.advance(53)
+    for run in (first, resumed):
+        a, b = straight.stack.state_dict(), run.stack.state_dict()
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
+        torch.testing.assert_close(straight.recent, run.recent, rtol=0, atol=0, equal_nan=True)
+        assert [r.bit_generator.state for r in straight.rngs] == [
+            r.bit_generator.state for r in run.rngs]  # fmt: skip
+        for x, y in zip(straight.trainer.optimizer.exp_avg_sq, run.trainer.optimizer.exp_avg_sq,
+                        strict=True):  # fmt: skip
+            assert torch.equal(x, y)
     if kind != "RNVP":
-        assert int(straight.trainer.stats.attempts.sum()) > 0
+        stats = straight.trainer.stats
+        assert int(stats.forced.sum()) + int(stats.skipped.sum()) > 0 or int(
+            stats.accepted.sum()) == int(stats.attempts.sum())  # fmt: skip
+        assert int(stats.attempts.sum()) == 4 * 10 * 200
+        assert int(straight.trainer.events.min()) == 10
         assert straight.trainer.stats.as_lists() == resumed.trainer.stats.as_lists()
     with pytest.raises(SystemExit, match="another run"):
-        schedule.Run(kind, ["moons"], [0, 1], steps=24).load(state)
+        schedule.Run(kind, ["moons"], [0, 1], steps=112).load(straight.state())
+
+
+def test_schedule_rnvp_run_is_the_one_model_loop():
+    """The runner's RealNVP models (no random draw besides the data) follow densities_2d.py's
+    ``train`` step for step: the same data stream and learning-rate halvings, float32."""
+    schedule = _schedule()
+    from densities_2d import DATASETS, build_model, train
+
+    torch.set_default_dtype(torch.float32)  # as the benchmark runs (the fixture restores it)
+    run = schedule.Run("RNVP", ["moons", "pinwheel"], [0, 2], steps=40)
+    run.advance(40)
+    for k, (density, seed) in enumerate(run.pairs):
+        torch.manual_seed(seed)
+        model = build_model("RNVP")
+        info = train(model, DATASETS[density], 40, seed, False, "")
+        ours = run.stack.to_model(k)
+        for p, q in zip(ours.parameters(), model.parameters(), strict=True):
+            torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+        assert float(np.nanmean(run.recent[k].numpy())) == pytest.approx(info["train_nll"],
+                                                                         rel=1e-5)  # fmt: skip
 
 
 def test_schedule_stack_starts_where_the_one_model_loop_starts():
