@@ -236,7 +236,8 @@ def _schedule():
     return densities_2d_schedule
 
 
-@pytest.mark.parametrize("kind", ["P4Inv", "P4Inv via inv", "RNVP"])
+@pytest.mark.parametrize("kind", [pytest.param("P4Inv", marks=pytest.mark.slow), "P4Inv via inv",
+                                  "RNVP"])  # fmt: skip
 def test_schedule_run_continues_from_its_checkpoint_as_if_never_stopped(kind):
     """105 steps at once, or 52, a checkpoint through torch.save and torch.load, a fresh
     run's worth of objects and 53 more: the same parameters, P4Inv state, optimizer state,
