@@ -105,34 +105,9 @@ class StackedAdam:
 
 
 # ------------------------------------------------------------------------------- P4Inv stack
-_ONE = 1.0
-_SQRT3 = math.sqrt(3.0)
-
-
-def _bent_value(x: Tensor) -> Tensor:
-    """B(x) = x + (√(x² + 1) − 1)/2 (p4bg.nn.BentIdentity)."""
-    return torch.add(x, torch.hypot(x, x.new_tensor(_ONE)), alpha=0.5) - 0.5
-
-
-def _bent_inverse_value(y: Tensor) -> Tensor:
-    """B⁻¹(y) = (2c − √(c² + 3))/3 with c = 2y + 1."""
-    c = 2.0 * y + 1.0
-    return torch.sub(c, torch.hypot(c, c.new_tensor(_SQRT3)), alpha=0.5) * (2.0 / 3.0)
-
-
-def _bent_ladj(into_bent: list[Tensor], out_of_inverse: list[Tensor]) -> Tensor:
-    """Σ ln B'(x) over the Bent layers' inputs minus the same over the inverse Bent layers'
-    outputs, per point: [M, B]. ln B'(x) = ln(1 + x / (2√(x² + 1)))."""
-
-    def log_slope(x: Tensor) -> Tensor:
-        return torch.log1p(0.5 * x / torch.hypot(x, x.new_tensor(_ONE))).sum((0, -1))
-
-    return log_slope(torch.stack(into_bent)) - log_slope(torch.stack(out_of_inverse))
-
-
 def _log_slope_terms(x: Tensor) -> tuple[Tensor, Tensor]:
     """B'(x) = 1 + x/(2√(x² + 1)) and d ln B'(x)/dx = 1/(2 (x² + 1)^{3/2} B'(x))."""
-    s = torch.hypot(x, x.new_tensor(_ONE))
+    s = (x * x).add_(1.0).sqrt_()
     slope = 1.0 + 0.5 * x / s
     return slope, 0.5 / (s * s * s * slope)
 
@@ -141,80 +116,145 @@ class _Program(torch.autograd.Function):
     """A stack's layers after their weights are formed, as one autograd node.
 
     ``program``: ("A", l) the affine map x ↦ x Wt[:, l] + shift[:, l]; ("B",) the Bent
-    identity; ("C",) its inverse (always after an "A"). Returns the output and the Bent layers'
-    log-determinant per point, Σ ln B'(input of B) − Σ ln B'(output of C).
+    identity; ("C",) its inverse (always after an "A"). x [M, B, 2], Wt [M, L, 2, 2], shift
+    [M, L, 2]. Returns the output [M, B, 2] and the Bent layers' log-determinant per point
+    [M, B]: Σ ln B'(input of B) − Σ ln B'(output of C).
 
-    Why by hand: a step is bound by the number of operations, and autograd spends about
-    three per elementwise one. Here the forward costs 8 operations per block, the backward 4:
-    every factor the backward multiplies by (B'(x), 1/B'(y), and the log-determinant's
-    derivatives times its incoming gradient) is computed for all layers at once before the
-    loop, and the weights' gradients after it.
+    Why by hand: a step is bound by the number of operations, not by arithmetic. Inside, the
+    points are [2, M, B] (coordinate first) and the weights [2, M, 1] columns, so that an affine
+    layer is two multiply-adds over both coordinates (a batched product of 2 × 2 matrices is a
+    library call per model, several times slower) and a Bent layer five elementwise
+    operations. The backward multiplies by factors computed for all layers at once before its
+    loop (B'(x), 1/B'(y) and the log-determinant's derivatives times its incoming gradient):
+    per block 6 operations against autograd's ~40; the weights' gradients come after the loop
+    from buffers the forward wrote the Bent layers' inputs and outputs into.
     """
 
     @staticmethod
     def forward(ctx, x, Wt, shift, program):
-        one, sqrt3 = x.new_tensor(_ONE), x.new_tensor(_SQRT3)
-        shift_c = 2.0 * shift + 1.0  # an affine map followed by C gives c = 2a + 1 at once
-        into_affine: list[Tensor | None] = [None] * Wt.shape[1]
-        into_bent, out_of_inverse = [], []
+        M, B = x.shape[:2]
+        L = Wt.shape[1]
+        n_b = sum(op[0] == "B" for op in program)
+        n_c = sum(op[0] == "C" for op in program)
+        rows = Wt.permute(1, 2, 3, 0).unsqueeze(-1).contiguous()  # [L, i, j, M, 1]
+        sh_t = shift.permute(1, 2, 0).unsqueeze(-1).contiguous()  # [L, j, M, 1]
+        # views made once (indexing a tensor per use costs an operation each time);
+        # an affine map followed by C gives c = 2a + 1 at once
+        r, r2 = _views(rows, 2), _views(2.0 * rows, 2)
+        sh, sh2 = _views(sh_t, 1), _views(2.0 * sh_t + 1.0, 1)
+        b_in, b_out = x.new_empty(n_b, 2, M, B), x.new_empty(n_b, 2, M, B)
+        c_out = x.new_empty(n_c, 2, M, B)
+        b_in_v, b_out_v, c_out_v = (list(t.unbind(0)) for t in (b_in, b_out, c_out))
+        xs = x.permute(2, 0, 1).contiguous()
+        source: list = [None] * L  # where each affine layer's input is kept
+        where = ("x", 0)
+        kb = kc = 0
         i = 0
         while i < len(program):
             op = program[i]
+            following = program[i + 1][0] if i + 1 < len(program) else None
             if op[0] == "A":
                 layer = op[1]
-                into_affine[layer] = x
-                if i + 1 < len(program) and program[i + 1][0] == "C":
-                    c = torch.baddbmm(shift_c[:, layer, None, :], x, Wt[:, layer], alpha=2.0)
-                    x = torch.add(c, torch.hypot(c, sqrt3), alpha=-0.5).mul_(2.0 / 3.0)
-                    out_of_inverse.append(x)
-                    i += 2
-                    continue
-                x = torch.baddbmm(shift[:, layer, None, :], x, Wt[:, layer])
+                source[layer] = where
+                rr, ss = (r2, sh2) if following == "C" else (r, sh)
+                x0, x1 = xs.unbind(0)
+                if following == "B":
+                    y = b_in_v[kb].copy_(ss[layer]).addcmul_(x0, rr[layer][0])
+                else:
+                    y = torch.addcmul(ss[layer], x0, rr[layer][0])
+                xs = y.addcmul_(x1, rr[layer][1])
+                where = ("a", 0)
+                if following == "C":  # xs holds c = 2a + 1: B⁻¹(a) = (2c − √(c² + 3))/3
+                    root = (xs * xs).add_(3.0).sqrt_()
+                    xs = torch.add(xs, root, alpha=-0.5, out=c_out_v[kc]).mul_(2.0 / 3.0)
+                    where = ("c", kc)
+                    kc += 1
+                    i += 1
             elif op[0] == "B":
-                into_bent.append(x)
-                x = torch.add(x, torch.hypot(x, one), alpha=0.5).sub_(0.5)
+                if i == 0 or program[i - 1][0] != "A":  # its input is not in b_in yet
+                    b_in_v[kb].copy_(xs)
+                a = b_in_v[kb]
+                root = (a * a).add_(1.0).sqrt_()
+                xs = torch.add(a, root, alpha=0.5, out=b_out_v[kb]).sub_(0.5)
+                where = ("b", kb)
+                kb += 1
             else:
                 raise ValueError(f"_Program: a C must follow an A, at {i}")
             i += 1
-        bent, inverse = torch.stack(into_bent), torch.stack(out_of_inverse)
-        ladj = (torch.log1p(0.5 * bent / torch.hypot(bent, one)).sum((0, -1))
-                - torch.log1p(0.5 * inverse / torch.hypot(inverse, one)).sum((0, -1)))  # fmt: skip
-        ctx.program = program
-        ctx.save_for_backward(Wt, bent, inverse, *into_affine)
-        return x, ladj
+        if any(t is None or t[0] == "a" for t in source):
+            raise ValueError("_Program: every layer once, its input a Bent layer's or x")
+        ladj = _log_slope(b_in) - _log_slope(c_out)
+        ctx.program, ctx.source = program, source
+        ctx.save_for_backward(x, Wt, b_in, b_out, c_out)
+        return xs.permute(1, 2, 0), ladj
 
     @staticmethod
     def backward(ctx, g, gl):
-        Wt, bent, inverse, *into_affine = ctx.saved_tensors
-        gl = torch.zeros(g.shape[:2], dtype=g.dtype) if gl is None else gl
-        glx = gl[None, :, :, None]
+        x, Wt, b_in, b_out, c_out = ctx.saved_tensors
+        program = ctx.program
+        M, B = g.shape[:2]
+        L = Wt.shape[1]
+        cols = _views(Wt.permute(1, 3, 2, 0).unsqueeze(-1).contiguous(), 2)  # [L, j, i, M, 1]
+        gl = g.new_zeros(M, B) if gl is None else gl
         # B: g_in = g·B'(a) + gl·(ln B')'(a); C: g_in = (g − gl·(ln B')'(y))/B'(y)
-        slope_b, dlog_b = _log_slope_terms(bent)
-        add_b = glx * dlog_b
-        slope_c, dlog_c = _log_slope_terms(inverse)
+        slope_b, dlog_b = _log_slope_terms(b_in)
+        add_b = gl * dlog_b
+        slope_c, dlog_c = _log_slope_terms(c_out)
         factor_c = 1.0 / slope_c
-        add_c = -glx * dlog_c * factor_c
-        W = Wt.transpose(-1, -2)
-        g_out: list[Tensor | None] = [None] * Wt.shape[1]
-        kb, kc = len(bent), len(inverse)
-        for op in reversed(ctx.program):
+        add_c = -gl * dlog_c * factor_c
+        slope_b, add_b = list(slope_b.unbind(0)), list(add_b.unbind(0))
+        factor_c, add_c = list(factor_c.unbind(0)), list(add_c.unbind(0))
+        G = g.new_empty(L, 2, M, B)  # the gradient at each affine layer's output
+        G_v = list(G.unbind(0))
+        gs = g.permute(2, 0, 1).contiguous()
+        kb, kc = len(b_in), len(c_out)
+        for i in reversed(range(len(program))):
+            op = program[i]
+            before = program[i - 1] if i > 0 else None
             if op[0] == "A":
-                g_out[op[1]] = g
-                g = torch.bmm(g, W[:, op[1]])
-            elif op[0] == "B":
+                layer = op[1]
+                if gs.data_ptr() != G_v[layer].data_ptr():
+                    G_v[layer].copy_(gs)
+                g0, g1 = gs.unbind(0)
+                gs = torch.addcmul(g0 * cols[layer][0], g1, cols[layer][1])
+                continue
+            if op[0] == "B":
                 kb -= 1
-                g = torch.addcmul(add_b[kb], g, slope_b[kb])
+                factor, add = slope_b[kb], add_b[kb]
             else:
                 kc -= 1
-                g = torch.addcmul(add_c[kc], g, factor_c[kc])
-        used = [layer for layer, t in enumerate(g_out) if t is not None]
-        X = torch.stack([into_affine[layer] for layer in used])  # [n, M, B, 2]
-        G = torch.stack([g_out[layer] for layer in used])
-        gWt = torch.zeros_like(Wt)
-        gshift = torch.zeros(Wt.shape[:3], dtype=Wt.dtype)
-        gWt[:, used] = torch.einsum("lmbi,lmbj->mlij", X, G)
-        gshift[:, used] = G.sum(2).transpose(0, 1)
-        return g, gWt, gshift, None
+                factor, add = factor_c[kc], add_c[kc]
+            if before is not None and before[0] == "A":
+                gs = torch.addcmul(add, gs, factor, out=G_v[before[1]])
+            else:
+                gs = torch.addcmul(add, gs, factor)
+        # the weights' gradients: Σ over points of (input of layer l) ⊗ (gradient at its output)
+        gWt = g.new_zeros(M, L, 2, 2)
+        for kind, buffer in (("b", b_out), ("c", c_out)):
+            layers = [layer for layer, (k, _) in enumerate(ctx.source) if k == kind]
+            if layers:
+                index = [ctx.source[layer][1] for layer in layers]
+                gWt[:, layers] = torch.einsum("limb,ljmb->mlij", buffer[index], G[layers])
+        for layer, (k, _) in enumerate(ctx.source):
+            if k == "x":
+                gWt[:, layer] = torch.einsum("mbi,jmb->mij", x, G[layer])
+        gshift = G.sum(-1).permute(2, 0, 1)
+        return gs.permute(1, 2, 0), gWt, gshift, None
+
+
+def _views(t: Tensor, depth: int) -> list:
+    """Nested lists (``depth`` levels) of the views of t along its leading dimensions, made by
+    one unbind of a flat view (an unbind per level would cost an operation per entry)."""
+    lead = t.shape[:depth]
+    flat = list(t.reshape(-1, *t.shape[depth:]).unbind(0))
+    for size in reversed(lead[1:]):
+        flat = [flat[k : k + size] for k in range(0, len(flat), size)]
+    return flat
+
+
+def _log_slope(x: Tensor) -> Tensor:
+    """Σ ln B'(x) over the layers and coordinates of x [n, 2, M, B]: [M, B]."""
+    return torch.log1p(0.5 * x / (x * x).add_(1.0).sqrt_()).sum((0, 1))
 
 
 def _forward_program(n_blocks: int) -> tuple:
