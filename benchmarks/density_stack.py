@@ -27,6 +27,7 @@ against the one-model classes up to rounding; the models' dtype is the caller's.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -105,13 +106,6 @@ class StackedAdam:
 
 
 # ------------------------------------------------------------------------------- P4Inv stack
-def _log_slope_terms(x: Tensor) -> tuple[Tensor, Tensor]:
-    """B'(x) = 1 + x/(2√(x² + 1)) and d ln B'(x)/dx = 1/(2 (x² + 1)^{3/2} B'(x))."""
-    s = (x * x).add_(1.0).sqrt_()
-    slope = 1.0 + 0.5 * x / s
-    return slope, 0.5 / (s * s * s * slope)
-
-
 class _Program(torch.autograd.Function):
     """A stack's layers after their weights are formed, as one autograd node.
 
@@ -142,11 +136,14 @@ class _Program(torch.autograd.Function):
         # an affine map followed by C gives c = 2a + 1 at once
         r, r2 = _views(rows, 2), _views(2.0 * rows, 2)
         sh, sh2 = _views(sh_t, 1), _views(2.0 * sh_t + 1.0, 1)
-        b_in, b_out = x.new_empty(n_b, 2, M, B), x.new_empty(n_b, 2, M, B)
-        c_out = x.new_empty(n_c, 2, M, B)
-        b_in_v, b_out_v, c_out_v = (list(t.unbind(0)) for t in (b_in, b_out, c_out))
+        # the Bent layers' inputs, the inverse ones' outputs, and √(x² + 1) of both
+        b_in, b_root = x.new_empty(n_b, 2, M, B), x.new_empty(n_b, 2, M, B)
+        b_out = x.new_empty(n_b, 2, M, B)
+        c_out, c_root = x.new_empty(n_c, 2, M, B), x.new_empty(n_c, 2, M, B)
+        b_in_v, b_root_v, b_out_v, c_out_v, c_root_v = (
+            list(t.unbind(0)) for t in (b_in, b_root, b_out, c_out, c_root))  # fmt: skip
         xs = x.permute(2, 0, 1).contiguous()
-        source: list = [None] * L  # where each affine layer's input is kept
+        affine: list[tuple[int, str, int]] = []  # program order: (layer, input kind, its row)
         where = ("x", 0)
         kb = kc = 0
         i = 0
@@ -155,7 +152,7 @@ class _Program(torch.autograd.Function):
             following = program[i + 1][0] if i + 1 < len(program) else None
             if op[0] == "A":
                 layer = op[1]
-                source[layer] = where
+                affine.append((layer, *where))
                 rr, ss = (r2, sh2) if following == "C" else (r, sh)
                 x0, x1 = xs.unbind(0)
                 if following == "B":
@@ -165,8 +162,10 @@ class _Program(torch.autograd.Function):
                 xs = y.addcmul_(x1, rr[layer][1])
                 where = ("a", 0)
                 if following == "C":  # xs holds c = 2a + 1: B⁻¹(a) = (2c − √(c² + 3))/3
-                    root = (xs * xs).add_(3.0).sqrt_()
-                    xs = torch.add(xs, root, alpha=-0.5, out=c_out_v[kc]).mul_(2.0 / 3.0)
+                    c = xs
+                    root = (c * c).add_(3.0).sqrt_()
+                    xs = torch.add(c, root, alpha=-0.5, out=c_out_v[kc]).mul_(2.0 / 3.0)
+                    torch.add(c, xs, alpha=-2.0, out=c_root_v[kc])  # √(y² + 1) = c − 2y
                     where = ("c", kc)
                     kc += 1
                     i += 1
@@ -174,47 +173,47 @@ class _Program(torch.autograd.Function):
                 if i == 0 or program[i - 1][0] != "A":  # its input is not in b_in yet
                     b_in_v[kb].copy_(xs)
                 a = b_in_v[kb]
-                root = (a * a).add_(1.0).sqrt_()
+                root = torch.sqrt((a * a).add_(1.0), out=b_root_v[kb])
                 xs = torch.add(a, root, alpha=0.5, out=b_out_v[kb]).sub_(0.5)
                 where = ("b", kb)
                 kb += 1
             else:
                 raise ValueError(f"_Program: a C must follow an A, at {i}")
             i += 1
-        if any(t is None or t[0] == "a" for t in source):
+        if sorted(a[0] for a in affine) != list(range(L)) or any(a[1] == "a" for a in affine):
             raise ValueError("_Program: every layer once, its input a Bent layer's or x")
-        ladj = _log_slope(b_in) - _log_slope(c_out)
-        ctx.program, ctx.source = program, source
-        ctx.save_for_backward(x, Wt, b_in, b_out, c_out)
+        ladj = _log_slope(b_in, b_root) - _log_slope(c_out, c_root)
+        ctx.program, ctx.affine = program, affine
+        ctx.save_for_backward(x, Wt, b_in, b_root, b_out, c_out, c_root)
         return xs.permute(1, 2, 0), ladj
 
     @staticmethod
     def backward(ctx, g, gl):
-        x, Wt, b_in, b_out, c_out = ctx.saved_tensors
-        program = ctx.program
+        x, Wt, b_in, b_root, b_out, c_out, c_root = ctx.saved_tensors
+        program, affine = ctx.program, ctx.affine
         M, B = g.shape[:2]
         L = Wt.shape[1]
         cols = _views(Wt.permute(1, 3, 2, 0).unsqueeze(-1).contiguous(), 2)  # [L, j, i, M, 1]
         gl = g.new_zeros(M, B) if gl is None else gl
-        # B: g_in = g·B'(a) + gl·(ln B')'(a); C: g_in = (g − gl·(ln B')'(y))/B'(y)
-        slope_b, dlog_b = _log_slope_terms(b_in)
-        add_b = gl * dlog_b
-        slope_c, dlog_c = _log_slope_terms(c_out)
-        factor_c = 1.0 / slope_c
-        add_c = -gl * dlog_c * factor_c
+        # B: g_in = g·B'(a) + gl·(ln B')'(a); C: g_in = (g − gl·(ln B')'(y))/B'(y), with
+        # B'(x) = 1 + x/(2s) and (ln B')'(x) = 1/(2 s³ B'(x)), s = √(x² + 1)
+        slope_b = torch.div(b_in, b_root).mul_(0.5).add_(1.0)
+        add_b = b_root.pow(3).mul_(slope_b).reciprocal_().mul_(0.5 * gl)
+        factor_c = torch.div(c_out, c_root).mul_(0.5).add_(1.0).reciprocal_()
+        add_c = c_root.pow(3).reciprocal_().mul_(factor_c).mul_(factor_c).mul_(-0.5 * gl)
         slope_b, add_b = list(slope_b.unbind(0)), list(add_b.unbind(0))
         factor_c, add_c = list(factor_c.unbind(0)), list(add_c.unbind(0))
-        G = g.new_empty(L, 2, M, B)  # the gradient at each affine layer's output
+        G = g.new_empty(L, 2, M, B)  # the gradient at each affine layer's output, program order
         G_v = list(G.unbind(0))
         gs = g.permute(2, 0, 1).contiguous()
-        kb, kc = len(b_in), len(c_out)
+        ka, kb, kc = L, len(b_in), len(c_out)
         for i in reversed(range(len(program))):
             op = program[i]
-            before = program[i - 1] if i > 0 else None
             if op[0] == "A":
+                ka -= 1
                 layer = op[1]
-                if gs.data_ptr() != G_v[layer].data_ptr():
-                    G_v[layer].copy_(gs)
+                if gs.data_ptr() != G_v[ka].data_ptr():
+                    G_v[ka].copy_(gs)
                 g0, g1 = gs.unbind(0)
                 gs = torch.addcmul(g0 * cols[layer][0], g1, cols[layer][1])
                 continue
@@ -224,22 +223,34 @@ class _Program(torch.autograd.Function):
             else:
                 kc -= 1
                 factor, add = factor_c[kc], add_c[kc]
-            if before is not None and before[0] == "A":
-                gs = torch.addcmul(add, gs, factor, out=G_v[before[1]])
+            if i > 0 and program[i - 1][0] == "A":  # straight into that layer's slot
+                gs = torch.addcmul(add, gs, factor, out=G_v[ka - 1])
             else:
                 gs = torch.addcmul(add, gs, factor)
-        # the weights' gradients: Σ over points of (input of layer l) ⊗ (gradient at its output)
+        # the weights' gradients: Σ over points of (input of a layer) ⊗ (gradient at its
+        # output). In program order a kind's inputs and gradients sit at evenly spaced rows
+        # of their buffers, so each kind is one product of views.
         gWt = g.new_zeros(M, L, 2, 2)
-        for kind, buffer in (("b", b_out), ("c", c_out)):
-            layers = [layer for layer, (k, _) in enumerate(ctx.source) if k == kind]
-            if layers:
-                index = [ctx.source[layer][1] for layer in layers]
-                gWt[:, layers] = torch.einsum("limb,ljmb->mlij", buffer[index], G[layers])
-        for layer, (k, _) in enumerate(ctx.source):
-            if k == "x":
-                gWt[:, layer] = torch.einsum("mbi,jmb->mij", x, G[layer])
-        gshift = G.sum(-1).permute(2, 0, 1)
+        for kind, buffer in (("b", b_out), ("c", c_out), ("x", x.permute(2, 0, 1)[None])):
+            at = [k for k, a in enumerate(affine) if a[1] == kind]
+            if not at:
+                continue
+            rows_in = [affine[k][2] for k in at]
+            Xk, Gk = _rows(buffer, rows_in), _rows(G, at)
+            product = (Xk.unsqueeze(2) * Gk.unsqueeze(1)).sum(-1)  # [n, i, j, M]
+            gWt[:, [affine[k][0] for k in at]] = product.permute(3, 0, 1, 2)
+        gshift = g.new_zeros(M, L, 2)
+        gshift[:, [a[0] for a in affine]] = G.sum(-1).permute(2, 0, 1)
         return gs.permute(1, 2, 0), gWt, gshift, None
+
+
+def _rows(t: Tensor, index: list[int]) -> Tensor:
+    """t[index], a view when the rows are evenly spaced and increasing (a copy otherwise)."""
+    steps = {b - a for a, b in itertools.pairwise(index)}
+    if len(steps) <= 1 and (not steps or steps.pop() > 0):
+        step = index[1] - index[0] if len(index) > 1 else 1
+        return t[index[0] : index[-1] + 1 : step]
+    return t[index]
 
 
 def _views(t: Tensor, depth: int) -> list:
@@ -252,9 +263,9 @@ def _views(t: Tensor, depth: int) -> list:
     return flat
 
 
-def _log_slope(x: Tensor) -> Tensor:
-    """Σ ln B'(x) over the layers and coordinates of x [n, 2, M, B]: [M, B]."""
-    return torch.log1p(0.5 * x / (x * x).add_(1.0).sqrt_()).sum((0, 1))
+def _log_slope(x: Tensor, root: Tensor) -> Tensor:
+    """Σ ln B'(x) over the layers and coordinates of x [n, 2, M, B], root = √(x² + 1): [M, B]."""
+    return torch.log1p(torch.div(x, root).mul_(0.5)).sum((0, 1))
 
 
 def _forward_program(n_blocks: int) -> tuple:
