@@ -143,3 +143,22 @@ def test_bad_inputs_give_clear_errors(dataset, tmp_path):
     with pytest.raises(DatasetError, match=r"python -m p4bg\.simulate --out"):
         load_dataset(tmp_path / "nothing_here")
     assert json.loads((dataset / "split.json").read_text())["test"] == [[9, 10], [19, 20]]
+
+
+def test_the_md_pool_logs_lines_where_no_bar_is_drawn(tmp_path, capfd):
+    """Without a terminal the pool draws no bar (no carriage-return redraws in a log file)
+    and writes a progress line per interval instead."""
+    from p4bg.md.plain import ReplicaJob, run_replica
+    from p4bg.md.pool import run_jobs
+    from p4bg.systems import SYSTEMS_DIR
+
+    job = ReplicaJob(index=0, system_path=str(SYSTEMS_DIR / "alanine_dipeptide"),
+                     temperature=600.0, platform="Reference", seed=1, frames=150,
+                     steps_per_frame=10, equilibration_steps=10, chunk_frames=150,
+                     folder=str(tmp_path / "replica_00"))  # fmt: skip
+    run_jobs([job], run_replica, workers=1, ps_per_frame=0.01, label="test MD",
+             progress_bar=True, log_every_s=0.0)  # fmt: skip
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("test MD:")]
+    assert lines and "/150 frames" in lines[-1] and "ns/day" in lines[-1]
+    assert "\r" not in err

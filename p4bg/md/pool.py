@@ -1,4 +1,5 @@
-"""The worker pool: MD jobs (replicas, chains, windows) in parallel processes, one progress bar.
+"""The worker pool: MD jobs (replicas, chains, windows) in parallel processes, one progress bar
+on a terminal, and a log line a minute where there is none (a file, a pipe, ``--no-progress``).
 
 Each job runs in a fresh interpreter (``spawn``: no OpenMM or thread state inherited) and talks
 to the pool through a queue: frames done, its result, or its traceback. A job that fails stops
@@ -11,6 +12,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue as queue_module
+import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -21,6 +23,7 @@ from tqdm import tqdm
 __all__ = ["Progress", "run_jobs"]
 
 REPORT_EVERY = 50  # frames between progress messages from a worker
+LOG_EVERY_S = 60.0  # seconds between progress lines when no bar is drawn
 
 
 class Progress:
@@ -84,6 +87,7 @@ def run_jobs(
     ps_per_frame: float,
     label: str = "MD",
     progress_bar: bool = True,
+    log_every_s: float = LOG_EVERY_S,
 ) -> list[dict]:
     """Run every job as ``run(job, progress)`` in up to ``workers`` processes; their results in
     the order of ``jobs``. A worker's error is raised here as a ``RuntimeError`` with its
@@ -91,7 +95,9 @@ def run_jobs(
 
     jobs: picklable, with ``index`` (unique), ``kind`` ("replica", "chain", "window") and
     ``frames`` (for the bar); run: a module-level function (it is pickled by name);
-    ps_per_frame: MD time per frame, for the bar's ns/day.
+    ps_per_frame: MD time per frame, for the bar's ns/day. The bar is drawn on a terminal
+    only (``progress_bar`` and stderr a tty); otherwise a line goes to stderr every
+    ``log_every_s`` seconds: frames done, ns/day, the time left.
     """
     ctx = mp.get_context("spawn")  # a fresh interpreter: no inherited OpenMM or thread state
     # OpenMM's CPU platform takes every core in each process unless told: share them out
@@ -104,10 +110,11 @@ def run_jobs(
     kinds = {job.index: job.kind for job in jobs}
     running: dict[int, Any] = {}
     results: dict[int, dict] = {}
-    bar = tqdm(total=sum(j.frames for j in jobs), unit="frame", disable=not progress_bar,
-               dynamic_ncols=True, desc=label)  # fmt: skip
-    start = time.perf_counter()
-    new_frames = 0
+    total = sum(j.frames for j in jobs)
+    drawn = progress_bar and sys.stderr.isatty()
+    bar = tqdm(total=total, unit="frame", disable=not drawn, dynamic_ncols=True, desc=label)
+    start = last_line = time.perf_counter()
+    new_frames = done_frames = 0
     try:
         while pending or running:
             while pending and len(running) < workers:
@@ -126,11 +133,20 @@ def run_jobs(
                 continue
             if kind == "frames":
                 new_frames += payload
+                done_frames += payload
                 bar.update(payload)
-                elapsed = time.perf_counter() - start
-                ns_per_day = new_frames * ps_per_frame * 1e-3 / (elapsed / 86400.0)
+                now = time.perf_counter()
+                ns_per_day = new_frames * ps_per_frame * 1e-3 / ((now - start) / 86400.0)
                 bar.set_postfix_str(f"{ns_per_day:,.0f} ns/day")
+                if not drawn and now - last_line >= log_every_s:
+                    last_line = now
+                    left = (total - done_frames) * (now - start) / new_frames
+                    print(f"{label}: {done_frames:,}/{total:,} frames "
+                          f"({100 * done_frames / total:.0f} %), {ns_per_day:,.0f} ns/day, "
+                          f"about {left / 60:.0f} min left", file=sys.stderr,
+                          flush=True)  # fmt: skip
             elif kind == "resumed":
+                done_frames += payload
                 bar.update(payload)
             elif kind == "done":
                 results[index] = payload
