@@ -45,7 +45,7 @@ from p4bg.config import ENERGIES, ConfigError
 from p4bg.data import DatasetError, load_dataset, load_metadata, training_frames
 from p4bg.energy import UnsupportedForceError, make_energy
 from p4bg.files import write_atomic
-from p4bg.residue_report import per_residue
+from p4bg.residue_report import per_residue, reference_free_energy
 from p4bg.runs import CONFIG, load_run, read_config, read_samples, read_training_metrics
 from p4bg.systems import SystemConfigError, load_system
 
@@ -210,27 +210,6 @@ def model_log_q(
             x = torch.from_numpy(chunk).to(param.device, param.dtype)
             out.append(bg.log_prob(x).double().cpu().numpy())
     return np.concatenate(out)
-
-
-def reference_free_energy(meta: dict[str, Any]) -> tuple[float, float, str] | None:
-    """ΔF(φ>0 vs φ<0) with its uncertainty (kT) and its source, from what a dataset's
-    metadata.json records besides its frames: umbrella sampling along φ (and ψ) with MBAR
-    (p4bg.umbrella) first, else MBAR over a replica-exchange ladder (p4bg.remd); None if
-    neither is there (the frames' own ΔF is used)."""
-    umbrella, mbar = meta.get("umbrella"), meta.get("mbar")
-    if isinstance(umbrella, dict) and umbrella.get("status") == "complete":
-        plan = umbrella["plan"]
-        grid = (
-            f"{plan['windows']} x {plan['psi_windows']} (φ, ψ)"
-            if plan.get("psi_windows")
-            else f"{plan['windows']} φ"
-        )
-        return (float(umbrella["delta_f"]), float(umbrella["delta_f_err"]),
-                f"umbrella sampling, {grid} windows, MBAR (p4bg.umbrella)")  # fmt: skip
-    if isinstance(mbar, dict) and math.isfinite(mbar.get("delta_f", math.nan)):
-        return (float(mbar["delta_f"]), float(mbar["delta_f_err"]),
-                f"MBAR over {len(meta['temperatures_K'])} temperatures (p4bg.remd)")  # fmt: skip
-    return None
 
 
 def analyze(

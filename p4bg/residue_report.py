@@ -29,7 +29,13 @@ from p4bg.zmatrix import backbone_dihedrals
 if TYPE_CHECKING:
     from p4bg.analyze import Reference
 
-__all__ = ["per_residue", "recorded_free_energies", "residue_angles", "sample_positions"]
+__all__ = [
+    "per_residue",
+    "recorded_free_energies",
+    "reference_free_energy",
+    "residue_angles",
+    "sample_positions",
+]
 
 
 def residue_angles(xyz: np.ndarray, chain: list[tuple[str, tuple, tuple]]) -> tuple:
@@ -122,16 +128,35 @@ def per_residue(
     return residues, tica, figures
 
 
+def reference_free_energy(meta: dict[str, Any]) -> tuple[float, float, str] | None:
+    """ΔF(φ>0 vs φ<0) with its uncertainty (kT) and its source, from what a dataset's
+    metadata.json records besides its frames: umbrella sampling along φ (and ψ) with MBAR
+    (p4bg.umbrella) first, else MBAR over a replica-exchange ladder (p4bg.remd); None if
+    neither is there (the frames' own ΔF is used)."""
+    umbrella, mbar = meta.get("umbrella"), meta.get("mbar")
+    if isinstance(umbrella, dict) and umbrella.get("status") == "complete":
+        plan = umbrella["plan"]
+        grid = (
+            f"{plan['windows']} x {plan['psi_windows']} (φ, ψ)"
+            if plan.get("psi_windows")
+            else f"{plan['windows']} φ"
+        )
+        return (float(umbrella["delta_f"]), float(umbrella["delta_f_err"]),
+                f"umbrella sampling, {grid} windows, MBAR (p4bg.umbrella)")  # fmt: skip
+    if isinstance(mbar, dict) and math.isfinite(mbar.get("delta_f", math.nan)):
+        return (float(mbar["delta_f"]), float(mbar["delta_f_err"]),
+                f"MBAR over {len(meta['temperatures_K'])} temperatures (p4bg.remd)")  # fmt: skip
+    return None
+
+
 def recorded_free_energies(
     meta: dict[str, Any], central: str | None
 ) -> dict[str, tuple[float, float, str]]:
     """Per residue label, ΔF(φ>0 vs φ<0) with its uncertainty (kT) and its source, as a
     dataset's metadata.json records them: the system's own φ (the ``central`` residue's) from
     umbrella sampling or MBAR over a replica-exchange ladder
-    (:func:`p4bg.analyze.reference_free_energy`), any other residue's from umbrella sampling
+    (:func:`reference_free_energy`), any other residue's from umbrella sampling
     (``p4bg.umbrella --residue``) or else from that ladder's MBAR of its φ."""
-    from p4bg.analyze import reference_free_energy
-
     out = {}
     mbar = meta.get("mbar") if isinstance(meta.get("mbar"), dict) else {}
     for label, record in (mbar.get("residues") or {}).items():
