@@ -37,6 +37,7 @@ from densities_2d import DATASETS, MODELS, build_model, evaluate, plot
 from density_stack import P4InvStack, RNVPStack, StackStats, StackTrainer
 
 from p4bg.files import write_atomic
+from p4bg.nn import Inverse
 
 PAPER_STEPS = 8 * 20_000
 BATCH = 200
@@ -167,8 +168,6 @@ def train_kind(kind: str, args: argparse.Namespace) -> dict:
     for k, (density, seed) in enumerate(run.pairs):
         model = run.stack.to_model(k)
         if kind == "P4Inv":
-            from p4bg.nn import Inverse
-
             model = Inverse(model)
         nll, xy = evaluate(model, DATASETS[density], seed)
         entry = {"density": density, "seed": seed, "test_nll": nll,

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -294,7 +294,7 @@ class StackStats:
     nonfinite_resets: Tensor
     corrections: Tensor
     fallbacks: Tensor
-    max_residual: Tensor = field(default=None)  # type: ignore[assignment]
+    max_residual: Tensor  # float64, the largest |I − A·A⁻¹| at any merge event (NaN: none yet)
 
     @classmethod
     def zeros(cls, m: int) -> StackStats:
@@ -309,6 +309,10 @@ class StackStats:
         out = {k: torch.tensor(v) for k, v in d.items()}
         out["max_residual"] = out["max_residual"].double()
         return cls(**out)
+
+
+# what a P4Inv layer holds: its trained perturbation and bias, and its float64 state
+_P4_STATE = ("u", "v", "bias", "A", "Ainv", "log_abs_det_A", "sign_A", "n_merges")
 
 
 class P4InvStack(nn.Module):
@@ -346,7 +350,7 @@ class P4InvStack(nn.Module):
         layers = [[x for x in model.modules() if isinstance(x, P4Inv)] for model in models]
         stack = cls(len(models), len(layers[0]) // 2, via_inverse, layers[0][0].u.dtype)
         with torch.no_grad():
-            for name in ("u", "v", "bias", "A", "Ainv", "log_abs_det_A", "sign_A", "n_merges"):
+            for name in _P4_STATE:
                 value = torch.stack([torch.stack([getattr(x, name) for x in ls]) for ls in layers])
                 getattr(stack, name).copy_(value)
         return stack
@@ -356,8 +360,7 @@ class P4InvStack(nn.Module):
         layers = [x for x in model.modules() if isinstance(x, P4Inv)]
         with torch.no_grad():
             for i, layer in enumerate(layers):
-                for name in ("u", "v", "bias", "A", "Ainv", "log_abs_det_A", "sign_A",
-                             "n_merges"):  # fmt: skip
+                for name in _P4_STATE:
                     getattr(layer, name).copy_(getattr(self, name)[k, i])
 
     def to_model(self, k: int) -> nn.Module:
@@ -548,7 +551,7 @@ class RNVPStack(nn.Module):
         W3ᵀ [M, 12, 2] (t's output, then s's), b3 [M, 1, 2], scale [M, 1, 1])."""
         p = dict(zip(self.names, self.flat, strict=True))
 
-        def get(c: int, name: str) -> Tensor:  # [C, M, ...] over the couplings
+        def get(c: list[int], name: str) -> Tensor:  # [C, M, ...] over the couplings
             return torch.stack([p[f"layers.{k}.{name}"] for k in c])
 
         c = self.couplings

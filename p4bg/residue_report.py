@@ -24,7 +24,7 @@ from analysis.residues import (
 from analysis.weights import normalised_weights
 from p4bg.config import ConfigError
 from p4bg.files import write_atomic
-from p4bg.zmatrix import backbone_dihedrals
+from p4bg.zmatrix import backbone_dihedrals, residue_of
 
 if TYPE_CHECKING:
     from p4bg.analyze import Reference
@@ -83,9 +83,7 @@ def per_residue(
         angles[run.name] = (phi, psi, s["log_w"])
     residues = residue_metrics(labels, ref_phi, ref_psi, ref.segments, angles)
     if recorded:
-        own = (tuple(ref.system.phi_atoms), tuple(ref.system.psi_atoms))
-        central = next((labels[k] for k, (_, phi, psi) in enumerate(chain)
-                        if (tuple(phi), tuple(psi)) == own), None)  # fmt: skip
+        central = residue_of(chain, ref.system.phi_atoms, ref.system.psi_atoms)
         for label, estimate in recorded_free_energies(ref.meta, central).items():
             if label in residues:
                 _use_estimate(residues[label]["reference"], estimate)
@@ -135,14 +133,7 @@ def reference_free_energy(meta: dict[str, Any]) -> tuple[float, float, str] | No
     neither is there (the frames' own ΔF is used)."""
     umbrella, mbar = meta.get("umbrella"), meta.get("mbar")
     if isinstance(umbrella, dict) and umbrella.get("status") == "complete":
-        plan = umbrella["plan"]
-        grid = (
-            f"{plan['windows']} x {plan['psi_windows']} (φ, ψ)"
-            if plan.get("psi_windows")
-            else f"{plan['windows']} φ"
-        )
-        return (float(umbrella["delta_f"]), float(umbrella["delta_f_err"]),
-                f"umbrella sampling, {grid} windows, MBAR (p4bg.umbrella)")  # fmt: skip
+        return _umbrella_estimate(umbrella, "p4bg.umbrella")
     if isinstance(mbar, dict) and math.isfinite(mbar.get("delta_f", math.nan)):
         return (float(mbar["delta_f"]), float(mbar["delta_f_err"]),
                 f"MBAR over {len(meta['temperatures_K'])} temperatures (p4bg.remd)")  # fmt: skip
@@ -169,13 +160,20 @@ def recorded_free_energies(
         out[central] = own
     for label, record in (meta.get("umbrella_residues") or {}).items():
         if isinstance(record, dict) and record.get("status") == "complete":
-            plan = record["plan"]
-            grid = (f"{plan['windows']} x {plan['psi_windows']} (φ, ψ)" if plan.get("psi_windows")
-                    else f"{plan['windows']} φ")  # fmt: skip
-            out[label] = (float(record["delta_f"]), float(record["delta_f_err"]),
-                          f"umbrella sampling, {grid} windows, MBAR (p4bg.umbrella "
-                          f"--residue {label})")  # fmt: skip
+            out[label] = _umbrella_estimate(record, f"p4bg.umbrella --residue {label}")
     return out
+
+
+def _umbrella_estimate(record: dict[str, Any], command: str) -> tuple[float, float, str]:
+    """(ΔF, its error, its source) of a complete umbrella record made by ``command``."""
+    plan = record["plan"]
+    grid = (f"{plan['windows']} x {plan['psi_windows']} (φ, ψ)" if plan.get("psi_windows")
+            else f"{plan['windows']} φ")  # fmt: skip
+    return (
+        float(record["delta_f"]),
+        float(record["delta_f_err"]),
+        f"umbrella sampling, {grid} windows, MBAR ({command})",
+    )
 
 
 def _use_estimate(reference: dict[str, Any], estimate: tuple[float, float, str]) -> None:

@@ -53,6 +53,7 @@ __all__ = [
     "central_dihedrals",
     "central_residue",
     "chirality_centres",
+    "residue_of",
 ]
 
 BACKBONE = ("N", "CA", "C")
@@ -120,6 +121,17 @@ def backbone_dihedrals(topology: Any) -> list[tuple[str, tuple[int, ...], tuple[
         psi = (n.index, ca.index, c.index, nxt_n.index)
         out.append((f"{res.name}{res.resSeq}", phi, psi))
     return out
+
+
+def residue_of(
+    chain: list[tuple[str, tuple[int, ...], tuple[int, ...]]],
+    phi_atoms: tuple[int, ...],
+    psi_atoms: tuple[int, ...],
+) -> str | None:
+    """The label of the residue of ``chain`` (:func:`backbone_dihedrals`) whose φ and ψ are
+    these atoms (a system's own, from its system.toml); None if no residue's are."""
+    own = (tuple(phi_atoms), tuple(psi_atoms))
+    return next((label for label, phi, psi in chain if (tuple(phi), tuple(psi)) == own), None)
 
 
 def central_dihedrals(topology: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:

@@ -203,7 +203,9 @@ def remd_estimates(
     if residue_labels and all("phi_residues_all" in c for c in chains):
         for r, label in enumerate(residue_labels):
             phi = [c["phi_residues_all"][:, :, r] for c in chains]
-            m = mbar_delta_f([c["energies_all"] for c in chains], phi, temperatures)
+            own = all(np.array_equal(p, c["phi_all"]) for p, c in zip(phi, chains, strict=True))
+            m = pooled if own else mbar_delta_f([c["energies_all"] for c in chains], phi,
+                                                temperatures)  # fmt: skip
             keep = ("delta_f", "delta_f_err", "phi_positive_fraction", "statistical_inefficiency")
             residues[label] = {k: m[k] for k in keep}
     return {

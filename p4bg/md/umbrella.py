@@ -34,7 +34,7 @@ from p4bg.md.plain import MDSampler, seeds, whole_steps
 from p4bg.md.platform import choose_platform
 from p4bg.md.pool import Progress, run_jobs
 from p4bg.systems import MolecularSystem, load_system
-from p4bg.zmatrix import backbone_dihedrals
+from p4bg.zmatrix import backbone_dihedrals, residue_of
 
 __all__ = ["WindowJob", "residue_torsions", "restrained_system", "restraint", "run",
            "run_window", "window_grid"]  # fmt: skip
@@ -67,9 +67,11 @@ def residue_torsions(
     if residue is None:
         return own
     chain = backbone_dihedrals(system.topology)
+    if residue == residue_of(chain, system.phi_atoms, system.psi_atoms):
+        return own
     for label, phi, psi in chain:
         if label == residue:
-            return own if (tuple(phi), tuple(psi)) == own[1:] else (label, phi, psi)
+            return label, phi, psi
     labels = ", ".join(label for label, _, _ in chain) or "none"
     raise ConfigError(f"--residue {residue}: {system.name} has no such residue with both φ and "
                       f"ψ; its residues: {labels}")  # fmt: skip
@@ -226,8 +228,8 @@ def run(
     previous = dict(_record(meta, label))
     old = previous.get("plan")
     if old is not None and old != plan:
-        raise SystemExit(f"{dataset}: its umbrella/ windows were made with {old}; use the same "
-                         f"options, or delete {folder} to start again")  # fmt: skip
+        raise SystemExit(f"{dataset}: its {folder.name}/ windows were made with {old}; use the "
+                         f"same options, or delete {folder} to start again")  # fmt: skip
     paths = [folder / f"window_{i:03d}" for i in range(len(centers))]
     done = [p.with_suffix(".npz").is_file() for p in paths]
     if previous.get("status") == "complete" and old == plan and all(done):
