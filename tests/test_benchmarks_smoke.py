@@ -282,6 +282,11 @@ def test_benchmark_system_best_recipe_is_the_spline_route_on_100_ns(tmp_path):
     )
     assert "spline300" in best["300K"] and f"--init={tmp_path / 'o' / 'bg600'}" in best["300K"]
     assert "demo600" in demo["600K"] and "demo300" in demo["300K"]
+    # the ff96 dipeptide steps 1 fs: 40 ns, in a dataset named for its length
+    ff96 = benchmark_system.commands("alanine_dipeptide_ff96", tmp_path / "o", 0, 1, 100,
+                                     tmp_path, False, "best")["data"]  # fmt: skip
+    assert ff96[ff96.index("--ns") + 1] == "40"
+    assert ff96[ff96.index("--out") + 1] == str(tmp_path / "alanine_dipeptide_ff96_600K_40ns")
 
 
 def test_densities_2d_schedule_smoke(tmp_path):
