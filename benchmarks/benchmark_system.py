@@ -74,7 +74,7 @@ def _python(*args: str) -> list[str]:
 
 
 def training_data(system: str, recipe: str, data_root: Path) -> Path:
-    """The 600 K dataset a recipe trains on: SYSTEM_600K (demo), SYSTEM_600K_100ns (best)."""
+    """The 600 K dataset a recipe trains on: SYSTEM_600K (demo), SYSTEM_600K_{ns}ns (best)."""
     return data_root / (f"{system}_600K" if recipe == "demo"
                         else f"{system}_600K_{data_ns(system, recipe)}ns")  # fmt: skip
 
