@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ddp-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.ddp_worker:
-        return ddp_worker(args)
+        return distributed.run_process(lambda: ddp_worker(args))
     if args.ddp:
         return ddp_table(args, sys.argv[1:] if argv is None else argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "

@@ -153,8 +153,13 @@ def make_smoke_data(config: TrainConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m p4bg.train``, or under ``torchrun`` one process of a distributed run."""
+    """``python -m p4bg.train``, or under ``torchrun`` one process of a distributed run
+    (which ends the process: :func:`p4bg.distributed.run_process`)."""
     argv = sys.argv[1:] if argv is None else argv
+    distributed.run_process(lambda: _main(argv))
+
+
+def _main(argv: list[str]) -> None:
     try:
         flags, overrides = parse_args(argv)
         config = resolve_config(flags, overrides)

@@ -100,4 +100,5 @@ if __name__ == "__main__":
         merges(Path(folder), "--alone" in rest)
     else:
         stop = int(rest[rest.index("--stop-at") + 1]) if "--stop-at" in rest else 0
-        train(Path(folder), stop, rest[rest.index("--") + 1 :], "--fail-a-third" in rest)
+        argv = rest[rest.index("--") + 1 :]
+        distributed.run_process(lambda: train(Path(folder), stop, argv, "--fail-a-third" in rest))

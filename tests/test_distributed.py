@@ -170,3 +170,29 @@ def test_compiled_ddp_equals_eager(ddp_run, data, tmp_path):
     a, b = load(run / "checkpoint.pt"), load(ddp_run / "checkpoint.pt")
     for key, value in b["flow"].items():
         torch.testing.assert_close(a["flow"][key], value, rtol=1e-9, atol=1e-11, msg=key)
+
+
+@pytest.mark.parametrize(("body", "code"), [("pass", 0), ("raise SystemExit(3)", 3),
+                                            ("raise ValueError('bad')", 1)])  # fmt: skip
+def test_a_torchrun_process_ends_with_its_exit_handlers_output_and_code(tmp_path, body, code):
+    """run_process ends a launched process by os._exit (no interpreter teardown for leaked
+    gloo threads to abort), yet as Python's exit would: exit handlers run, buffered output
+    arrives, the code is main's (1 and a traceback for an error)."""
+    marker = tmp_path / "atexit-ran"
+    script = (
+        "import atexit, pathlib\n"
+        "from p4bg import distributed\n"
+        f"atexit.register(lambda: pathlib.Path({str(marker)!r}).write_text('yes'))\n"
+        "def main():\n"
+        "    print('buffered line')\n"
+        f"    {body}\n"
+        "distributed.run_process(main)\n"
+        "print('never reached')\n"
+    )
+    env = {**ENV, "WORLD_SIZE": "2", "RANK": "0"}  # launched(), without joining a group
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env=env, cwd=ROOT, timeout=120)  # fmt: skip
+    assert result.returncode == code, result.stderr
+    assert result.stdout == "buffered line\n"
+    assert marker.read_text() == "yes"
+    assert ("ValueError: bad" in result.stderr) == (code == 1)
