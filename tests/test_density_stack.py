@@ -335,3 +335,14 @@ def test_schedule_stack_starts_where_the_one_model_loop_starts():
             ours = stack.to_model(k)
             for (n, p), q in zip(ours.named_parameters(), theirs.parameters(), strict=True):
                 assert torch.equal(p, q), (kind, k, n)
+
+
+def test_off_support_share_counts_points_in_empty_cells_outside_and_not_finite():
+    """Known answers on the figure's grid (150 cells of 0.06 over [−4.5, 4.5]): one point in
+    an empty cell, one in a filled cell, one outside the grid, one NaN → 3 of 4 off."""
+    schedule = _schedule()
+    empty = np.zeros((150, 150), dtype=bool)
+    empty[75, 75] = True  # the cell [0, 0.06)²
+    xy = np.array([[0.01, 0.02], [1.0, 1.0], [5.0, 0.0], [np.nan, 0.0]])
+    assert schedule.off_support_share(xy, empty) == 0.75
+    assert schedule.off_support_share(xy[1:2], empty) == 0.0
