@@ -272,9 +272,10 @@ def off_support_table(data: dict[str, np.ndarray], samples: dict[tuple[str, str]
     """Fig. 6's "cleaner separation of modes" as a number: the share of a model's samples
     that land where the density has no mass, i.e. in the cells of the figure's 150 × 150 grid
     in which ``n_data`` fresh data points put none (the smears between modes and arms). The
-    data row is the same share for the figure's own 20,000 data points: the floor."""
+    data row is the same share for the figure's own data points: the floor."""
+    n = len(next(iter(data.values())))
     lines = [f"share of samples off the data's support (cells empty of {n_data:,} data points; "
-             f"seed {seed}, 20,000 samples)",
+             f"seed {seed}, {n:,} samples)",
              "| density | data (floor) | " + " | ".join(kinds) + " |",
              "|" + "---|" * (2 + len(kinds))]  # fmt: skip
     for d, points in data.items():

@@ -154,12 +154,9 @@ def run_process(main: Callable[[], Any]) -> None:
         else:  # SystemExit("message"), as Python prints it
             print(stop.code, file=sys.stderr)
             code = 1
-    except KeyboardInterrupt:
+    except BaseException as error:  # printed as Python would; 130 for Ctrl-C, as a shell says
         traceback.print_exc()
-        code = 130
-    except BaseException:
-        traceback.print_exc()
-        code = 1
+        code = 130 if isinstance(error, KeyboardInterrupt) else 1
     exit_process(code)
 
 
