@@ -92,6 +92,13 @@ class TrainConfig:
     anneal_steps: int = 0
     anneal_stages: int = 6
     anneal_samples: int = 2048
+    # Draws are reused: a step resamples its batch from the last draws (weights recomputed
+    # for the stage's temperature) and fresh ones are drawn every anneal_refill_every steps
+    # and at every new stage. The weights stay exact for the model that drew them, so a reused
+    # draw is still an importance sample of the stage's density, with a variance that grows as
+    # the model moves on; each step then costs an NLL step instead of anneal_samples energies
+    # and a pass of the flow (TA-BG refills once per stage). 1: fresh draws every step
+    anneal_refill_every: int = 1
     anneal_lr: float = 1e-4
     # Cosine decay of the learning rate over the last annealing stage only, down to anneal_lr ×
     # lr_final_factor: the stages before it move the model to new temperatures at full rate,
@@ -168,7 +175,8 @@ class TrainConfig:
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         positive = ("n_blocks", "hidden", "batch_size", "merge_every", "val_every", "log_every",
-                    "checkpoint_every", "sample_batch", "train_stride")  # fmt: skip
+                    "checkpoint_every", "sample_batch", "train_stride",
+                    "anneal_refill_every")  # fmt: skip
         for key in positive:
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")

@@ -143,14 +143,23 @@ def generator_evaluations(data: Path, runs: list[Path], n_samples: int) -> dict[
     of its training data ``data``, the annealing draws and validation samples of its training
     ``runs``, and its ``n_samples`` final samples."""
     counts = {"600 K MD": md_evaluations(data)}
-    validation = annealing = 0
+    validation = annealing = mixed = 0
     for run in runs:
         config, _ = read_config(run)
         with (run / "metrics.csv").open() as f:
             rows = list(csv.DictReader(f))
-        validation += sum(1 for r in rows if r.get("val_nll")) * config.val_samples
-        annealing += config.anneal_steps * config.anneal_samples
+        last = rows[-1] if rows else {}
+        if last.get("evaluations_anneal"):  # counted by the trainer, every phase
+            mixed += int(last["evaluations_mixed"])
+            annealing += int(last["evaluations_anneal"])
+            validation += int(last["evaluations_validation"])
+        else:  # a run from before the counts: its configuration's arithmetic
+            validation += sum(1 for r in rows if r.get("val_nll")) * config.val_samples
+            annealing += config.anneal_steps * config.anneal_samples
+            mixed += config.mixed_steps * (config.kl_batch_size or config.batch_size)
     counts.update(annealing=annealing, validation=validation, sampling=n_samples)
+    if mixed:
+        counts["energy phase (KL term)"] = mixed
     counts["generator, all"] = sum(counts.values())
     return counts
 

@@ -124,6 +124,68 @@ def test_resume_in_the_annealing_phase_is_exact(data, tmp_path):
                 resume=True, progress=False)  # fmt: skip
 
 
+REUSED = {**ANNEAL, "anneal_refill_every": 3}
+
+
+def test_reused_draws_resume_exactly_and_every_evaluation_is_counted(data, tmp_path):
+    """Draws reused for 3 steps: 34 smoke steps are 20 NLL, 6 mixed, then two stages of 4
+    annealing steps (26-29 at 424 K, 30-33 at 300 K), so fresh draws at 26, 29 (3 steps on),
+    30 (a new stage) and 33. Stopped after step 28, the run resumes from the saved draws of
+    step 26 and ends bit for bit as the uninterrupted one, with the same counts: the mixed
+    phase's KL batches (6 × 32), four annealing draws (4 × 64) and four validations at steps
+    10, 20, 30 and 34 (4 × 64)."""
+    reference = Trainer(smoke_config(data, tmp_path / "a", **REUSED), progress=False)
+    reference.run()
+    expected = {"mixed": 6 * 32, "anneal": 4 * 64, "validation": 4 * 64}
+    assert reference.evaluations == expected
+    interrupted = Trainer(smoke_config(data, tmp_path / "b", **REUSED), progress=False)
+    stop_after(interrupted, 28)
+    interrupted.run()
+    saved = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
+    assert saved["anneal_buffer"]["step"] == 26 and len(saved["anneal_buffer"]["x"]) == 64
+    assert saved["evaluations"] == {"mixed": 192, "anneal": 64, "validation": 128}
+    resumed = Trainer(smoke_config(data, tmp_path / "b", **REUSED), resume=True, progress=False)
+    resumed.run()
+    for (name, a), (_, b) in zip(
+        reference.flow.state_dict().items(), resumed.flow.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    assert resumed.evaluations == expected
+    with (tmp_path / "b" / "metrics.csv").open() as f:
+        last = list(csv.DictReader(f))[-1]
+    assert {k: int(last[f"evaluations_{k}"]) for k in expected} == expected
+
+
+def test_fresh_draws_every_step_are_counted(annealed):
+    """The default (anneal_refill_every = 1) draws anneal_samples at each of the 8 steps."""
+    state = torch.load(annealed / "checkpoint.pt", weights_only=False)
+    assert state["evaluations"] == {"mixed": 6 * 32, "anneal": 8 * 64, "validation": 4 * 64}
+
+
+def test_generator_evaluations_read_the_counts_and_agree_with_the_arithmetic(
+    annealed, data, tmp_path
+):
+    """The cost table reads the trainer's counts from metrics.csv; for a run from before them
+    it falls back on its configuration's arithmetic, which must give the same numbers."""
+    import shutil
+
+    from p4bg.demo_report import generator_evaluations
+
+    counted = generator_evaluations(data, [annealed], 10)
+    assert counted["annealing"] == 8 * 64 and counted["validation"] == 4 * 64
+    assert counted["energy phase (KL term)"] == 6 * 32 and counted["sampling"] == 10
+    old = tmp_path / "old"
+    shutil.copytree(annealed, old)
+    with (old / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    columns = [c for c in rows[0] if not c.startswith("evaluations_")]
+    with (old / "metrics.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    assert generator_evaluations(data, [old], 10) == counted
+
+
 def test_anneal_batch_resamples_by_the_boltzmann_weights(data, tmp_path):
     """With a target energy that is +inf except where φ > 0 (a failed evaluation elsewhere),
     every resampled frame has φ > 0, and the ESS is that share of the draws."""

@@ -83,6 +83,11 @@ class Energy(abc.ABC):
         """``(u, ∂u/∂x)`` in kT and kT/nm for ``xyz`` [batch, 3·n_atoms] nm as numpy float64
         (the gradient ``None`` without ``forces``); failed frames have ``u = +inf``, gradient 0."""
 
+    @property
+    def evaluations(self) -> int:
+        """Frames evaluated so far, read without waiting for a device (``stats`` may)."""
+        return self.stats.evaluations
+
     def check_positions(self, x: Tensor) -> None:
         """Refuse ``x`` unless it has shape [batch, 3·n_atoms]."""
         if x.dim() != 2 or x.shape[1] != self.dim:

@@ -97,6 +97,10 @@ class TorchEnergy(Energy):
 
     # ------------------------------------------------------------------------------ contract
     @property
+    def evaluations(self) -> int:
+        return self._stats.evaluations  # a host count: no device synchronisation
+
+    @property
     def stats(self) -> EnergyStats:
         """Counters since creation (:class:`p4bg.energy.EnergyStats`); reading it synchronises
         with the device once."""

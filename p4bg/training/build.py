@@ -24,7 +24,7 @@ from p4bg.config import ConfigError, TrainConfig
 from p4bg.coordinates import MixedCoordinateTransform
 from p4bg.data import load_dataset, load_metadata, training_frames
 from p4bg.distributed import SINGLE, World, pick_device
-from p4bg.energy import make_energy
+from p4bg.energy import EnergyStats, make_energy
 from p4bg.flows import flow_from_config
 from p4bg.generator import BoltzmannGenerator
 from p4bg.nn import P4Inv, P4Merger
@@ -42,6 +42,29 @@ __all__ = ["COMPILE_OPTIONS", "DeferredEnergy", "RunParts", "build_run", "make_o
 # (absolute error ~1e-7: nothing for the conditioners' activations), 7 % of the paper model's
 # compiled mixed step. TorchEnergy, whose accuracy is tested against OpenMM, keeps the default.
 COMPILE_OPTIONS = {"cpp.use_decompose_tanh": True}
+
+
+class CountedFunction:
+    """A plain function ``u(x)`` [batch] kT given as the target (tests) with the counters of a
+    :class:`p4bg.energy.Energy` (``stats``), which the trainer reads for the evaluations it
+    spends and the failures (+inf) it meets."""
+
+    platform = "function"
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.fn = fn
+        self.stats = EnergyStats()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        u = self.fn(x)
+        self.stats.evaluations += len(x)
+        self.stats.failures += int((~torch.isfinite(u)).sum())
+        return u
+
+    def close(self) -> None:
+        close = getattr(self.fn, "close", None)
+        if close is not None:
+            close()
 
 
 class DeferredEnergy:
@@ -189,7 +212,7 @@ def build_run(config: TrainConfig, world: World = SINGLE, device: str | None = N
 
     def make(platform: str) -> Any:
         if energy is not None:
-            return energy
+            return energy if hasattr(energy, "stats") else CountedFunction(energy)
         return make_energy(
             config.energy, system,
             # OpenMM workers: n_workers per node, shared by its processes

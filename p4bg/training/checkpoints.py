@@ -27,6 +27,7 @@ from p4bg.runs import (
     read_checkpoint,
     save_checkpoint,
 )
+from p4bg.training.objective import AnnealBuffer
 from p4bg.training.streams import global_rng_state, set_global_rng_state
 
 if TYPE_CHECKING:
@@ -52,6 +53,8 @@ def training_state(t: Trainer) -> dict[str, Any]:
         "batches": p.streams["batches"].get_state(),
         "streams": p.streams.state_dict(),
         "counters": dict(t.counters),
+        "evaluations": dict(t.evaluations),
+        "anneal_buffer": None if t.anneal_buffer is None else t.anneal_buffer.state_dict(),
         "best": dict(t.best),
         "temperature_K": p.temperatures.data,
         "target_temperature_K": p.temperatures.target,
@@ -120,6 +123,13 @@ def resume(t: Trainer, path: Path) -> None:
                        "streams restart from new seeds")  # fmt: skip
     t.step = int(state["step"])
     t.counters = dict(state["counters"])
+    if "evaluations" in state:
+        t.evaluations = {**t.evaluations, **state["evaluations"]}
+    else:  # a checkpoint from before the counts: they start here
+        t.notes.append(f"the checkpoint predates counting energy evaluations: the counts in "
+                       f"metrics.csv leave out the {t.step:,} steps before it")  # fmt: skip
+    if state.get("anneal_buffer") is not None:  # the draws the next steps resample from
+        t.anneal_buffer = AnnealBuffer.from_state(state["anneal_buffer"], p.device)
     t.best = dict(state.get("best", t.best))
     best = path.with_name(BEST)
     if p.world.main and best.is_file() and int(read_checkpoint(best).get("step", 0)) > t.step:

@@ -23,12 +23,19 @@ from p4bg.config import TrainConfig, to_toml
 from p4bg.distributed import SINGLE, World, all_sum
 from p4bg.training import checkpoints, schedules
 from p4bg.training.build import RunParts, build_run
-from p4bg.training.objective import annealing_log_weights, resample
+from p4bg.training.objective import AnnealBuffer, annealing_log_weights, resample
 from p4bg.training.plan import describe, energy_plan
 from p4bg.training.reporting import RunReporter
 from p4bg.training.validation import validate, validation_line
 
-__all__ = ["StopSignals", "Trainer", "host_row"]
+__all__ = ["ANNEAL_CHUNK", "EVALUATION_PHASES", "StopSignals", "Trainer", "host_row"]
+
+#: Where target-energy evaluations are spent, each counted as frames evaluated (the energy's
+#: own ``stats.evaluations``): the mixed phase's KL term, the annealing draws, validation.
+EVALUATION_PHASES = ("mixed", "anneal", "validation")
+#: Annealing draws are generated and evaluated in chunks of this many frames per process, so
+#: that a large buffer never holds more than one chunk's activations.
+ANNEAL_CHUNK = 4096
 
 
 class StopSignals:
@@ -95,6 +102,11 @@ class Trainer:
         # training step never waits for it (added to `counters` at logging and checkpoints)
         self._pending = {name: torch.zeros((), dtype=torch.int64, device=self.device)
                          for name in self.counters}  # fmt: skip
+        # target-energy evaluations by phase (EVALUATION_PHASES), all processes together as of
+        # the last flush; this process's since then are added by flush_counters
+        self.evaluations = dict.fromkeys(EVALUATION_PHASES, 0)
+        self._pending_evaluations = dict.fromkeys(EVALUATION_PHASES, 0)
+        self.anneal_buffer: AnnealBuffer | None = None  # the annealing draws in use
         self.best = {"val_nll": float("inf"), "step": 0}
         self.seconds = 0.0
         self.stop_requested = False  # set (by a signal or a caller) to stop after this step
@@ -142,20 +154,40 @@ class Trainer:
         return describe(self.parts, self.n_train, self.n_val)
 
     def flush_counters(self) -> dict[str, int]:
-        """Add the device-side counts of the steps since the last call to :attr:`counters`
-        (one synchronisation; summed over ranks) and return the totals."""
-        pending = all_sum(torch.stack(list(self._pending.values())), self.world).tolist()
-        for (name, t), value in zip(self._pending.items(), pending, strict=True):
+        """Add the device-side counts of the steps since the last call to :attr:`counters`, and
+        this process's energy evaluations to :attr:`evaluations` (one synchronisation; summed
+        over ranks); return the counters' totals."""
+        n = len(self._pending)
+        counts = torch.stack([*self._pending.values(), *(
+            torch.tensor(v, dtype=torch.int64, device=self.device)
+            for v in self._pending_evaluations.values())])  # fmt: skip
+        totals = all_sum(counts, self.world).tolist()
+        for (name, t), value in zip(self._pending.items(), totals[:n], strict=True):
             self.counters[name] += int(value)
             t.zero_()
+        for name, value in zip(EVALUATION_PHASES, totals[n:], strict=True):
+            self.evaluations[name] += int(value)
+            self._pending_evaluations[name] = 0
         return dict(self.counters)
+
+    def _evaluated(self) -> int:
+        """Frames this process's target energy has evaluated since it started (0 before)."""
+        energy = self.parts.target.energy
+        if energy is None:
+            return 0
+        # Energy.evaluations never waits for the device; an energy without it has stats
+        count = getattr(energy, "evaluations", None)
+        return int(energy.stats.evaluations if count is None else count)
 
     def validate(self) -> dict[str, float]:
         """Validation NLL by basin and, from fresh samples, reverse ESS, log Z, mean energy."""
         p = self.parts
-        row, failures = validate(p.bg, p.val, self.energy(), p.streams, self.config,
+        energy = self.energy()
+        before = self._evaluated()
+        row, failures = validate(p.bg, p.val, energy, p.streams, self.config,
                                  p.temperatures)  # fmt: skip
         self.counters["energy_failures"] += failures
+        self._pending_evaluations["validation"] += self._evaluated() - before
         return row
 
     # -------------------------------------------------------------------- steps
@@ -165,26 +197,46 @@ class Trainer:
                                p.device)  # fmt: skip
 
     @torch.no_grad()
-    def anneal_batch(self, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """A batch for the annealing phase: ``anneal_samples`` fresh samples of the model (τ = 1)
-        weighted to the Boltzmann density at ``temperature`` K and resampled to ``batch_size``
-        frames; their NLL is then a self-normalised estimate of the forward KL from that density
-        (TA-BG). Returns (x [batch, 66] nm, the weights' ESS as a fraction, 0-dim). Failed
-        energies get weight 0; a batch whose weights are all 0 or not finite comes out NaN, so
-        the step is skipped and counted. Across processes each rank generates its part of the
-        global draws, the parts are gathered, and every rank resamples the global batch alike."""
+    def fill_anneal_buffer(self, temperature: float) -> AnnealBuffer:
+        """Draw ``anneal_samples`` (per process) from the model (τ = 1) with their energies and
+        log q, for the stage at ``temperature`` K. Across processes each rank draws its part of
+        the global draws and the parts are gathered, so every rank holds the same buffer."""
         cfg, world = self.config, self.world
         n = cfg.anneal_samples * world.size
         z = self._prior(n, "kl")[world.shard(n)]
-        x, log_q = self.bg.generate(z)
-        u = self.energy()(x)
+        xs, us, log_qs = [], [], []
+        for chunk in z.split(ANNEAL_CHUNK):
+            x, log_q = self.bg.generate(chunk)
+            xs.append(x)
+            us.append(self.energy()(x))
+            log_qs.append(log_q)
+        x, u, log_q = (torch.cat(t) for t in (xs, us, log_qs))
         self._pending["energy_failures"] += (~torch.isfinite(u)).sum()
-        log_w = annealing_log_weights(u, log_q, self.parts.temperatures.target, temperature)
-        x = distributed.all_gather_rows(x, world)
-        log_w = distributed.all_gather_rows(log_w, world)
+        gathered = (distributed.all_gather_rows(t, world) for t in (x, u, log_q))
+        self.anneal_buffer = AnnealBuffer(*gathered, temperature=temperature, step=self.step)
+        return self.anneal_buffer
+
+    @torch.no_grad()
+    def anneal_batch(self, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch for the annealing phase: the model's draws (:attr:`anneal_buffer`, drawn
+        afresh every ``anneal_refill_every`` steps and at every new stage) weighted to the
+        Boltzmann density at ``temperature`` K and resampled to ``batch_size`` frames; their NLL
+        is then a self-normalised estimate of the forward KL from that density (TA-BG).
+        Returns (x [batch, 3·atoms] nm, the weights' ESS as a fraction, 0-dim). Failed
+        energies get weight 0; a batch whose weights are all 0 or not finite comes out NaN, so
+        the step is skipped and counted. Every rank resamples the global batch alike and takes
+        its part."""
+        cfg, world = self.config, self.world
+        b = self.anneal_buffer
+        if (b is None or b.temperature != temperature
+                or self.step - b.step >= cfg.anneal_refill_every):  # fmt: skip
+            before = self._evaluated()
+            b = self.fill_anneal_buffer(temperature)
+            self._pending_evaluations["anneal"] += self._evaluated() - before
+        log_w = annealing_log_weights(b.u, b.log_q, self.parts.temperatures.target, temperature)
         n = cfg.batch_size * world.size
         idx, ess, ok = resample(log_w, n, self.parts.streams["kl"])
-        batch = x[idx[world.shard(n)]]
+        batch = b.x[idx[world.shard(n)]]
         return torch.where(ok, batch, torch.nan), ess
 
     def train_step(self) -> dict[str, Any]:
@@ -216,8 +268,10 @@ class Trainer:
             n_kl = (cfg.kl_batch_size or cfg.batch_size) * world.size
             z = self._prior(n_kl, "kl")[world.shard(n_kl)]
             self.energy()
+            before = self._evaluated()
             loss, nll, kl, u = p.model(p.train_x[idx], z, w_e)
             self._pending["energy_failures"] += (~torch.isfinite(u)).sum()
+            self._pending_evaluations["mixed"] += self._evaluated() - before
         else:
             loss, nll, kl, _ = p.model(p.train_x[idx])
         loss.backward()  # across processes DDP averages the gradients here
@@ -302,6 +356,8 @@ class Trainer:
                                      self.parts.temperatures))  # fmt: skip
         # clamps of degenerate geometry or torsion tails since the start (or the resume)
         clamped = int(all_sum(self.coordinates.n_clamped.clone(), self.world))
-        out.row({**row, **self.flush_counters(), "step": self.step,
+        counters = self.flush_counters()
+        evaluations = {f"evaluations_{k}": v for k, v in self.evaluations.items()}
+        out.row({**row, **counters, **evaluations, "step": self.step,
                  "clamped_coordinates": clamped, "seconds": round(self.seconds, 3)})  # fmt: skip
         return row

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,7 +22,7 @@ from p4bg.distributed import SINGLE, World, all_sum
 from p4bg.generator import BoltzmannGenerator
 from p4bg.nn import p4inv_penalty
 
-__all__ = ["Objective", "annealing_log_weights", "resample"]
+__all__ = ["AnnealBuffer", "Objective", "annealing_log_weights", "resample"]
 
 
 class Objective(torch.nn.Module):
@@ -86,3 +87,28 @@ def resample(log_w: Tensor, n: int, generator: torch.Generator) -> tuple[Tensor,
     w = torch.where(ok, w, torch.ones_like(w))
     idx = torch.multinomial(w, n, replacement=True, generator=generator)
     return idx, ess, ok
+
+
+@dataclass
+class AnnealBuffer:
+    """The annealing phase's draws of the model: positions x [n, 3·atoms] nm, their reduced
+    energies u at the target temperature [n] kT (+inf: failed), their log q under the model
+    that drew them [n], the stage temperature (K) and the step they were drawn at. The weights
+    ``exp(−u·T_target/T − log q)`` take them to the Boltzmann density at T whatever the model
+    has become since, so a buffer stays a valid importance sample for the steps that reuse it;
+    only its variance grows as the model moves away."""
+
+    x: torch.Tensor
+    u: torch.Tensor
+    log_q: torch.Tensor
+    temperature: float
+    step: int
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"x": self.x.cpu(), "u": self.u.cpu(), "log_q": self.log_q.cpu(),
+                "temperature": self.temperature, "step": self.step}  # fmt: skip
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], device: torch.device) -> AnnealBuffer:
+        return cls(state["x"].to(device), state["u"].to(device), state["log_q"].to(device),
+                   float(state["temperature"]), int(state["step"]))  # fmt: skip

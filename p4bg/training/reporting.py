@@ -30,6 +30,8 @@ METRIC_COLUMNS = [
     "merges_accepted", "merges_skipped", "merges_forced", "merge_resets", "max_residual",
     "energy_failures", "skipped_steps", "clamped_coordinates", "seconds",
     "anneal_temperature", "anneal_ess",
+    # target-energy evaluations (frames) so far, by phase (docs/design.md §5, "Cost")
+    "evaluations_mixed", "evaluations_anneal", "evaluations_validation",
 ]  # fmt: skip
 
 
