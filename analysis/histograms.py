@@ -27,6 +27,8 @@ __all__ = [
     "kl_divergence",
     "ramachandran_histogram",
     "ramachandran_kl",
+    "ramachandran_tv",
+    "total_variation",
 ]
 
 EPS = 1e-10  # the ε of the KL definition
@@ -88,6 +90,31 @@ def ramachandran_kl(
     p = ramachandran_histogram(phi_ref, psi_ref, bins=bins)
     q = ramachandran_histogram(phi, psi, weights, bins=bins)
     return kl_divergence(p, q, (2 * math.pi / bins) ** 2)
+
+
+def total_variation(p: np.ndarray, q: np.ndarray, cell: float) -> float:
+    """``½ Σ |p − q| · cell`` for densities p and q on one grid: the largest difference in
+    probability the two give any set of cells, in [0, 1]."""
+    p = np.asarray(p, dtype=np.float64)
+    q = np.asarray(q, dtype=np.float64)
+    return float(0.5 * np.sum(np.abs(p - q)) * cell)
+
+
+def ramachandran_tv(
+    phi_ref: np.ndarray,
+    psi_ref: np.ndarray,
+    phi: np.ndarray,
+    psi: np.ndarray,
+    weights: np.ndarray | None = None,
+    bins: int = RAMA_BINS,
+) -> float:
+    """Total variation between the MD and the model's φ/ψ histograms on a ``bins × bins``
+    grid (the "Ramachandran TV" of CMT, arXiv:2510.18460). Unlike the KL it needs no ε and
+    is symmetric and bounded, so a model that misses a basin scores that basin's population,
+    not a number set by ε."""
+    p = ramachandran_histogram(phi_ref, psi_ref, bins=bins)
+    q = ramachandran_histogram(phi, psi, weights, bins=bins)
+    return total_variation(p, q, (2 * math.pi / bins) ** 2)
 
 
 def kl_1d(

@@ -1,7 +1,8 @@
 """The metrics of docs/design.md §5 over arrays: energies (kT), dihedrals (radians), log-weights.
 
 Kept as the one place to import every metric from; they live by subject in analysis.weights
-(ESS, log Z, energy shares), analysis.histograms (Ramachandran and 1-D KL, ΔF, chirality),
+(ESS, log Z, EUBO, energy shares), analysis.histograms (Ramachandran and 1-D KL, TV, ΔF,
+chirality),
 analysis.timeseries (blocking, autocorrelation time, MD ΔF and efficiency) and analysis.summary
 (the metric dicts of the MD reference and of a generated ensemble, the BG value).
 
@@ -32,6 +33,8 @@ from analysis.histograms import (
     kl_divergence,
     ramachandran_histogram,
     ramachandran_kl,
+    ramachandran_tv,
+    total_variation,
 )
 from analysis.summary import (
     bg_value,
@@ -51,6 +54,7 @@ from analysis.weights import (
     CLIP_FRACTION,
     MIN_BASIN_ESS,
     basin_ess,
+    eubo,
     forward_ess,
     high_energy_fraction,
     log_z_forward,
@@ -78,6 +82,7 @@ __all__ = [
     "delta_f",
     "delta_f_with_error",
     "ensemble_metrics",
+    "eubo",
     "forward_ess",
     "forward_weight_diagnostics",
     "high_energy_fraction",
@@ -94,7 +99,9 @@ __all__ = [
     "normalised_weights",
     "ramachandran_histogram",
     "ramachandran_kl",
+    "ramachandran_tv",
     "reference_metrics",
     "reverse_ess",
     "reverse_ess_clipped",
+    "total_variation",
 ]

@@ -41,11 +41,16 @@ ROWS: list[tuple[str | None, str | None, str, str]] = [
     ("log_z_forward", None, "log Ẑ forward = −(LSE(−log w) − ln M) (MD frames)", "{:.3f}"),
     ("log_z_gap", None, "log Z gap forward − reverse (clearly < 0: log q not normalised)",
      "{:+.3f}"),
+    ("eubo", None, "EUBO = mean log w over MD frames (nats; ≥ log Z, lower is better)",
+     "{:.3f}"),
+    ("forward_kl", None, "… EUBO − log Ẑ reverse: KL(MD ‖ model) estimate (nats)", "{:.3f}"),
     ("kl_rama", "kl_rama_floor", "Ramachandran KL 64×64, raw (MD: floor)", "{:.4f}"),
     ("kl_rama_reweighted", None, "Ramachandran KL, reweighted", "{:.4f}"),
     ("kl_rama_matched", "kl_rama_floor", "… at the floor's size (MD 1st half vs n_matched samples)",
      "{:.4f}"),
     ("kl_rama_reweighted_matched", None, "… reweighted, at the floor's size", "{:.4f}"),
+    ("tv_rama", "tv_rama_floor", "Ramachandran TV 64×64, raw (MD: floor)", "{:.4f}"),
+    ("tv_rama_reweighted", None, "Ramachandran TV, reweighted", "{:.4f}"),
     ("kl_phi", "kl_phi_floor", "φ KL 200 bins, raw (MD: floor)", "{:.4f}"),
     ("kl_phi_reweighted", None, "φ KL, reweighted", "{:.4f}"),
     ("kl_psi", "kl_psi_floor", "ψ KL 200 bins, raw (MD: floor)", "{:.4f}"),
@@ -233,6 +238,12 @@ def _value(m: dict[str, Any], key: str, note_key: str | None = None) -> str:
     return f"{value:.2f} ± {err:.2f}" if isinstance(err, int | float) else f"{value:.3f}"
 
 
+def _tv(m: dict[str, Any], key: str) -> str:
+    """A total variation, or '–' where it is missing (metrics from before it) or not finite."""
+    value = m.get(key)
+    return f"{value:.3f}" if isinstance(value, int | float) and math.isfinite(value) else "–"
+
+
 def residue_report_lines(residues: dict[str, Any], tica: dict[str, Any] | None) -> list[str]:
     """The per-residue section of report.md: a table of every residue's Ramachandran KL (raw,
     reweighted, floor) and ΔF(φ>0 vs φ<0) (MD, each model reweighted), and the joint view's
@@ -241,22 +252,25 @@ def residue_report_lines(residues: dict[str, Any], tica: dict[str, Any] | None) 
     if not residues:
         return []
     names = list(next(iter(residues.values()))["models"])
-    header = ["residue", "KL floor", "ΔF reference (kT)"]
+    header = ["residue", "KL floor", "TV floor", "ΔF reference (kT)"]
     for name in names:
-        header += [f"{name} KL raw", f"{name} KL rew.", f"{name} ΔF rew. (kT)"]
+        header += [f"{name} KL raw", f"{name} KL rew.", f"{name} TV rew.",
+                   f"{name} ΔF rew. (kT)"]  # fmt: skip
     lines = ["## Per residue", "", "| " + " | ".join(header) + " |",
              "|" + "---|" * len(header)]  # fmt: skip
     for label, entry in residues.items():
         ref = entry["reference"]
-        row = [label, f"{ref['kl_rama_floor']:.3f}", _value(ref, "delta_f", "delta_f_note")]
+        row = [label, f"{ref['kl_rama_floor']:.3f}", _tv(ref, "tv_rama_floor"),
+               _value(ref, "delta_f", "delta_f_note")]  # fmt: skip
         for name in names:
             m = entry["models"][name]
             row += [f"{m['kl_rama']:.3f}", f"{m['kl_rama_reweighted']:.3f}",
+                    _tv(m, "tv_rama_reweighted"),
                     _value(m, "delta_f_reweighted", "delta_f_reweighted_note")]  # fmt: skip
         lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "KL and ΔF as in the metrics table, for each residue's own φ and ψ; the floor "
-              "compares the halves of the reference frames. The reference ΔF is the frames' own "
-              "unless a source is named here:"]  # fmt: skip
+    lines += ["", "KL, TV (total variation, 64 × 64) and ΔF as in the metrics table, for each "
+              "residue's own φ and ψ; the floors compare the halves of the reference frames. "
+              "The reference ΔF is the frames' own unless a source is named here:"]  # fmt: skip
     sources = [f"- {label}: {entry['reference']['delta_f_source']} (the frames' own: "
                f"{_value(entry['reference'], 'delta_f_frames', 'delta_f_frames_note')} kT)"
                for label, entry in residues.items()

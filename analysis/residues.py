@@ -25,7 +25,12 @@ from typing import Any
 
 import numpy as np
 
-from analysis.histograms import delta_f_with_error, kl_divergence, ramachandran_kl
+from analysis.histograms import (
+    delta_f_with_error,
+    kl_divergence,
+    ramachandran_kl,
+    ramachandran_tv,
+)
 from analysis.summary import split_halves
 from analysis.timeseries import MIN_TRANSITIONS, committed_transitions, md_delta_f
 from analysis.weights import MIN_BASIN_ESS, basin_ess, normalised_weights
@@ -76,6 +81,7 @@ def residue_metrics(
         phi, psi = ref_phi[:, r], ref_psi[:, r]
         reference: dict[str, Any] = {
             "kl_rama_floor": ramachandran_kl(phi[a], psi[a], phi[b], psi[b]),
+            "tv_rama_floor": ramachandran_tv(phi[a], psi[a], phi[b], psi[b]),
             **md_delta_f(phi, segments),
         }
         series = segments if segments is not None else [np.arange(len(phi))]
@@ -92,6 +98,9 @@ def residue_metrics(
                 "kl_rama": _or_nan(ramachandran_kl, phi, psi, s_phi[:, r], s_psi[:, r]),
                 "kl_rama_reweighted": math.nan if w is None else _or_nan(
                     ramachandran_kl, phi, psi, s_phi[:, r], s_psi[:, r], w),
+                "tv_rama": _or_nan(ramachandran_tv, phi, psi, s_phi[:, r], s_psi[:, r]),
+                "tv_rama_reweighted": math.nan if w is None else _or_nan(
+                    ramachandran_tv, phi, psi, s_phi[:, r], s_psi[:, r], w),
             }  # fmt: skip
             k = min(b.stop - b.start, len(s_phi))
             m["kl_rama_matched"] = _or_nan(ramachandran_kl, phi[a], psi[a], s_phi[:k, r],

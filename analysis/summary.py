@@ -19,11 +19,13 @@ from analysis.histograms import (
     delta_f_with_error,
     kl_1d,
     ramachandran_kl,
+    ramachandran_tv,
 )
 from analysis.timeseries import MIN_TRANSITIONS, md_delta_f, md_efficiency
 from analysis.weights import (
     MIN_BASIN_ESS,
     basin_ess,
+    eubo,
     forward_ess,
     high_energy_fraction,
     log_z_forward,
@@ -99,6 +101,7 @@ def reference_metrics(
         "low_energy_fraction": low_energy_fraction(u, u_train_max),
         "high_energy_fraction": high_energy_fraction(u, u_train_max),
         "kl_rama_floor": ramachandran_kl(phi[a], psi[a], phi[b], psi[b]),
+        "tv_rama_floor": ramachandran_tv(phi[a], psi[a], phi[b], psi[b]),
         "kl_phi_floor": kl_1d(phi[a], phi[b]),
         "kl_psi_floor": kl_1d(psi[a], psi[b]),
         "delta_f": delta_f(phi),
@@ -198,6 +201,7 @@ def ensemble_metrics(
         if log_w_reference is not None
         else math.nan,
         "kl_rama": _or_nan(ramachandran_kl, ref_phi, ref_psi, phi, psi),
+        "tv_rama": _or_nan(ramachandran_tv, ref_phi, ref_psi, phi, psi),
         "kl_phi": _or_nan(kl_1d, ref_phi, phi),
         "kl_psi": _or_nan(kl_1d, ref_psi, psi),
         "chirality_violations": chirality_violations(is_l, finite),
@@ -206,6 +210,10 @@ def ensemble_metrics(
     out["delta_f"], out["delta_f_err"] = delta_f_with_error(phi)
     # forward − reverse: ≥ 0 in expectation when log q is the normalised density of the samples
     out["log_z_gap"] = out["log_z_forward"] - out["log_z_reverse"]
+    # EUBO − log Ẑ estimates KL(p‖q): the coordinates' volume convention cancels, so it can be
+    # set beside another code's EUBO − log Z where the EUBOs themselves cannot
+    out["eubo"] = eubo(log_w_reference) if log_w_reference is not None else math.nan
+    out["forward_kl"] = out["eubo"] - out["log_z_reverse"]
     if log_w_reference is not None:
         out["forward_n_nonfinite"] = int(np.sum(~np.isfinite(log_w_reference)))
         out.update(forward_weight_diagnostics(log_w_reference, ref_phi))
@@ -214,6 +222,7 @@ def ensemble_metrics(
     except ValueError:  # every weight is zero: nothing can be reweighted
         w = None
     out["kl_rama_reweighted"] = _weighted(ramachandran_kl, w, ref_phi, ref_psi, phi, psi)
+    out["tv_rama_reweighted"] = _weighted(ramachandran_tv, w, ref_phi, ref_psi, phi, psi)
     out["kl_phi_reweighted"] = _weighted(kl_1d, w, ref_phi, phi)
     out["kl_psi_reweighted"] = _weighted(kl_1d, w, ref_psi, psi)
     out["delta_f_reweighted"], out["delta_f_reweighted_err"] = (

@@ -19,6 +19,7 @@ __all__ = [
     "CLIP_FRACTION",
     "MIN_BASIN_ESS",
     "basin_ess",
+    "eubo",
     "forward_ess",
     "high_energy_fraction",
     "log_z_forward",
@@ -135,6 +136,18 @@ def log_z_forward(log_w_target: np.ndarray) -> float:
     if log_w.size == 0 or np.isnan(log_w).any():
         return math.nan
     return -(logsumexp(-log_w) - math.log(log_w.size))
+
+
+def eubo(log_w_target: np.ndarray) -> float:
+    """The evidence upper bound ``E_p[log w] = E_p[−u − log q]`` over M target (MD) frames,
+    nats: at least log Z, by KL(p‖q) (CMT, arXiv:2510.18460, reports it on MD frames as its
+    mode-collapse detector; lower is better). A frame of zero model density (log w = +inf)
+    makes it +inf, a NaN makes it NaN. Its value depends on the coordinates' volume convention
+    as log Z does; ``eubo − log Ẑ`` (the forward KL) does not."""
+    log_w = np.asarray(log_w_target, dtype=np.float64)
+    if log_w.size == 0 or np.isnan(log_w).any():
+        return math.nan
+    return float(np.mean(log_w))
 
 
 def mean_energy_shift(u_model: np.ndarray, u_reference: np.ndarray) -> float:

@@ -18,6 +18,7 @@ from analysis.metrics import (
     delta_f,
     delta_f_with_error,
     ensemble_metrics,
+    eubo,
     forward_ess,
     forward_weight_diagnostics,
     high_energy_fraction,
@@ -34,9 +35,11 @@ from analysis.metrics import (
     normalised_weights,
     ramachandran_histogram,
     ramachandran_kl,
+    ramachandran_tv,
     reference_metrics,
     reverse_ess,
     reverse_ess_clipped,
+    total_variation,
 )
 from analysis.plots import (
     AngleSet,
@@ -163,6 +166,23 @@ def test_kl_divergence_matches_a_hand_computed_value():
     q = np.array([0.25, 0.75]) / 0.5
     expected = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
     assert kl_divergence(p, q, 0.5) == pytest.approx(expected, rel=1e-8)
+
+
+def test_total_variation_matches_known_answers():
+    p = np.array([0.5, 0.5]) / 0.5  # densities on two cells of width 0.5
+    q = np.array([0.25, 0.75]) / 0.5
+    assert total_variation(p, q, 0.5) == pytest.approx(0.25, rel=1e-12)
+    rng = np.random.default_rng(5)
+    phi, psi = angles(rng, 5000)
+    assert ramachandran_tv(phi, psi, phi, psi) == pytest.approx(0.0, abs=1e-12)
+    # the same shape moved by π in φ shares no cell: TV 1; half of it moved: TV ½
+    far = np.where(phi > 0, phi - np.pi, phi + np.pi)
+    assert ramachandran_tv(phi, psi, far, psi) == pytest.approx(1.0, abs=0.01)
+    half = np.concatenate([phi[:2500], far[2500:]])
+    assert ramachandran_tv(phi, psi, half, psi) == pytest.approx(0.5, abs=0.02)
+    # weights: the moved half weighted 0 leaves the first half, whose map is the whole's
+    w = np.r_[np.ones(2500), np.zeros(2500)]
+    assert ramachandran_tv(phi, psi, half, psi, w) < 0.15
 
 
 def test_histograms_are_densities_on_the_grid_and_skip_nonfinite():
@@ -362,6 +382,25 @@ def test_log_z_of_an_unnormalised_q_moves_both_estimates_by_minus_c():
                          -u - gaussian_log_density(x, 0, 1) - c)  # fmt: skip
     assert m["log_z_reverse"] == pytest.approx(0.5 * math.log(2 * math.pi))
     assert m["log_z_gap"] == pytest.approx(-c)  # only the MD side got the shift
+
+
+def test_eubo_is_log_z_plus_the_forward_kl():
+    """q = N(0, I), target N(μ, σ²I) unnormalised: EUBO = log Z + KL(p‖q) with
+    KL = ½ Σ (σ² + μ² − 1 − ln σ²); the metrics' forward_kl recovers the KL alone."""
+    mean, sigma = (0.3, -0.2), 1.2
+    log_w, log_w_md, log_z = gaussian_case(np.random.default_rng(24), mean=mean, sigma=sigma)
+    kl = 0.5 * sum(sigma**2 + m**2 - 1 - math.log(sigma**2) for m in mean)
+    assert eubo(log_w_md) == pytest.approx(log_z + kl, abs=0.01)
+    n = 20_000
+    x = np.zeros((n, 1))
+    m = ensemble_metrics(np.zeros(n), log_w[:n], x[:, 0], x[:, 0], np.ones(n, bool),
+                         np.ones(n, bool), {"u": np.zeros(n), "phi": x[:, 0], "psi": x[:, 0]},
+                         10.0, log_w_md[:n])  # fmt: skip
+    assert m["eubo"] == pytest.approx(eubo(log_w_md[:n]))
+    assert m["forward_kl"] == pytest.approx(kl, abs=0.03)
+    # a frame the model gives no density bounds nothing; a NaN has no stand-in
+    assert eubo(np.array([1.0, np.inf])) == np.inf
+    assert math.isnan(eubo(np.array([1.0, np.nan]))) and math.isnan(eubo(np.array([])))
 
 
 def test_log_z_gap_is_clearly_negative_when_log_q_is_not_the_sampling_density():

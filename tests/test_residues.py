@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from analysis.histograms import delta_f_with_error, ramachandran_kl
+from analysis.histograms import delta_f_with_error, ramachandran_kl, ramachandran_tv
 from analysis.residues import fit_tica, histogram_kl_2d, residue_metrics, tica_features
 from analysis.timeseries import md_delta_f
 
@@ -85,6 +85,12 @@ def test_residue_metrics_are_the_single_residue_metrics_of_each_column():
         )
         assert model["kl_rama_reweighted"] == pytest.approx(
             ramachandran_kl(ref_phi[:, r], ref_psi[:, r], phi[:, r], psi[:, r], w), rel=1e-9
+        )
+        assert ref["tv_rama_floor"] == pytest.approx(ramachandran_tv(
+            ref_phi[:2000, r], ref_psi[:2000, r], ref_phi[2000:, r], ref_psi[2000:, r]),
+            rel=1e-12)  # fmt: skip
+        assert model["tv_rama_reweighted"] == pytest.approx(
+            ramachandran_tv(ref_phi[:, r], ref_psi[:, r], phi[:, r], psi[:, r], w), rel=1e-9
         )
         value, err = delta_f_with_error(phi[:, r], w)
         assert model["delta_f_reweighted"] == pytest.approx(value, rel=1e-9)
