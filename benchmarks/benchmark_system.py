@@ -29,9 +29,14 @@ Two recipes, the same steps (--recipe):
         sessions
 
 Both share the reference. OUT (default runs/bench/SYSTEM, runs/bench/SYSTEM-best) gets
-log.txt (every command and its output), bench.json (wall and CPU seconds of each step) and, from
-analyze, report/. The energy evaluations each step spent are added to report/metrics.json under
-"energy_evaluations".
+log.txt (every command and its output), bench.json (wall and CPU seconds of each step, and the
+machine) and, from analyze, report/. The energy evaluations each step spent are added to
+report/metrics.json under "energy_evaluations".
+
+An independent reference (--reference-seed S, S > 0): replica exchange from its own seed into
+data/SYSTEM_300K_remd_seedS (--reference-ns: its length per temperature and chain), and the
+same generator analysed against it into OUT/report_ref_seedS. Seed 0 is the reference the
+training data's seed also drew its replicas from; issue 29's reports use it.
 """
 
 from __future__ import annotations
@@ -79,6 +84,23 @@ def training_data(system: str, recipe: str, data_root: Path) -> Path:
                         else f"{system}_600K_{data_ns(system, recipe)}ns")  # fmt: skip
 
 
+def reference_dir(system: str, data_root: Path, reference_seed: int = 0) -> Path:
+    """The 300 K reference's dataset: SYSTEM_300K_remd (seed 0), SYSTEM_300K_remd_seedS."""
+    suffix = f"_seed{reference_seed}" if reference_seed else ""
+    return data_root / f"{system}_300K_remd{suffix}"
+
+
+def report_dir(out: Path, reference_seed: int = 0) -> Path:
+    """Where analyze writes: OUT/report against seed 0's reference, else OUT/report_ref_seedS."""
+    return out / (f"report_ref_seed{reference_seed}" if reference_seed else "report")
+
+
+def step_marker(out: Path, name: str, reference_seed: int = 0) -> Path:
+    """OUT/done/NAME; the reference and analyze steps of another reference seed have their own."""
+    own = reference_seed and name in ("reference", "analyze")
+    return out / "done" / (f"{name}_ref_seed{reference_seed}" if own else name)
+
+
 def commands(
     system: str,
     out: Path,
@@ -88,12 +110,17 @@ def commands(
     data_root: Path,
     smoke: bool,
     recipe: str = "demo",
+    reference_seed: int = 0,
+    reference_ns: float | None = None,
 ) -> dict[str, list]:
     """The command of every step (``smoke``: every size tiny, for the tests)."""
     from p4bg.demo import SMOKE
 
-    ref = REFERENCE.get(system, {"n_temperatures": 6, "ns": 5.0})
-    reference, data = data_root / f"{system}_300K_remd", training_data(system, recipe, data_root)
+    ref = dict(REFERENCE.get(system, {"n_temperatures": 6, "ns": 5.0}))
+    if reference_ns is not None:
+        ref["ns"] = reference_ns
+    reference = reference_dir(system, data_root, reference_seed)
+    data = training_data(system, recipe, data_root)
     bg600, bg300 = out / "bg600", out / "bg300"
     preset600, preset300 = RECIPES[recipe]["presets"]
     md_ns, equilibration = ("0.02", "1") if smoke else (data_ns(system, recipe), "100")
@@ -112,7 +139,8 @@ def commands(
         "reference": _python(
             "p4bg.remd", "--system", system, "--ns", str(ref["ns"]), "--chains", "2",
             "--n-temperatures", str(ref["n_temperatures"]), "--exchange-every-ps", "0.25",
-            "--seed", "0", "--workers", str(workers), "--out", str(reference), "--resume",
+            "--seed", str(reference_seed), "--workers", str(workers), "--out", str(reference),
+            "--resume",
             "--no-progress", "--equilibration-ps", equilibration),
         "data": _python(
             "p4bg.simulate", "--system", system, "--ns", md_ns, "--save-every-ps", "0.04",
@@ -124,13 +152,14 @@ def commands(
         "samples": _python("p4bg.sample", str(bg300), "--n-samples", str(samples), "--seed",
                            str(seed), "--overwrite", "--no-progress"),
         "analyze": _python("p4bg.analyze", str(bg300), "--reference", str(reference), "--split",
-                           "all", "--out", str(out / "report")),
+                           "all", "--out", str(report_dir(out, reference_seed))),
     }  # fmt: skip
 
 
 def evaluations(
-    system: str, out: Path, n_samples: int, data_root: Path, recipe: str = "demo"
-) -> dict[str, int]:
+    system: str, out: Path, n_samples: int, data_root: Path, recipe: str = "demo",
+    reference_seed: int = 0,
+) -> dict[str, int]:  # fmt: skip
     """What the generator spent in target-energy evaluations, by part (docs/design.md §5), and
     what its reference cost."""
     from p4bg.demo_report import generator_evaluations, md_evaluations
@@ -138,7 +167,7 @@ def evaluations(
     data = training_data(system, recipe, data_root)
     counts = generator_evaluations(data, [out / "bg600", out / "bg300"], n_samples)
     counts["300 K reference (replica exchange, every temperature)"] = md_evaluations(
-        data_root / f"{system}_300K_remd")  # fmt: skip
+        reference_dir(system, data_root, reference_seed))  # fmt: skip
     return counts
 
 
@@ -155,23 +184,39 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=STEPS, default=list(STEPS))
     parser.add_argument("--data-root", type=Path, default=ROOT / "data",
                         help="where the datasets go (default data/)")  # fmt: skip
+    parser.add_argument("--reference-seed", type=int, default=0,
+                        help="seed of the 300 K replica exchange (default 0; > 0: an "
+                        "independent reference, its own dataset and report)")  # fmt: skip
+    parser.add_argument("--reference-ns", type=float, default=None,
+                        help="ns per temperature and chain of the reference (default: the "
+                        "system's, 2-5 ns)")  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.reference_seed < 0:
+        parser.error(f"--reference-seed must be >= 0, got {args.reference_seed}")
     default = args.system + ("" if args.recipe == "demo" else f"-{args.recipe}")
     out = (args.out or ROOT / "runs" / "bench" / default).resolve()
     args.data_root = args.data_root.resolve()  # the steps run from the repository root
     (out / "done").mkdir(parents=True, exist_ok=True)
     record_path = out / "bench.json"
     record = json.loads(record_path.read_text()) if record_path.is_file() else {"steps": {}}
+    from p4bg.distributed import machine
+
+    record.setdefault("machines", [])
+    if machine() not in record["machines"]:  # every machine a step of this benchmark ran on
+        record["machines"].append(machine())
+    ref_seed = args.reference_seed
     for name in STEPS:
         if name not in args.only:
             continue
-        marker = out / "done" / name
+        marker = step_marker(out, name, ref_seed)
+        key = marker.name  # bench.json's entry: the step, or the step of this reference
         if marker.exists():
             print(f"{name}: done before", flush=True)
             continue
         command = commands(args.system, out, args.seed, args.workers, args.samples,
-                           args.data_root, args.smoke, args.recipe)[name]  # fmt: skip
+                           args.data_root, args.smoke, args.recipe, ref_seed,
+                           args.reference_ns)[name]  # fmt: skip
         print(f"{name}: {' '.join(command)}", flush=True)
         start = time.perf_counter()
         with (out / "log.txt").open("a") as log:
@@ -182,22 +227,23 @@ def main() -> None:
         proc.returncode = code = os.waitstatus_to_exitcode(status)
         seconds = {"wall_s": time.perf_counter() - start,
                    "cpu_s": usage.ru_utime + usage.ru_stime}  # fmt: skip
-        previous = record["steps"].get(name, {"wall_s": 0.0, "cpu_s": 0.0})
-        record["steps"][name] = {k: previous.get(k, 0.0) + v for k, v in seconds.items()}
+        previous = record["steps"].get(key, {"wall_s": 0.0, "cpu_s": 0.0})
+        record["steps"][key] = {k: previous.get(k, 0.0) + v for k, v in seconds.items()}
         record_path.write_text(json.dumps(record, indent=1) + "\n")
         if code != 0:
             raise SystemExit(f"{name} failed (exit {code}); see {out / 'log.txt'}; rerun to "
                              "continue")  # fmt: skip
         marker.touch()
         print(f"{name}: {seconds['wall_s']:.0f} s", flush=True)
-    metrics = out / "report" / "metrics.json"
+    metrics = report_dir(out, ref_seed) / "metrics.json"
     if "analyze" in args.only and metrics.is_file():
         result = json.loads(metrics.read_text())
         n = next(iter(result["models"].values()))["n_samples"]
         result["energy_evaluations"] = evaluations(args.system, out, n, args.data_root,
-                                                   args.recipe)  # fmt: skip
+                                                   args.recipe, ref_seed)  # fmt: skip
         result["recipe"] = args.recipe
         result["bench_seconds"] = record["steps"]
+        result["machines"] = record["machines"]
         metrics.write_text(json.dumps(result, indent=1) + "\n")
         print(json.dumps(result["energy_evaluations"], indent=1))
 

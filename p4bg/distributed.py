@@ -45,6 +45,7 @@ __all__ = [
     "exit_process",
     "gather_objects",
     "launched",
+    "machine",
     "pick_device",
     "run_process",
     "setup",
@@ -252,6 +253,30 @@ def pick_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={name}: torch sees no CUDA device here; use device=cpu or auto")
     return torch.device(name)
+
+
+def machine(device: torch.device | str | None = None) -> dict[str, Any]:
+    """What a timing was measured on: host, CPU model and cores, torch and its threads, and
+    the device (a GPU's name and memory), for the records that quote wall times."""
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name")), cpu)  # fmt: skip
+    except OSError:
+        pass
+    out: dict[str, Any] = {"host": platform.node(), "cpu": cpu, "cpu_count": os.cpu_count(),
+                           "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                           "python": platform.python_version()}  # fmt: skip
+    dev = torch.device(device) if device is not None else None
+    if dev is not None and dev.type == "cuda":
+        props = torch.cuda.get_device_properties(dev)
+        out["device"] = f"{props.name}, {props.total_memory / 2**30:.0f} GiB"
+    elif dev is not None:
+        out["device"] = str(dev)
+    return out
 
 
 def barrier(world: World) -> None:

@@ -287,6 +287,21 @@ def test_benchmark_system_best_recipe_is_the_spline_route_on_100_ns(tmp_path):
                                      tmp_path, False, "best")["data"]  # fmt: skip
     assert ff96[ff96.index("--ns") + 1] == "40"
     assert ff96[ff96.index("--out") + 1] == str(tmp_path / "alanine_dipeptide_ff96_600K_40ns")
+    # an independent reference: its own seed, dataset, length, report and step markers
+    own = benchmark_system.commands("alanine_tetrapeptide", tmp_path / "o", 0, 1, 100,
+                                    tmp_path, False, "best", 7, 3.5)  # fmt: skip
+    ref = own["reference"]
+    assert ref[ref.index("--seed") + 1] == "7" and ref[ref.index("--ns") + 1] == "3.5"
+    assert ref[ref.index("--out") + 1] == str(tmp_path / "alanine_tetrapeptide_300K_remd_seed7")
+    assert demo["reference"][demo["reference"].index("--seed") + 1] == "0"
+    analyze = own["analyze"]
+    assert analyze[analyze.index("--out") + 1] == str(tmp_path / "o" / "report_ref_seed7")
+    assert analyze[analyze.index("--reference") + 1] == ref[ref.index("--out") + 1]
+    assert own["600K"] == best["600K"] and own["data"] == best["data"]
+    marker = benchmark_system.step_marker
+    assert marker(tmp_path, "reference", 7).name == "reference_ref_seed7"
+    assert marker(tmp_path, "600K", 7).name == "600K"
+    assert marker(tmp_path, "reference").name == "reference"
 
 
 def test_densities_2d_schedule_smoke(tmp_path):

@@ -48,6 +48,10 @@ def test_smoke_training_writes_a_complete_run(data, tmp_path, flow, coupling):
     assert rows[-1]["val_nll"] and rows[-1]["mean_u"]
     state = torch.load(run / "checkpoint.pt", weights_only=False)
     assert state["step"] == 26 and state["config"]["mixing"] == flow
+    # the cost: 6 mixed steps of 32 KL draws, 3 validations (steps 10, 20, 26) of 64 samples
+    assert state["evaluations"] == {"mixed": 192, "anneal": 0, "validation": 192}
+    assert int(rows[-1]["evaluations_mixed"]) == 192
+    assert "machine: " in (run / "train.log").read_text()  # what its wall times were on
     if flow == "p4inv":
         merged = [r for r in rows if r["merges_accepted"]]
         assert merged and all(float(r["max_residual"]) < 1e-8 for r in merged)

@@ -307,6 +307,9 @@ class Trainer:
         out.info("start at step %d of %d; device %s; %d process(es), global batch %d; %d train "
                  "/ %d val frames", self.step, cfg.total_steps, self.device, world.size,
                  cfg.batch_size * world.size, self.n_train, self.n_val)  # fmt: skip
+        m = distributed.machine(self.device)
+        out.info("machine: %s (%s CPUs), torch %s with %d threads, device %s", m["cpu"],
+                 m["cpu_count"], m["torch"], m["torch_threads"], m["device"])  # fmt: skip
         for note in self.notes:
             out.warning(note)
         if cfg.compile:
