@@ -254,4 +254,9 @@ def ensemble_metrics(
     out["kl_rama_reweighted_matched"] = _weighted(
         ramachandran_kl, w_sub, ref_phi[a], ref_psi[a], phi[sub], psi[sub]
     )
+    # the TV's histogram noise shrinks with the counts too: the same like-for-like pair
+    out["tv_rama_matched"] = _or_nan(ramachandran_tv, ref_phi[a], ref_psi[a], phi[sub], psi[sub])
+    out["tv_rama_reweighted_matched"] = _weighted(
+        ramachandran_tv, w_sub, ref_phi[a], ref_psi[a], phi[sub], psi[sub]
+    )
     return out

@@ -142,10 +142,11 @@ def eubo(log_w_target: np.ndarray) -> float:
     """The evidence upper bound ``E_p[log w] = E_p[−u − log q]`` over M target (MD) frames,
     nats: at least log Z, by KL(p‖q) (CMT, arXiv:2510.18460, reports it on MD frames as its
     mode-collapse detector; lower is better). A frame of zero model density (log w = +inf)
-    makes it +inf, a NaN makes it NaN. Its value depends on the coordinates' volume convention
-    as log Z does; ``eubo − log Ẑ`` (the forward KL) does not."""
+    makes it +inf; a NaN, or a frame whose energy failed (log w = −inf, which would read as a
+    perfect bound), makes it NaN. Its value depends on the coordinates' volume convention as
+    log Z does; ``eubo − log Ẑ`` (the forward KL) does not."""
     log_w = np.asarray(log_w_target, dtype=np.float64)
-    if log_w.size == 0 or np.isnan(log_w).any():
+    if log_w.size == 0 or np.isnan(log_w).any() or np.isneginf(log_w).any():
         return math.nan
     return float(np.mean(log_w))
 

@@ -194,6 +194,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.reference_seed < 0:
         parser.error(f"--reference-seed must be >= 0, got {args.reference_seed}")
+    if args.reference_ns is not None and args.reference_seed == 0:
+        parser.error(
+            "--reference-ns makes a reference of its own: give it a --reference-seed "
+            "> 0 (seed 0's reference is the shared one of issue 29's reports)"
+        )
     default = args.system + ("" if args.recipe == "demo" else f"-{args.recipe}")
     out = (args.out or ROOT / "runs" / "bench" / default).resolve()
     args.data_root = args.data_root.resolve()  # the steps run from the repository root
@@ -203,8 +208,6 @@ def main() -> None:
     from p4bg.distributed import machine
 
     record.setdefault("machines", [])
-    if machine() not in record["machines"]:  # every machine a step of this benchmark ran on
-        record["machines"].append(machine())
     ref_seed = args.reference_seed
     for name in STEPS:
         if name not in args.only:
@@ -218,6 +221,8 @@ def main() -> None:
                            args.data_root, args.smoke, args.recipe, ref_seed,
                            args.reference_ns)[name]  # fmt: skip
         print(f"{name}: {' '.join(command)}", flush=True)
+        if machine() not in record["machines"]:  # every machine a step of it ran on
+            record["machines"].append(machine())
         start = time.perf_counter()
         with (out / "log.txt").open("a") as log:
             log.write(f"\n$ {' '.join(command)}\n")
@@ -243,7 +248,7 @@ def main() -> None:
                                                    args.recipe, ref_seed)  # fmt: skip
         result["recipe"] = args.recipe
         result["bench_seconds"] = record["steps"]
-        result["machines"] = record["machines"]
+        result["machines"] = record.get("machines", [])
         metrics.write_text(json.dumps(result, indent=1) + "\n")
         print(json.dumps(result["energy_evaluations"], indent=1))
 

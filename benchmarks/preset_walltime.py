@@ -6,7 +6,8 @@ NLL step, the median mixed step (sampling, OpenMM energies and forces, the KL te
 validation at the preset's own settings (validation NLL of ``val_frames`` held-out frames and the
 reverse ESS of ``val_samples`` fresh samples), and multiplies by the preset's plan:
 
-    wall ≈ nll_steps · t_nll + mixed_steps · t_mixed + anneal_steps · t_anneal
+    wall ≈ nll_steps · t_nll + mixed_steps · t_mixed + refills · t_anneal
+           + (anneal_steps − refills) · t_anneal_reuse
            + validations · t_val
 
 It prints both plans side by side with the ratio to the first preset (the issue "Samples that
@@ -40,6 +41,7 @@ import torch
 
 from p4bg.config import PRESETS, TrainConfig, apply_overrides
 from p4bg.training import Trainer
+from p4bg.training.schedules import anneal_refills
 
 
 def split_spec(spec: str) -> tuple[str, dict[str, str]]:
@@ -70,14 +72,23 @@ def measure(
     times: dict[str, list[float]] = {"nll": [], "mixed": [], "anneal": []}
     lengths = {"nll": config.nll_steps, "mixed": config.mixed_steps, "anneal": config.anneal_steps}
     starts = {"nll": 0, "mixed": config.nll_steps, "anneal": config.nll_steps + config.mixed_steps}
+    reuse: list[float] = []  # annealing steps that resample earlier draws
     for phase, start in starts.items():
         if lengths[phase] == 0:
             continue
         trainer.step = start  # the schedules (lr, w_e) read the step; the cost does not
         for _ in range(steps + 2):  # the first two warm up caches and worker processes
+            trainer.anneal_buffer = None  # an annealing step that draws afresh
             t0 = time.perf_counter()
             trainer.train_step()
             times[phase].append(time.perf_counter() - t0)
+        if phase == "anneal" and config.anneal_refill_every > 1:
+            for _ in range(steps + 2):  # steps that reuse the draws of the step before
+                trainer.step = start
+                trainer.anneal_buffer.step = start
+                t0 = time.perf_counter()
+                trainer.train_step()
+                reuse.append(time.perf_counter() - t0)
     t0 = time.perf_counter()
     trainer.validate()
     t_val = time.perf_counter() - t0
@@ -88,11 +99,16 @@ def measure(
     t_nll = statistics.median(times["nll"][2:]) if times["nll"] else 0.0
     t_mixed = statistics.median(times["mixed"][2:]) if times["mixed"] else 0.0
     t_anneal = statistics.median(times["anneal"][2:]) if times["anneal"] else 0.0
-    wall = (config.nll_steps * t_nll + config.mixed_steps * t_mixed
-            + config.anneal_steps * t_anneal + n_val * t_val)  # fmt: skip
+    # draws afresh at every stage and every anneal_refill_every steps; resamples in between
+    refills = anneal_refills(config) if config.anneal_steps else 0
+    t_reuse = statistics.median(reuse[2:]) if reuse else t_anneal
+    anneal_wall = refills * t_anneal + (config.anneal_steps - refills) * t_reuse
+    wall = (config.nll_steps * t_nll + config.mixed_steps * t_mixed + anneal_wall
+            + n_val * t_val)  # fmt: skip
     return {"data": config.data, "n_val_frames": trainer.n_val, "nll_steps": config.nll_steps,
             "mixed_steps": config.mixed_steps, "anneal_steps": config.anneal_steps,
-            "t_nll": t_nll, "t_mixed": t_mixed, "t_anneal": t_anneal,
+            "t_nll": t_nll, "t_mixed": t_mixed, "t_anneal": t_anneal, "t_anneal_reuse": t_reuse,
+            "anneal_refills": refills,
             "n_val": n_val, "t_val": t_val, "wall": wall}  # fmt: skip
 
 

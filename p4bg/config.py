@@ -92,12 +92,13 @@ class TrainConfig:
     anneal_steps: int = 0
     anneal_stages: int = 6
     anneal_samples: int = 2048
-    # Draws are reused: a step resamples its batch from the last draws (weights recomputed
-    # for the stage's temperature) and fresh ones are drawn every anneal_refill_every steps
-    # and at every new stage. The weights stay exact for the model that drew them, so a reused
-    # draw is still an importance sample of the stage's density, with a variance that grows as
-    # the model moves on; each step then costs an NLL step instead of anneal_samples energies
-    # and a pass of the flow (TA-BG refills once per stage). 1: fresh draws every step
+    # Draws are reused: a step resamples its batch from the last draws and fresh ones are
+    # drawn every anneal_refill_every steps and at every new stage. The weights stay exact for
+    # the model that drew them, so reused draws are still an importance sample of the stage's
+    # density; the k steps that share them fit the same effective draws (correlated gradient
+    # errors, a small buffer can be overfitted), and each costs an NLL step instead of
+    # anneal_samples energies and a pass of the flow (TA-BG refills once per stage).
+    # 1: fresh draws every step
     anneal_refill_every: int = 1
     anneal_lr: float = 1e-4
     # Cosine decay of the learning rate over the last annealing stage only, down to anneal_lr ×

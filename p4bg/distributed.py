@@ -256,8 +256,8 @@ def pick_device(name: str) -> torch.device:
 
 
 def machine(device: torch.device | str | None = None) -> dict[str, Any]:
-    """What a timing was measured on: host, CPU model and cores, torch and its threads, and
-    the device (a GPU's name and memory), for the records that quote wall times."""
+    """What a timing was measured on: CPU model and cores, torch and its threads, and the
+    device (a GPU's name and memory), for the records that quote wall times."""
     import platform
 
     cpu = platform.processor() or platform.machine()
@@ -267,7 +267,7 @@ def machine(device: torch.device | str | None = None) -> dict[str, Any]:
                         if line.startswith("model name")), cpu)  # fmt: skip
     except OSError:
         pass
-    out: dict[str, Any] = {"host": platform.node(), "cpu": cpu, "cpu_count": os.cpu_count(),
+    out: dict[str, Any] = {"cpu": cpu, "cpu_count": os.cpu_count(),
                            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
                            "python": platform.python_version()}  # fmt: skip
     dev = torch.device(device) if device is not None else None

@@ -401,6 +401,7 @@ def test_eubo_is_log_z_plus_the_forward_kl():
     # a frame the model gives no density bounds nothing; a NaN has no stand-in
     assert eubo(np.array([1.0, np.inf])) == np.inf
     assert math.isnan(eubo(np.array([1.0, np.nan]))) and math.isnan(eubo(np.array([])))
+    assert math.isnan(eubo(np.array([1.0, -np.inf])))  # a failed energy is no perfect bound
 
 
 def test_log_z_gap_is_clearly_negative_when_log_q_is_not_the_sampling_density():

@@ -57,3 +57,8 @@ def test_a_run_from_before_the_reorganisation_resumes_bitwise(tmp_path, monkeypa
     with open("run/metrics.csv") as f:
         last = list(csv.DictReader(f))[-1]
     assert {k: last[k] for k in expected["metrics_last"]} == expected["metrics_last"]
+    # the checkpoint predates counting energy evaluations: counted from the resume on, and
+    # metrics.csv leaves the columns empty rather than print a part of the cost as all of it
+    assert state["evaluations_from"] == 13 and state["evaluations"]["mixed"] > 0
+    assert last["evaluations_mixed"] == "" and last["evaluations_validation"] == ""
+    assert "predates counting energy evaluations" in Path("run/train.log").read_text()

@@ -19,7 +19,12 @@ from p4bg.remd import main as remd_main
 from p4bg.sampling import sample_run
 from p4bg.train import main, resolve_config
 from p4bg.training import Trainer
-from p4bg.training.schedules import anneal_ladder, anneal_temperature, learning_rate
+from p4bg.training.schedules import (
+    anneal_ladder,
+    anneal_refills,
+    anneal_temperature,
+    learning_rate,
+)
 
 ANNEAL = {"target_temperature": 300.0, "anneal_steps": 8, "anneal_stages": 2,
           "anneal_samples": 64}  # fmt: skip
@@ -138,6 +143,8 @@ def test_reused_draws_resume_exactly_and_every_evaluation_is_counted(data, tmp_p
     reference.run()
     expected = {"mixed": 6 * 32, "anneal": 4 * 64, "validation": 4 * 64}
     assert reference.evaluations == expected
+    assert anneal_refills(reference.config) == 4  # the plan's count, as preset_walltime uses
+    assert anneal_refills(smoke_config(data, tmp_path / "c", **ANNEAL)) == 8
     interrupted = Trainer(smoke_config(data, tmp_path / "b", **REUSED), progress=False)
     stop_after(interrupted, 28)
     interrupted.run()

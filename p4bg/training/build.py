@@ -53,12 +53,17 @@ class CountedFunction:
 
     def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         self.fn = fn
-        self.stats = EnergyStats()
+        self.evaluations = 0
+        self._failures: torch.Tensor | int = 0  # on the device: a call never waits for it
+
+    @property
+    def stats(self) -> EnergyStats:
+        return EnergyStats(evaluations=self.evaluations, failures=int(self._failures))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         u = self.fn(x)
-        self.stats.evaluations += len(x)
-        self.stats.failures += int((~torch.isfinite(u)).sum())
+        self.evaluations += len(x)
+        self._failures = self._failures + (~torch.isfinite(u)).sum()
         return u
 
     def close(self) -> None:

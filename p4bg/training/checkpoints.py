@@ -54,7 +54,11 @@ def training_state(t: Trainer) -> dict[str, Any]:
         "streams": p.streams.state_dict(),
         "counters": dict(t.counters),
         "evaluations": dict(t.evaluations),
-        "anneal_buffer": None if t.anneal_buffer is None else t.anneal_buffer.state_dict(),
+        "evaluations_from": t.evaluations_from,
+        # the draws the next steps resample from (none to keep when every step draws afresh)
+        "anneal_buffer": t.anneal_buffer.state_dict()
+        if t.anneal_buffer is not None and p.config.anneal_refill_every > 1
+        else None,
         "best": dict(t.best),
         "temperature_K": p.temperatures.data,
         "target_temperature_K": p.temperatures.target,
@@ -125,9 +129,12 @@ def resume(t: Trainer, path: Path) -> None:
     t.counters = dict(state["counters"])
     if "evaluations" in state:
         t.evaluations = {**t.evaluations, **state["evaluations"]}
+        t.evaluations_from = int(state.get("evaluations_from", 0))
     else:  # a checkpoint from before the counts: they start here
-        t.notes.append(f"the checkpoint predates counting energy evaluations: the counts in "
-                       f"metrics.csv leave out the {t.step:,} steps before it")  # fmt: skip
+        t.evaluations_from = t.step
+        t.notes.append(f"the checkpoint predates counting energy evaluations: they are counted "
+                       f"from step {t.step:,} on (checkpoint.pt) and metrics.csv leaves its "
+                       "evaluations_* columns empty")  # fmt: skip
     if state.get("anneal_buffer") is not None:  # the draws the next steps resample from
         t.anneal_buffer = AnnealBuffer.from_state(state["anneal_buffer"], p.device)
     t.best = dict(state.get("best", t.best))

@@ -106,6 +106,9 @@ class Trainer:
         # the last flush; this process's since then are added by flush_counters
         self.evaluations = dict.fromkeys(EVALUATION_PHASES, 0)
         self._pending_evaluations = dict.fromkeys(EVALUATION_PHASES, 0)
+        # the step the counts start from: 0, or the resume step of a checkpoint from before
+        # they existed (metrics.csv then leaves them empty rather than print a part as all)
+        self.evaluations_from = 0
         self.anneal_buffer: AnnealBuffer | None = None  # the annealing draws in use
         self.best = {"val_nll": float("inf"), "step": 0}
         self.seconds = 0.0
@@ -360,7 +363,8 @@ class Trainer:
         # clamps of degenerate geometry or torsion tails since the start (or the resume)
         clamped = int(all_sum(self.coordinates.n_clamped.clone(), self.world))
         counters = self.flush_counters()
-        evaluations = {f"evaluations_{k}": v for k, v in self.evaluations.items()}
+        evaluations = ({f"evaluations_{k}": v for k, v in self.evaluations.items()}
+                       if self.evaluations_from == 0 else {})  # fmt: skip
         out.row({**row, **counters, **evaluations, "step": self.step,
                  "clamped_coordinates": clamped, "seconds": round(self.seconds, 3)})  # fmt: skip
         return row

@@ -96,7 +96,8 @@ class AnnealBuffer:
     that drew them [n], the stage temperature (K) and the step they were drawn at. The weights
     ``exp(−u·T_target/T − log q)`` take them to the Boltzmann density at T whatever the model
     has become since, so a buffer stays a valid importance sample for the steps that reuse it;
-    only its variance grows as the model moves away."""
+    what reuse costs is that those steps fit the same effective draws (their gradient errors
+    are correlated, not averaged)."""
 
     x: torch.Tensor
     u: torch.Tensor

@@ -61,7 +61,11 @@ def describe(parts: RunParts, n_train: int, n_val: int) -> str:
     if cfg.anneal_steps:
         target += (f"; then {cfg.anneal_steps:,} annealing steps at lr {cfg.anneal_lr:g} "
                    "through " + ", ".join(f"{t:.0f}" for t in anneal_ladder(cfg, temps))
-                   + f" K ({cfg.anneal_samples:,} samples reweighted per batch)")  # fmt: skip
+                   + f" K ({cfg.anneal_samples:,} samples reweighted per batch")  # fmt: skip
+        if cfg.anneal_refill_every > 1:
+            target += (f", drawn afresh every {cfg.anneal_refill_every} steps and at every "
+                       "stage")  # fmt: skip
+        target += ")"
     if cfg.init:
         target += f"; starts from the model of {cfg.init}"
     lines = [

@@ -14,7 +14,14 @@ import math
 from p4bg.config import TrainConfig
 from p4bg.units import Temperatures
 
-__all__ = ["anneal_ladder", "anneal_temperature", "energy_weight", "learning_rate", "phase"]
+__all__ = [
+    "anneal_ladder",
+    "anneal_refills",
+    "anneal_temperature",
+    "energy_weight",
+    "learning_rate",
+    "phase",
+]
 
 
 def phase(config: TrainConfig, step: int) -> str:
@@ -75,6 +82,17 @@ def anneal_ladder(config: TrainConfig, temperatures: Temperatures) -> list[float
     """The annealing stages' temperatures, K, in order (the last is the target)."""
     steps = [_stage_start(config, k) for k in range(config.anneal_stages)]
     return [anneal_temperature(config, temperatures, s) for s in steps]
+
+
+def anneal_refills(config: TrainConfig) -> int:
+    """How many times the annealing phase draws afresh: at the start of every stage and every
+    ``anneal_refill_every`` steps within it (each draw costs ``anneal_samples`` energies per
+    process); ``anneal_steps`` when every step draws."""
+    k = config.anneal_refill_every
+    ends = [_stage_start(config, s) for s in range(1, config.anneal_stages)]
+    ends.append(config.nll_steps + config.mixed_steps + config.anneal_steps)
+    starts = [_stage_start(config, s) for s in range(config.anneal_stages)]
+    return sum(-(-(end - start) // k) for start, end in zip(starts, ends, strict=True))
 
 
 def _stage_start(config: TrainConfig, k: int) -> int:
