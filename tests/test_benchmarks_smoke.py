@@ -256,6 +256,21 @@ def test_benchmark_system_smoke(tmp_path):
                                              "analyze"}  # fmt: skip
     again = run(*args)
     assert again.count("done before") == 6
+    # its ESS against its cost: the chain bg600 -> bg300, the MD of bg600's data included
+    table = run(
+        "benchmarks/ess_budget.py",
+        str(tmp_path / "out" / "bg300"),
+        "--labels",
+        "smoke",
+        "--out",
+        str(tmp_path / "budget.png"),
+        "--json",
+        str(tmp_path / "budget.json"),
+    )
+    row = json.loads((tmp_path / "budget.json").read_text())["smoke"]
+    assert "| smoke |" in table and (tmp_path / "budget.png").stat().st_size > 1000
+    assert row["evaluations"]["600 K MD"] == counts["600 K MD"] and row["n_samples"] == 200
+    assert row["evaluations"]["generator, all"] == counts["generator, all"]
 
 
 def test_benchmark_system_best_recipe_is_the_spline_route_on_100_ns(tmp_path):
