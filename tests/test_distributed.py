@@ -82,6 +82,30 @@ def test_ddp_training_equals_one_process_with_the_global_batch(ddp_run, data, tm
     assert "2 process(es), global batch 32" in (ddp_run / "train.log").read_text()
 
 
+def test_ddp_annealing_with_reused_draws_equals_one_process(data, tmp_path):
+    """The annealing phase with draws reused for 3 steps: each rank draws its part of the global
+    draws, every rank holds the gathered buffer and resamples the global batch alike, so two
+    processes of 32 draws and 16 frames equal one process of 64 and 32; the evaluations are
+    counted once per frame whatever rank evaluated it (4 draws of 64, 6 KL batches of 32,
+    4 validations of 64 on rank 0)."""
+    anneal = ["--dtype=float64", "--target_temperature=300", "--anneal_steps=8",
+              "--anneal_stages=2", "--anneal_refill_every=3"]  # fmt: skip
+    ddp, one = tmp_path / "ddp", tmp_path / "one"
+    launch("-m", "p4bg.train", *smoke(data, ddp, "--batch_size=16", "--anneal_samples=32",
+                                      *anneal))  # fmt: skip
+    launch("-m", "p4bg.train", *smoke(data, one, "--batch_size=32", "--anneal_samples=64",
+                                      *anneal), processes=1)  # fmt: skip
+    a, b = load(ddp / "checkpoint.pt"), load(one / "checkpoint.pt")
+    assert a["step"] == b["step"] == 34
+    expected = {"mixed": 6 * 32, "anneal": 4 * 64, "validation": 4 * 64}
+    assert a["evaluations"] == b["evaluations"] == expected
+    assert len(a["anneal_buffer"]["x"]) == len(b["anneal_buffer"]["x"]) == 64
+    torch.testing.assert_close(a["anneal_buffer"]["x"], b["anneal_buffer"]["x"], rtol=1e-9,
+                               atol=1e-11)  # fmt: skip
+    for key, value in b["flow"].items():
+        torch.testing.assert_close(a["flow"][key], value, rtol=1e-9, atol=1e-11, msg=key)
+
+
 def test_failed_energies_leave_ddp_equal_to_one_process(data, tmp_path):
     """The energy term is the mean over the global batch's successful evaluations, however the
     failures fall on the ranks (a per-rank mean, averaged, would differ)."""
