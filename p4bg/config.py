@@ -84,27 +84,18 @@ class TrainConfig:
     # and the stale moments (time constant 1,000 steps) turn its first steps into jumps that
     # can empty the phi > 0 basin (docs/results.md §6). The paper keeps them (False).
     mixed_fresh_optimizer: bool = False
-    # Temperature annealing (after the NLL and mixed phases): the model moves from the data's
-    # temperature to target_temperature through anneal_stages geometric stages of equal length.
-    # Each step draws anneal_samples from the model, weights them to the stage's Boltzmann
-    # density (w ∝ exp(−u_T(x)) / q(x)), resamples a batch by the weights and takes an NLL
-    # step on it: reweighted forward KL on the model's own samples (TA-BG, arXiv 2510.18460)
+    # Temperature annealing after the NLL and mixed phases, through anneal_stages geometric
+    # stages to target_temperature: NLL steps on batches resampled from anneal_samples draws of
+    # the model by their Boltzmann weights at the stage (TA-BG's reweighted forward KL)
     anneal_steps: int = 0
     anneal_stages: int = 6
     anneal_samples: int = 2048
-    # Draws are reused: a step resamples its batch from the last draws and fresh ones are
-    # drawn every anneal_refill_every steps and at every new stage. The weights stay exact for
-    # the model that drew them, so reused draws are still an importance sample of the stage's
-    # density; the k steps that share them fit the same effective draws (correlated gradient
-    # errors, a small buffer can be overfitted), and each costs an NLL step instead of
-    # anneal_samples energies and a pass of the flow (TA-BG refills once per stage).
-    # 1: fresh draws every step
+    # Steps that resample one set of draws: fresh draws every anneal_refill_every steps and at
+    # every stage (1: every step); lower anneal_lr as it grows (docs/guide.md, 300 K from 600 K)
     anneal_refill_every: int = 1
     anneal_lr: float = 1e-4
-    # Cosine decay of the learning rate over the last annealing stage only, down to anneal_lr ×
-    # lr_final_factor: the stages before it move the model to new temperatures at full rate,
-    # the last one settles it at the target instead of leaving it wherever its last noisy step
-    # put it (docs/results.md §10). With lr_schedule = "cosine" the whole phase decays anyway.
+    # Cosine decay over the last annealing stage only, to anneal_lr × lr_final_factor: the model
+    # settles at the target (docs/results.md §10); lr_schedule = "cosine" decays the whole phase
     anneal_final_decay: bool = False
     # P4Inv merges (paper App. H)
     merge_every: int = 100
