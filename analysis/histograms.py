@@ -87,9 +87,21 @@ def ramachandran_kl(
     bins: int = RAMA_BINS,
 ) -> float:
     """KL(MD ‖ model) of the φ/ψ densities on a ``bins × bins`` grid (docs/design.md §5)."""
+    return kl_divergence(*_rama_pair(phi_ref, psi_ref, phi, psi, weights, bins))
+
+
+def _rama_pair(
+    phi_ref: np.ndarray,
+    psi_ref: np.ndarray,
+    phi: np.ndarray,
+    psi: np.ndarray,
+    weights: np.ndarray | None,
+    bins: int,
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """The MD and the model's φ/ψ densities on one grid, and the grid's cell area."""
     p = ramachandran_histogram(phi_ref, psi_ref, bins=bins)
     q = ramachandran_histogram(phi, psi, weights, bins=bins)
-    return kl_divergence(p, q, (2 * math.pi / bins) ** 2)
+    return p, q, (2 * math.pi / bins) ** 2
 
 
 def total_variation(p: np.ndarray, q: np.ndarray, cell: float) -> float:
@@ -112,9 +124,7 @@ def ramachandran_tv(
     grid (the "Ramachandran TV" of CMT, arXiv:2510.18460). Unlike the KL it needs no ε and
     is symmetric and bounded, so a model that misses a basin scores that basin's population,
     not a number set by ε."""
-    p = ramachandran_histogram(phi_ref, psi_ref, bins=bins)
-    q = ramachandran_histogram(phi, psi, weights, bins=bins)
-    return total_variation(p, q, (2 * math.pi / bins) ** 2)
+    return total_variation(*_rama_pair(phi_ref, psi_ref, phi, psi, weights, bins))
 
 
 def kl_1d(
