@@ -208,6 +208,7 @@ def main() -> None:
     from p4bg.distributed import machine
 
     record.setdefault("machines", [])
+    here = machine()
     ref_seed = args.reference_seed
     for name in STEPS:
         if name not in args.only:
@@ -221,8 +222,8 @@ def main() -> None:
                            args.data_root, args.smoke, args.recipe, ref_seed,
                            args.reference_ns)[name]  # fmt: skip
         print(f"{name}: {' '.join(command)}", flush=True)
-        if machine() not in record["machines"]:  # every machine a step of it ran on
-            record["machines"].append(machine())
+        if here not in record["machines"]:  # every machine a step of it ran on
+            record["machines"].append(here)
         start = time.perf_counter()
         with (out / "log.txt").open("a") as log:
             log.write(f"\n$ {' '.join(command)}\n")

@@ -43,11 +43,9 @@ def chain(run: Path) -> list[Path]:
 
 def run_budget(run: Path) -> dict[str, Any]:
     """ESS and cost of one sampled run."""
-    import torch
-
     from p4bg.demo_report import generator_evaluations
     from p4bg.flows import count_parameters
-    from p4bg.runs import load_run, read_config
+    from p4bg.runs import CHECKPOINT, load_run, read_checkpoint, read_config
 
     samples = run / "samples.npz"
     if not samples.is_file():
@@ -58,10 +56,7 @@ def run_budget(run: Path) -> dict[str, Any]:
     runs = chain(run)
     first, _ = read_config(runs[0])
     counts = generator_evaluations(Path(first.data), runs, len(log_w))
-    steps = 0
-    for r in runs:
-        state = torch.load(r / "checkpoint.pt", map_location="cpu", weights_only=False)
-        steps += int(state["step"])
+    steps = sum(int(read_checkpoint(r / CHECKPOINT, ("step",))["step"]) for r in runs)
     loaded = load_run(run, device="cpu")
     return {
         "run": str(run),
@@ -126,7 +121,12 @@ def main() -> None:
     labels = args.labels or [r.name for r in args.runs]
     if len(labels) != len(args.runs):
         parser.error(f"--labels: {len(labels)} labels for {len(args.runs)} runs")
-    rows = [run_budget(r) for r in args.runs]
+    from p4bg.config import ConfigError
+
+    try:
+        rows = [run_budget(r) for r in args.runs]
+    except ConfigError as err:  # a folder that is not a run, or a run without its checkpoint
+        raise SystemExit(f"ess_budget: {err}") from err
     print(table(rows, labels))
     if args.json:
         args.json.write_text(json.dumps(dict(zip(labels, rows, strict=True)), indent=1) + "\n")
